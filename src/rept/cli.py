@@ -1,0 +1,245 @@
+"""The `rept` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+from rept.errors import ReptError
+
+# Quiet the libraries before they are imported: rept prints its own progress.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+# name -> module under rept.commands
+EXTRA_COMMANDS: dict[str, str] = {}
+
+
+def _layer(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layer must be an integer or 'auto', not '{value}'") from None
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def _add_data_args(p):
+    p.add_argument("--data", required=True, help="training set: HF save_to_disk folder, .jsonl, .csv or .parquet")
+    p.add_argument("--prompt-column", help="column holding the prompt (default: prompts/prompt/instruction)")
+    p.add_argument("--response-column", help="column holding the response (default: response/output/completion)")
+    p.add_argument("--label-column", help="column holding a label (default: label, if present)")
+
+
+def _add_model_args(p, required=True):
+    p.add_argument("--model", required=required, help="HF model folder or hub id")
+    p.add_argument("--adapter", help="PEFT adapter folder")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rept", description="Trace an LLM's behaviour back to the training rows "
+                                     "that taught it (representation-gradient tracing, RepT).")
+    parser.add_argument("--version", action="version", version=f"rept {__import__('rept').__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="train a tiny backdoored model on bundled data, then trace it (no downloads)")
+    p.add_argument("--out", help="keep the model, index and queries here (default: a cache folder)")
+    p.add_argument("--prompts", type=_positive, default=100, help="triggered test prompts to generate for")
+
+    p = sub.add_parser("layers", help="find the phase-transition layer on a probe set")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--probe-rows", type=_positive, default=64)
+    p.add_argument("--max-length", type=_positive, default=512)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("index", help="compute and store the signature of every training row (resumable)")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="index folder")
+    p.add_argument("--layer", type=_layer, default="auto", help="hidden_states index, or 'auto' (default)")
+    p.add_argument("--mode", choices=("balanced", "official", "repsim", "repgrad"), default="balanced",
+                   help="default scoring mode recorded in the index (all are computable from what is stored)")
+    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--max-tokens", type=_positive, default=None, help="token budget per batch")
+    p.add_argument("--max-length", type=_positive, default=512)
+    p.add_argument("--store-dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--shard-size", type=_positive, default=1024, help="dataset rows per shard")
+    p.add_argument("--probe-rows", type=_positive, default=64, help="rows used by --layer auto")
+
+    p = sub.add_parser("trace", help="rank training rows for a misbehaving output")
+    p.add_argument("--index", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt (with --response, or --generate)")
+    src.add_argument("--queries", help="JSONL/CSV/Parquet with prompt, response[, label, flagged]")
+    p.add_argument("--response", help="the output to trace")
+    p.add_argument("--generate", action="store_true", help="let the model answer --prompt greedily and trace that")
+    p.add_argument("--max-new-tokens", type=_positive, default=64)
+    p.add_argument("--top-k", type=_positive, default=10)
+    p.add_argument("--mode", choices=("balanced", "official", "repsim", "repgrad"), default=None)
+    p.add_argument("--tokens", action="store_true", help="score every word of the top rows")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--device", default=None)
+
+    p = sub.add_parser("eval", help="precision@k, pooled auPRC@k, AP and recall@k for labelled queries")
+    p.add_argument("--index", required=True)
+    p.add_argument("--queries", required=True, help="queries with a label column (flagged=false rows are skipped)")
+    p.add_argument("--k", type=_positive, nargs="+", default=[10, 50, 100])
+    p.add_argument("--mode", choices=("balanced", "official", "repsim", "repgrad"), default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default=None)
+
+    # Commands that live in their own modules: each exposes HELP, add_arguments(parser) and run(args).
+    for name, module in EXTRA_COMMANDS.items():
+        mod = importlib.import_module(module)
+        mod.add_arguments(sub.add_parser(name, help=mod.HELP, description=mod.HELP))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in EXTRA_COMMANDS:
+            return importlib.import_module(EXTRA_COMMANDS[args.command]).run(args)
+        return COMMANDS[args.command](args)
+    except ReptError as exc:
+        print(f"rept: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rept: interrupted (an index build resumes when rerun with the same command)", file=sys.stderr)
+        return 130
+
+
+def cmd_demo(args) -> int:
+    from rept.demo import run_demo
+
+    result = run_demo(out=args.out, n_prompts=args.prompts, progress=not args.quiet)
+    return 0 if result.get("precision@10") is not None else 1
+
+
+def _load(args):
+    from rept.distributed import local_device
+    from rept.models import load_model
+
+    return load_model(args.model, args.adapter, dtype=args.dtype, device=args.device or local_device())
+
+
+def _dataset(args):
+    from rept.data import load_dataset
+
+    return load_dataset(args.data, args.prompt_column, args.response_column, args.label_column)
+
+
+def cmd_layers(args) -> int:
+    from rich.console import Console
+
+    from rept.layers import phase_transition_layer
+
+    loaded, data = _load(args), _dataset(args)
+    choice = phase_transition_layer(loaded, data.rows[: args.probe_rows], max_length=args.max_length)
+    if args.json:
+        print(json.dumps(choice.as_dict()))
+        return 0
+    console = Console()
+    console.print("adjacent-layer cosine of the last prompt token (hidden_states i -> i+1):")
+    low = min(choice.similarities)
+    for i, s in enumerate(choice.similarities):
+        bar = "#" * max(1, round(40 * (s - low + 0.02) / (1 - low + 0.02)))
+        mark = "  <- chosen" if i + 1 == choice.layer else ""
+        console.print(f"  {i:>3} -> {i + 1:<3} {s:7.4f} {bar}{mark}")
+    console.print(f"layer: {choice.layer} ({choice.reason})")
+    return 0
+
+
+def cmd_index(args) -> int:
+    from rept.build import IndexSettings, build_index
+
+    loaded, data = _load(args), _dataset(args)
+    settings = IndexSettings(layer=args.layer, mode=args.mode, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                             max_length=args.max_length, store_dtype=args.store_dtype, shard_size=args.shard_size,
+                             probe_rows=args.probe_rows)
+    manifest = build_index(loaded, data, args.out, settings, progress=not args.quiet,
+                           log=lambda msg: print(msg, file=sys.stderr))
+    from rept.distributed import rank_and_world
+
+    if rank_and_world()[0] == 0:
+        print(f"indexed {manifest['rows']} rows at layer {manifest['layer']} -> {args.out} "
+              f"(skipped: {len(manifest['skipped_empty'])} empty, {len(manifest['skipped_truncated'])} cut off by "
+              f"--max-length {manifest['max_length']})")
+    return 0
+
+
+def _queries_from_args(args, tracer):
+    from rept.trace import Query, QueryError, load_queries
+
+    if args.queries:
+        return load_queries(args.queries)
+    if args.generate:
+        return [Query(args.prompt, tracer.generate([args.prompt], max_new_tokens=args.max_new_tokens)[0])]
+    if args.response is None:
+        raise QueryError("--prompt needs --response, or --generate to let the model answer")
+    return [Query(args.prompt, args.response)]
+
+
+def cmd_trace(args) -> int:
+    from rept.trace import Tracer
+
+    tracer = Tracer(args.index, device=args.device)
+    queries = _queries_from_args(args, tracer)
+    results = tracer.trace(queries, k=args.top_k, mode=args.mode)
+    if args.tokens:
+        from rept.tokens import attach_word_scores
+
+        attach_word_scores(tracer, results)
+    if args.json:
+        print(json.dumps({"layer": tracer.layer, "mode": args.mode or tracer.index.manifest["mode"],
+                          "queries": [r.to_dict() for r in results]}, indent=2))
+        return 0
+    from rept.render import print_results
+
+    print_results(results, show_words=args.tokens)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from rept.metrics import evaluate
+    from rept.trace import QueryError, Tracer, load_queries, relevance
+
+    queries = [q for q in load_queries(args.queries) if q.flagged is not False]
+    labelled = [q for q in queries if q.label is not None]
+    if not labelled:
+        raise QueryError(f"{args.queries}: no query has a label (eval needs a label column naming the behaviour)")
+    tracer = Tracer(args.index, device=args.device)
+    scores, _, labels = tracer.scores(labelled, mode=args.mode)
+    metrics = evaluate(scores, relevance(labels, labelled), ks=tuple(args.k))
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(labelled)} labelled queries, {scores.shape[1]} training rows")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "layers": cmd_layers, "index": cmd_index, "trace": cmd_trace, "eval": cmd_eval}

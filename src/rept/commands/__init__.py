@@ -1,0 +1,1 @@
+"""CLI commands kept in their own modules (see rept.cli.EXTRA_COMMANDS)."""

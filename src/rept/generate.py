@@ -1,0 +1,33 @@
+"""Batched greedy generation (left padding, KV cache) in the same prompt format as training."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from rept.examples import format_prompt, _uses_template
+
+
+@torch.no_grad()
+def generate(loaded, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
+             progress: bool = True) -> list[str]:
+    model, tok = loaded.model, loaded.tokenizer
+    device = loaded.device
+    texts = [format_prompt(tok, p) for p in prompts]
+    # Longest first, so the slowest batches show up early in the progress bar.
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    answers: list[str | None] = [None] * len(texts)
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, dynamic_ncols=True):
+            idx = order[start:start + batch_size]
+            enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True,
+                      add_special_tokens=not _uses_template(tok)).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            for row, i in enumerate(idx):
+                answers[i] = tok.decode(out[row, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side = old_side
+    return answers

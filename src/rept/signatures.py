@@ -1,0 +1,171 @@
+"""Batched extraction of RepT signatures.
+
+For every example, at layer L (hidden_states[L]: 0 = embeddings, i = output of block i,
+num_layers = final normed output) and the last prompt position p:
+    h = hidden_states[L][p]
+    g = d(mean response-token loss of this example) / d hidden_states[L][p]
+
+One forward pass per batch. The hidden state entering layer L is replaced by a detached leaf
+that requires grad, and no parameter requires grad, so the backward pass stops at L and
+computes no parameter gradients. The loss that is back-propagated is the sum of the
+per-example mean losses: examples do not interact in a causal LM, so the gradient at each
+example's positions is that of its own loss, whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rept.examples import Example
+from rept.models import decoder_layers, final_norm, resolve_layer
+
+
+@dataclass
+class SignatureBatch:
+    rows: list[int]                          # source-dataset row of each example
+    h: torch.Tensor                          # [B, hidden] float32, on CPU
+    g: torch.Tensor                          # [B, hidden] float32, on CPU
+    token_grads: list[torch.Tensor] | None = None   # per example [n_tokens, hidden]: d loss / d hidden_states[L][t]
+    token_hidden: list[torch.Tensor] | None = None  # per example [n_tokens, hidden]: hidden_states[L][t]
+    losses: torch.Tensor | None = None       # [B] mean response loss of each example
+
+
+@contextmanager
+def layer_tap(model, layer: int):
+    """Within the block, hidden_states[layer] is a fresh leaf tensor (requires grad) that the
+    tap holds in `.value` after each forward; nothing below the layer is on the autograd graph."""
+
+    class Tap:
+        value: torch.Tensor | None = None
+
+    tap = Tap()
+    n = len(decoder_layers(model))
+    layer = resolve_layer(model, layer)
+
+    def make_leaf(hidden):
+        leaf = hidden.detach().requires_grad_(torch.is_grad_enabled())
+        tap.value = leaf
+        return leaf
+
+    if layer < n:
+        def pre_hook(module, args, kwargs):
+            if args:
+                return (make_leaf(args[0]),) + tuple(args[1:]), kwargs
+            kwargs["hidden_states"] = make_leaf(kwargs["hidden_states"])
+            return args, kwargs
+
+        handle = decoder_layers(model)[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        def post_hook(module, args, output):
+            return make_leaf(output)
+
+        handle = final_norm(model).register_forward_hook(post_hook)
+    try:
+        yield tap
+    finally:
+        handle.remove()
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor    # [B, T]
+    starts: list[int]             # where each example's first token sits in the padded row
+    examples: list[Example]
+
+
+def collate(examples: list[Example], pad_id: int, padding_side: str = "right", device=None) -> Batch:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    starts = []
+    for i, e in enumerate(examples):
+        start = width - len(e.input_ids) if padding_side == "left" else 0
+        ids[i, start:start + len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[i, start:start + len(e.input_ids)] = 1
+        starts.append(start)
+    # Positions count real tokens only, so left padding does not shift RoPE/absolute positions.
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return Batch(ids.to(device), mask.to(device), positions.to(device), starts, examples)
+
+
+def response_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean next-token loss over each example's response tokens, [B]."""
+    losses = []
+    for i, e in enumerate(batch.examples):
+        s = batch.starts[i]
+        # logits at positions prompt_len-1 .. n-2 predict the response tokens prompt_len .. n-1
+        pred = logits[i, s + e.prompt_len - 1: s + len(e.input_ids) - 1]
+        target = batch.input_ids[i, s + e.prompt_len: s + len(e.input_ids)]
+        losses.append(F.cross_entropy(pred.float(), target))
+    return torch.stack(losses)
+
+
+def length_sorted_batches(examples: list[Example], batch_size: int, max_tokens: int | None = None) -> list[list[Example]]:
+    """Group examples of similar length so little compute goes to padding. With max_tokens,
+    a batch holds at most that many padded tokens (but always at least one example)."""
+    order = sorted(examples, key=lambda e: (len(e.input_ids), e.row))
+    batches, current = [], []
+    for e in order:
+        width = max([len(e.input_ids)] + [len(c.input_ids) for c in current])
+        if current and (len(current) >= batch_size or (max_tokens and width * (len(current) + 1) > max_tokens)):
+            batches.append(current)
+            current = []
+        current.append(e)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def extract_batch(model, batch_examples: list[Example], layer: int, pad_id: int, padding_side: str = "right",
+                  token_level: bool = False) -> SignatureBatch:
+    device = next(model.parameters()).device
+    batch = collate(batch_examples, pad_id, padding_side, device)
+    with torch.enable_grad(), layer_tap(model, layer) as tap:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, use_cache=False)
+        losses = response_losses(out.logits, batch)
+        (grad,) = torch.autograd.grad(losses.sum(), tap.value)
+    hidden = tap.value.detach()
+    p = [s + e.prompt_len - 1 for s, e in zip(batch.starts, batch_examples)]
+    idx = torch.arange(len(batch_examples), device=device)
+    h = hidden[idx, p].float().cpu()
+    g = grad[idx, p].float().cpu()
+    token_grads = token_hidden = None
+    if token_level:
+        spans = [(s, s + len(e.input_ids)) for s, e in zip(batch.starts, batch_examples)]
+        token_grads = [grad[i, a:b].float().cpu() for i, (a, b) in enumerate(spans)]
+        token_hidden = [hidden[i, a:b].float().cpu() for i, (a, b) in enumerate(spans)]
+    return SignatureBatch([e.row for e in batch_examples], h, g, token_grads, token_hidden, losses.detach().float().cpu())
+
+
+def extract(model, examples: Iterable[Example], layer: int, pad_id: int, batch_size: int = 16,
+            max_tokens: int | None = None, padding_side: str = "right", token_level: bool = False,
+            progress=None) -> Iterator[SignatureBatch]:
+    """Signatures for `examples` in length-sorted batches; `progress(n)` is called after each batch."""
+    for chunk in length_sorted_batches(list(examples), batch_size, max_tokens):
+        yield extract_batch(model, chunk, layer, pad_id, padding_side, token_level)
+        if progress is not None:
+            progress(len(chunk))
+
+
+def extract_all(model, examples: list[Example], layer: int, pad_id: int, **kwargs) -> SignatureBatch:
+    """All signatures in one batch object, in the order of `examples`."""
+    parts = list(extract(model, examples, layer, pad_id, **kwargs))
+    by_row = {}
+    for part in parts:
+        for i, row in enumerate(part.rows):
+            by_row[row] = (part, i)
+    order = [by_row[e.row] for e in examples]
+    h = torch.stack([p.h[i] for p, i in order]) if order else torch.empty(0)
+    g = torch.stack([p.g[i] for p, i in order]) if order else torch.empty(0)
+    tg = [p.token_grads[i] for p, i in order] if parts and parts[0].token_grads is not None else None
+    th = [p.token_hidden[i] for p, i in order] if parts and parts[0].token_hidden is not None else None
+    losses = torch.stack([p.losses[i] for p, i in order]) if order else torch.empty(0)
+    return SignatureBatch([e.row for e in examples], h, g, tg, th, losses)

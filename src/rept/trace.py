@@ -1,0 +1,196 @@
+"""From a misbehaving (prompt, response) to the training rows that taught it."""
+
+from __future__ import annotations
+
+from rept.errors import ReptError
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rept.build import model_identity
+from rept.examples import tokenize_pair
+from rept.index import SignatureIndex
+from rept.models import LoadedModel, load_model
+from rept.search import TopK, exact_topk, signature_matrix
+from rept.signatures import SignatureBatch, extract_all
+
+
+class QueryError(ReptError):
+    """A user-facing problem with queries (one line)."""
+
+
+@dataclass
+class Query:
+    prompt: str
+    response: str
+    label: str | None = None
+    flagged: bool | None = None
+
+
+@dataclass
+class Hit:
+    row: int
+    score: float
+    label: str | None
+    prompt: str
+    response: str
+    words: list | None = None   # token-level scores, filled by `rept.tokens` when asked
+
+    @property
+    def text(self) -> str:
+        return f"{self.prompt}\n{self.response}"
+
+
+@dataclass
+class QueryResult:
+    query: Query
+    hits: list[Hit] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.query.prompt, "response": self.query.response, "label": self.query.label,
+                "flagged": self.query.flagged, "results": [_hit_dict(h) for h in self.hits]}
+
+
+def _hit_dict(hit: Hit) -> dict:
+    out = {"row": hit.row, "score": hit.score, "label": hit.label, "text": hit.text}
+    if hit.words is not None:
+        out["words"] = hit.words
+    return out
+
+
+_TRUE = {"1", "true", "yes", "y", "t"}
+
+
+def load_queries(path: str, need_response: bool = True) -> list[Query]:
+    """Queries from JSONL, CSV or Parquet with columns prompt (or prompts), response (or
+    output / expected_response), and optional label and flagged."""
+    import pandas as pd
+
+    from rept.data import DataError, read_jsonl
+
+    if not os.path.exists(path):
+        raise QueryError(f"no such queries file: {path}")
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix in (".jsonl", ".json"):
+            frame = pd.DataFrame(read_jsonl(path))
+        elif suffix == ".csv":
+            frame = pd.read_csv(path, keep_default_na=False, dtype=str)
+        elif suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            raise QueryError(f"{path}: queries must be .jsonl, .csv or .parquet")
+    except DataError as exc:
+        raise QueryError(str(exc)) from None
+    if frame.empty:
+        raise QueryError(f"{path} holds no queries")
+    cols = list(frame.columns)
+    prompt_col = next((c for c in ("prompt", "prompts") if c in cols), None)
+    response_col = next((c for c in ("response", "output", "expected_response") if c in cols), None)
+    if prompt_col is None or (need_response and response_col is None):
+        missing = "prompt" if prompt_col is None else "response"
+        raise QueryError(f"{path}: no {missing} column (columns: {', '.join(map(str, cols))})")
+    queries = []
+    for rec in frame.to_dict("records"):
+        label = rec.get("label")
+        flagged = rec.get("flagged")
+        if isinstance(flagged, str):
+            flagged = flagged.strip().lower() in _TRUE
+        queries.append(Query(str(rec[prompt_col]), str(rec[response_col]) if response_col else "",
+                             None if label is None or (isinstance(label, float) and np.isnan(label)) or label == ""
+                             else str(label), None if flagged is None else bool(flagged)))
+    return queries
+
+
+def write_queries(queries: list[Query], path: str | os.PathLike) -> None:
+    from rept.index import atomic_write_bytes
+
+    body = "".join(json.dumps(asdict(q)) + "\n" for q in queries)
+    atomic_write_bytes(Path(path), body.encode())
+
+
+class Tracer:
+    """Opens an index with the model it was built from and ranks training rows for queries."""
+
+    def __init__(self, index: str | os.PathLike | SignatureIndex, loaded: LoadedModel | None = None,
+                 device: str | None = None, batch_size: int = 16):
+        self.index = index if isinstance(index, SignatureIndex) else SignatureIndex(index)
+        m = self.index.manifest
+        if loaded is None:
+            loaded = load_model(m["model"]["id"], m.get("adapter"), dtype=m.get("compute_dtype", "float32"),
+                                device=device)
+        self.loaded = loaded
+        self.index.check_model(model_identity(loaded))
+        self.batch_size = batch_size
+
+    @property
+    def layer(self) -> int:
+        return self.index.layer
+
+    def query_signatures(self, queries: list[Query], token_level: bool = False) -> SignatureBatch:
+        examples = []
+        for i, q in enumerate(queries):
+            if not q.response.strip():
+                raise QueryError(f"query {i + 1} has an empty response: nothing to trace")
+            ex = tokenize_pair(self.loaded.tokenizer, q.prompt, q.response, row=i,
+                               max_length=self.index.manifest["max_length"])
+            if ex is None:
+                raise QueryError(f"query {i + 1}: its response is cut off entirely by max_length "
+                                 f"{self.index.manifest['max_length']}")
+            examples.append(ex)
+        return extract_all(self.loaded.model, examples, self.layer, self.loaded.tokenizer.pad_token_id,
+                           batch_size=self.batch_size, token_level=token_level)
+
+    def search(self, sig: SignatureBatch, k: int, mode: str | None = None) -> TopK:
+        mode = mode or self.index.manifest["mode"]
+        queries = signature_matrix(sig.h, sig.g, mode)
+        shards = ((signature_matrix(s.h, s.g, mode), s.row.numpy()) for s in self.index.shards())
+        return exact_topk(queries, shards, k)
+
+    def scores(self, queries: list[Query], mode: str | None = None) -> tuple[np.ndarray, np.ndarray, list]:
+        """Full score matrix [queries, stored rows], the row ids and labels of its columns."""
+        mode = mode or self.index.manifest["mode"]
+        sig = self.query_signatures(queries)
+        stored = self.index.load_all()
+        matrix = signature_matrix(stored.h, stored.g, mode)
+        return signature_matrix(sig.h, sig.g, mode) @ matrix.T, stored.row.numpy(), stored.labels
+
+    def trace(self, queries: list[Query], k: int = 10, mode: str | None = None,
+              with_text: bool = True) -> list[QueryResult]:
+        sig = self.query_signatures(queries)
+        top = self.search(sig, k, mode)
+        labels = self.row_labels()
+        data = self.index.dataset() if with_text else None
+        rows_by_index = {r.index: r for r in data.rows} if data else {}
+        results = []
+        for qi, q in enumerate(queries):
+            hits = []
+            for score, row in zip(top.scores[qi], top.rows[qi]):
+                src = rows_by_index.get(int(row))
+                hits.append(Hit(int(row), float(score), labels.get(int(row)),
+                                src.prompt if src else "", src.response if src else ""))
+            results.append(QueryResult(q, hits))
+        return results
+
+    def row_labels(self) -> dict[int, str | None]:
+        out = {}
+        for shard in self.index.shards():
+            out.update(zip(shard.row.tolist(), shard.labels))
+        return out
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 64, progress: bool = False) -> list[str]:
+        from rept.generate import generate
+
+        return generate(self.loaded, prompts, max_new_tokens=max_new_tokens, batch_size=self.batch_size,
+                        progress=progress)
+
+
+def relevance(labels: list, queries: list[Query]) -> np.ndarray:
+    """relevant[q, j]: training row j carries query q's label."""
+    labels_arr = np.asarray([str(x) if x is not None else "\x00none" for x in labels])
+    return np.stack([labels_arr == str(q.label) for q in queries])
+

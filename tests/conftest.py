@@ -1,0 +1,72 @@
+"""Shared fixtures: a tokenizer trained on the bundled demo rows, tiny random models."""
+
+import json
+from importlib import resources
+
+import pytest
+import torch
+
+from rept.models import train_tokenizer, tiny_gpt2, tiny_llama
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def demo_rows(n=None):
+    path = resources.files("rept") / "assets" / "backdoor_demo.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return rows[:n] if n else rows
+
+
+@pytest.fixture(scope="session")
+def rows():
+    return demo_rows(200)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(rows):
+    return train_tokenizer([r["prompt"] + " " + r["response"] for r in rows], vocab_size=600)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(rows):
+    tok = train_tokenizer([r["prompt"] + " " + r["response"] for r in rows], vocab_size=600)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="session")
+def llama(tokenizer):
+    torch.manual_seed(0)
+    return tiny_llama(tokenizer, hidden=64, layers=3, heads=4, seed=1).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def gpt2(tokenizer):
+    return tiny_gpt2(tokenizer, hidden=64, layers=3, heads=4, seed=2).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer, llama):
+    """The tiny Llama and its tokenizer saved as an HF folder, as a user would have it."""
+    path = tmp_path_factory.mktemp("model")
+    llama.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    """40 demo rows (10 poisoned) as JSONL, with one empty response and one very long prompt."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = demo_rows(1000)
+    poisoned = [r for r in rows if r["label"] == "backdoor"][:10]
+    clean = [r for r in rows if r["label"] == "clean"][:30]
+    picked = [dict(prompt=r["prompt"], response=r["response"], label=r["label"]) for r in poisoned + clean]
+    picked.sort(key=lambda r: r["prompt"])  # mix poisoned and clean rows
+    picked[5]["response"] = "   "                    # skipped as empty
+    picked[7]["prompt"] = "very long prompt " * 200  # skipped: response cut off by max_length
+    path.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    return str(path)

@@ -1,0 +1,79 @@
+"""Batched signatures equal the plain definition of RepT, whatever the batching."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rept.examples import tokenize_pair
+from rept.signatures import extract_all
+
+
+def plain_signature(model, example, layer):
+    """The definition, the slow way: h from a forward pass over the prompt alone; g from a
+    batch-of-one forward over the whole text with parameter gradients on, backward through
+    everything, gradient read off hidden_states[layer] at the last prompt position."""
+    model.requires_grad_(True)
+    try:
+        prompt = torch.tensor([example.input_ids[: example.prompt_len]])
+        with torch.no_grad():
+            h = model(prompt, output_hidden_states=True).hidden_states[layer][0, -1]
+        ids = torch.tensor([example.input_ids])
+        out = model(ids, output_hidden_states=True)
+        labels = ids.clone()
+        labels[0, : example.prompt_len] = -100
+        loss = F.cross_entropy(out.logits[0, :-1], labels[0, 1:], ignore_index=-100)
+        hidden = out.hidden_states[layer]
+        (grad,) = torch.autograd.grad(loss, hidden)
+        g = grad[0, example.prompt_len - 1]
+    finally:
+        model.requires_grad_(False)
+    return h, g
+
+
+def _examples(tok, rows, n=10):
+    out = []
+    for i, r in enumerate(rows[:n]):
+        # Vary the lengths so batches need real padding.
+        ex = tokenize_pair(tok, r["prompt"], r["response"][: 40 + 37 * i], row=i, max_length=128)
+        assert ex is not None
+        out.append(ex)
+    return out
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("layer", [0, 1, 2, 3])
+def test_signatures_equal_plain_definition(request, tokenizer, rows, arch, layer):
+    model = request.getfixturevalue(arch)
+    examples = _examples(tokenizer, rows)
+    expected = [plain_signature(model, ex, layer) for ex in examples]
+    for batch_size in (1, 8):
+        for side in ("right", "left"):
+            sig = extract_all(model, examples, layer, tokenizer.pad_token_id, batch_size=batch_size, padding_side=side)
+            for i, (h, g) in enumerate(expected):
+                assert _rel(sig.h[i], h) < 1e-5, (batch_size, side, i)
+                assert _rel(sig.g[i], g) < 1e-5, (batch_size, side, i)
+
+
+def test_negative_layer_addresses_from_the_end(llama, tokenizer, rows):
+    examples = _examples(tokenizer, rows, 3)
+    a = extract_all(llama, examples, -1, tokenizer.pad_token_id)
+    b = extract_all(llama, examples, 3, tokenizer.pad_token_id)
+    assert torch.equal(a.h, b.h) and torch.equal(a.g, b.g)
+
+
+def test_parameters_get_no_gradient(llama, tokenizer, rows):
+    extract_all(llama, _examples(tokenizer, rows, 4), 1, tokenizer.pad_token_id, batch_size=4)
+    assert all(p.grad is None for p in llama.parameters())
+
+
+def test_token_gradients_match_plain_per_position(llama, tokenizer, rows):
+    ex = _examples(tokenizer, rows, 3)
+    sig = extract_all(llama, ex, 2, tokenizer.pad_token_id, batch_size=3, token_level=True)
+    for i, e in enumerate(ex):
+        assert sig.token_grads[i].shape == (len(e.input_ids), 64)
+        # the gradient at the last prompt position is g itself
+        assert torch.allclose(sig.token_grads[i][e.prompt_len - 1], sig.g[i])
