@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # rept shows its own progress
     try:
         if args.command in EXTRA_COMMANDS:
             return importlib.import_module(EXTRA_COMMANDS[args.command]).run(args)
