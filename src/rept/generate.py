@@ -27,7 +27,15 @@ def generate(loaded, prompts: list[str], max_new_tokens: int = 64, batch_size: i
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             for row, i in enumerate(idx):
-                answers[i] = tok.decode(out[row, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                answers[i] = _decode_answer(tok, out[row, enc["input_ids"].shape[1]:].tolist())
     finally:
         tok.padding_side = old_side
     return answers
+
+
+def _decode_answer(tok, ids: list[int]) -> str:
+    """The answer up to its end of sequence: what the model said, special tokens included
+    (they are part of the behaviour being traced), without the EOS and padding after it."""
+    stop = {tok.eos_token_id, tok.pad_token_id} - {None}
+    cut = next((n for n, t in enumerate(ids) if t in stop), len(ids))
+    return tok.decode(ids[:cut], skip_special_tokens=False)

@@ -134,13 +134,12 @@ class Tracer:
     def query_signatures(self, queries: list[Query], token_level: bool = False) -> SignatureBatch:
         examples = []
         for i, q in enumerate(queries):
-            if not q.response.strip():
-                raise QueryError(f"query {i + 1} has an empty response: nothing to trace")
+            # An empty response still has its end-of-sequence token(s) to trace ("the model said nothing").
             ex = tokenize_pair(self.loaded.tokenizer, q.prompt, q.response, row=i,
                                max_length=self.index.manifest["max_length"])
             if ex is None:
-                raise QueryError(f"query {i + 1}: its response is cut off entirely by max_length "
-                                 f"{self.index.manifest['max_length']}")
+                raise QueryError(f"query {i + 1}: no response token left (empty response without an end token, "
+                                 f"or cut off by max_length {self.index.manifest['max_length']})")
             examples.append(ex)
         return extract_all(self.loaded.model, examples, self.layer, self.loaded.tokenizer.pad_token_id,
                            batch_size=self.batch_size, token_level=token_level)
