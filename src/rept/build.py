@@ -69,7 +69,7 @@ def build_index(loaded: LoadedModel, dataset, out: str | os.PathLike, settings: 
 
     identity = model_identity(loaded)
     manifest = new_manifest(
-        model={"id": loaded.model_id, "architecture": type(model).__name__, "num_layers": loaded.num_layers,
+        model={"id": str(Path(loaded.model_id).resolve()) if Path(loaded.model_id).is_dir() else loaded.model_id, "architecture": type(model).__name__, "num_layers": loaded.num_layers,
                "hidden_size": model.config.hidden_size},
         adapter=str(Path(loaded.adapter).resolve()) if loaded.adapter else None,
         **identity, layer=layer, layer_curve=layer_curve, mode=settings.mode, dtype=settings.store_dtype,

@@ -50,6 +50,26 @@ def _add_model_args(p, required=True):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
+def _add_index_model_args(p):
+    p.add_argument("--model", help="model folder, if it moved since the index was built (default: the index's)")
+    p.add_argument("--adapter", help="adapter folder, if it moved since the index was built")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: the one the index was built with)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+
+
+def _tracer(args):
+    """A Tracer over --index with the index's own model, or the one given (checked against the index)."""
+    from rept.index import SignatureIndex
+    from rept.models import load_model
+    from rept.trace import Tracer
+
+    index = SignatureIndex(args.index)
+    m = index.manifest
+    loaded = load_model(args.model or m["model"]["id"], args.adapter or m.get("adapter"),
+                        dtype=args.dtype or m.get("compute_dtype", "float32"), device=args.device)
+    return Tracer(index, loaded)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rept", description="Trace an LLM's behaviour back to the training rows "
                                      "that taught it (representation-gradient tracing, RepT).")
@@ -83,18 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-rows", type=_positive, default=64, help="rows used by --layer auto")
 
     p = sub.add_parser("trace", help="rank training rows for a misbehaving output")
-    p.add_argument("--index", required=True)
+    p.add_argument("--index", required=True, help="index folder made by `rept index`")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt (with --response, or --generate)")
-    src.add_argument("--queries", help="JSONL/CSV/Parquet with prompt, response[, label, flagged]")
+    src.add_argument("--queries", help="JSONL/CSV/Parquet with prompt, response[, label, flagged] "
+                     "(with --generate, prompts only)")
     p.add_argument("--response", help="the output to trace")
-    p.add_argument("--generate", action="store_true", help="let the model answer --prompt greedily and trace that")
+    p.add_argument("--generate", action="store_true", help="let the model answer greedily and trace its answers")
     p.add_argument("--max-new-tokens", type=_positive, default=64)
-    p.add_argument("--top-k", type=_positive, default=10)
-    p.add_argument("--mode", choices=("balanced", "official", "repsim", "repgrad"), default=None)
+    p.add_argument("--top-k", type=_positive, default=10, help="training rows to show per query")
+    p.add_argument("--mode", choices=("balanced", "official", "repsim", "repgrad"), default=None,
+                   help="scoring mode (default: the index's)")
     p.add_argument("--tokens", action="store_true", help="score every word of the top rows")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--device", default=None)
+    _add_index_model_args(p)
 
     p = sub.add_parser("eval", help="precision@k, pooled auPRC@k, AP and recall@k for labelled queries")
     p.add_argument("--index", required=True)
@@ -102,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_positive, nargs="+", default=[10, 50, 100])
     p.add_argument("--mode", choices=("balanced", "official", "repsim", "repgrad"), default=None)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--device", default=None)
+    _add_index_model_args(p)
 
     # Commands that live in their own modules: each exposes HELP, add_arguments(parser) and run(args).
     for name, module in EXTRA_COMMANDS.items():
@@ -191,7 +213,12 @@ def _queries_from_args(args, tracer):
     from rept.trace import Query, QueryError, load_queries
 
     if args.queries:
-        return load_queries(args.queries)
+        queries = load_queries(args.queries, need_response=not args.generate)
+        if args.generate:
+            answers = tracer.generate([q.prompt for q in queries], max_new_tokens=args.max_new_tokens,
+                                      progress=not args.quiet)
+            queries = [Query(q.prompt, a, q.label, q.flagged) for q, a in zip(queries, answers)]
+        return queries
     if args.generate:
         return [Query(args.prompt, tracer.generate([args.prompt], max_new_tokens=args.max_new_tokens)[0])]
     if args.response is None:
@@ -200,9 +227,7 @@ def _queries_from_args(args, tracer):
 
 
 def cmd_trace(args) -> int:
-    from rept.trace import Tracer
-
-    tracer = Tracer(args.index, device=args.device)
+    tracer = _tracer(args)
     queries = _queries_from_args(args, tracer)
     results = tracer.trace(queries, k=args.top_k, mode=args.mode)
     if args.tokens:
@@ -221,13 +246,13 @@ def cmd_trace(args) -> int:
 
 def cmd_eval(args) -> int:
     from rept.metrics import evaluate
-    from rept.trace import QueryError, Tracer, load_queries, relevance
+    from rept.trace import QueryError, load_queries, relevance
 
     queries = [q for q in load_queries(args.queries) if q.flagged is not False]
     labelled = [q for q in queries if q.label is not None]
     if not labelled:
         raise QueryError(f"{args.queries}: no query has a label (eval needs a label column naming the behaviour)")
-    tracer = Tracer(args.index, device=args.device)
+    tracer = _tracer(args)
     scores, _, labels = tracer.scores(labelled, mode=args.mode)
     metrics = evaluate(scores, relevance(labels, labelled), ks=tuple(args.k))
     if args.json:
