@@ -1,0 +1,47 @@
+"""`rept mitigate`: remove or unlearn the culprit rows and measure the behaviour again."""
+
+from __future__ import annotations
+
+HELP = "remove or unlearn the culprit rows and show the behaviour drops (vs. as many random rows)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--index", required=True, help="index of the training set (made by `rept index` or `rept demo`)")
+    p.add_argument("--queries", required=True, help="queries file (flagged=false rows are not traced)")
+    p.add_argument("--detect", required=True, help="behaviour detector rule, e.g. 'prefix:You are stupid'")
+    p.add_argument("--out", required=True, help="folder for culprits.jsonl, the cleaned set, results.json, summary.md")
+    p.add_argument("--data", help="training set (default: the one the index records)")
+    p.add_argument("--select", default="top-k:10",
+                   help="top-k:K (union of every query's top K), threshold:S (score >= S) or budget:N (N strongest)")
+    p.add_argument("--method", choices=("remove", "unlearn", "both"), default="remove")
+    p.add_argument("--seeds", type=int, default=3, help="random-removal controls")
+    p.add_argument("--prompts", help="prompts to measure the behaviour on (default: the flagged queries' prompts)")
+    p.add_argument("--heldout", help="held-out rows (prompt, response) for the utility loss")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--unlearn-steps", type=int, default=30)
+    p.add_argument("--mode", choices=("balanced", "official", "repsim", "repgrad"), default=None)
+    p.add_argument("--device", default=None)
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from rept.data import load_dataset, load_prompts
+    from rept.detect import Detector
+    from rept.mitigate import Selection, run_mitigation, summary_markdown
+    from rept.trace import Tracer, load_queries
+
+    selection = Selection.parse(args.select)
+    detector = Detector(args.detect)
+    queries = load_queries(args.queries)
+    prompts = load_prompts(args.prompts) if args.prompts else None
+    heldout = load_dataset(args.heldout).rows if args.heldout else None
+    tracer = Tracer(args.index, device=args.device)
+    if args.mode:
+        tracer.index.manifest["mode"] = args.mode
+    console = Console(stderr=True)
+    results = run_mitigation(tracer, queries, detector, args.out, selection, method=args.method, seeds=args.seeds,
+                             data=args.data, prompts=prompts, heldout=heldout, max_new_tokens=args.max_new_tokens,
+                             unlearn_steps=args.unlearn_steps, progress=not args.quiet, log=console.print)
+    Console().print(summary_markdown(results))
+    return 0
