@@ -175,6 +175,18 @@ class SignatureIndex:
         return Shard(-1, cat("h"), cat("g"), cat("row"), sum((p.labels for p in parts), []),
                      sum((p.text_hash for p in parts), []), sum((p.skipped for p in parts), []))
 
+    def labels(self) -> dict[int, str | None]:
+        """Row id -> label, read from the shard headers only (no tensor is loaded)."""
+        out = {}
+        for k in range(self.n_shards):
+            try:
+                with safe_open(str(shard_path(self.folder, k)), framework="pt") as f:
+                    out.update(zip(f.get_slice("row")[:].tolist(), json.loads(f.metadata()["labels"])))
+            except Exception:  # report corruption the same way as a full load
+                load_shard(self.folder, k)
+                raise
+        return out
+
     def check_model(self, want: dict) -> None:
         """Raise when `want` (identity fields of the model about to be used) differs."""
         diffs = describe_differences(self.manifest, want)

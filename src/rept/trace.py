@@ -162,7 +162,7 @@ class Tracer:
               with_text: bool = True) -> list[QueryResult]:
         sig = self.query_signatures(queries)
         top = self.search(sig, k, mode)
-        labels = self.row_labels()
+        labels = self.index.labels()
         data = self.index.dataset() if with_text else None
         rows_by_index = {r.index: r for r in data.rows} if data else {}
         results = []
@@ -174,12 +174,6 @@ class Tracer:
                                 src.prompt if src else "", src.response if src else ""))
             results.append(QueryResult(q, hits))
         return results
-
-    def row_labels(self) -> dict[int, str | None]:
-        out = {}
-        for shard in self.index.shards():
-            out.update(zip(shard.row.tolist(), shard.labels))
-        return out
 
     def generate(self, prompts: list[str], max_new_tokens: int = 64, progress: bool = False) -> list[str]:
         from rept.generate import generate
