@@ -17,7 +17,13 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 # name -> module under rept.commands
-EXTRA_COMMANDS: dict[str, str] = {}
+EXTRA_COMMANDS: dict[str, str] = {
+    "train": "rept.commands.train",
+    "generate": "rept.commands.generate",
+    "bench": "rept.commands.bench",
+    "mitigate": "rept.commands.mitigate",
+    "report": "rept.commands.report",
+}
 
 
 def _layer(value: str):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from rept.errors import ReptError
 PROMPT_NAMES = ("prompts", "prompt", "instruction", "question", "input")
 RESPONSE_NAMES = ("response", "output", "completion", "answer", "expected_response")
 LABEL_NAMES = ("label", "labels", "category")
+HF_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
 
 
 class DataError(ReptError):
@@ -27,20 +29,23 @@ class Row:
     index: int          # position in the source dataset (skipped rows count too)
     prompt: str
     response: str
-    label: str | None   # None when the dataset has no label column
+    label: str | None   # None when the dataset has no label column (or the cell is empty)
 
 
 @dataclass
 class Dataset:
     rows: list[Row]              # rows kept (empty responses removed)
     source: str                  # absolute path as given
-    fingerprint: str             # sha256 over every source row, in order
-    columns: dict                # {"prompt": name, "response": name, "label": name or None}
+    fingerprint: str             # sha256 over (prompt, response, label) of every source row, in order
+    columns: dict                # {"prompt": name, "response": name or None, "label": name or None}
     skipped_empty: list[int] = field(default_factory=list)
     n_total: int = 0
 
 
+# ---------------------------------------------------------------------------------------- reading
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """JSON objects, one per line; blank lines ignored; a bad line is reported by its number."""
     name = os.path.basename(path)
     records = []
     with open(path, encoding="utf-8") as f:
@@ -57,56 +62,97 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+def _read_json(path: Path) -> list[dict]:
+    """A list of objects, {"data": [...]}, a dict of equal-length columns, or JSON lines
+    (what HF `Dataset.to_json` writes, even to a .json name)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # more than one top-level value: JSON lines
+            return read_jsonl(path)
+        raise DataError(f"{path.name}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if isinstance(value, dict) and isinstance(value.get("data"), list):
+        value = value["data"]
+    if isinstance(value, dict):
+        lists = list(value.values())
+        if lists and all(isinstance(v, list) and len(v) == len(lists[0]) for v in lists):
+            value = [dict(zip(value, cells)) for cells in zip(*lists)]  # column-oriented
+        else:
+            value = [value]  # a single object (a one-line JSON-lines file)
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise DataError(f"{path.name}: expected a list of JSON objects")
+    return value
+
+
+def _hf_split_folder(path: Path, split: str | None) -> Path:
+    """The folder of one split: a DatasetDict folder holds one sub-folder per split."""
+    if not (path / "dataset_dict.json").exists():
+        return path
+    splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    chosen = split or ("train" if "train" in splits else None)
+    if chosen not in splits:
+        what = f"no split '{split}'" if split else "no 'train' split"
+        raise DataError(f"{path.name}: {what} (splits: {', '.join(splits)}); choose one with --split")
+    return path / chosen
+
+
 def _read_hf_folder(path: Path, split: str | None) -> list[dict]:
     import datasets
 
-    if (path / "dataset_dict.json").exists():
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-        chosen = split or ("train" if "train" in splits else None)
-        if chosen not in splits:
-            raise DataError(f"{path.name}: a dataset with splits {', '.join(splits)}; choose one with --split")
-        path = path / chosen
+    folder = _hf_split_folder(path, split)
     try:
-        return datasets.load_from_disk(str(path)).to_list()
+        return datasets.load_from_disk(str(folder)).to_list()
     except Exception as exc:  # datasets raises several types for unreadable folders
-        raise DataError(f"{path}: cannot read as a Hugging Face dataset ({str(exc).splitlines()[0]})") from None
+        raise DataError(f"{path.name}: cannot read as a Hugging Face dataset ({_first_line(exc)})") from None
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import pandas as pd
+
+    try:
+        # Every cell as a string, and missing cells as "" rather than NaN.
+        return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+    except pd.errors.EmptyDataError:  # a 0-byte file: no header at all
+        return []
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    # pyarrow keeps Python types (ints stay ints, nulls are None), unlike a pandas round trip.
+    return pq.read_table(path).to_pylist()
+
+
+READERS = {".jsonl": read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
 def read_records(path: str, split: str | None = None) -> list[dict]:
-    """The rows of a data file as dicts, whatever the format."""
-    import pandas as pd
-
+    """The rows of a data file as dicts, whatever the format (decided by the path)."""
     p = Path(path)
     if not p.exists():
-        raise DataError(f"no such file: {path}")
-    name = p.name
+        raise DataError(f"no such file: {path}")  # hub ids are not fetched: rept works offline
     if p.is_dir():
-        if not any((p / f).exists() for f in ("state.json", "dataset_info.json", "dataset_dict.json")):
+        if not any((p / marker).exists() for marker in HF_MARKERS):
             raise DataError(f"{path} is a folder but not a Hugging Face dataset saved with save_to_disk")
         return _read_hf_folder(p, split)
-    suffix = p.suffix.lower()
+    reader = READERS.get(p.suffix.lower())
+    if reader is None:
+        raise DataError(f"{p.name}: unsupported format '{p.suffix}' "
+                        "(use a save_to_disk folder, .jsonl, .json, .csv or .parquet)")
     try:
-        if suffix == ".jsonl":
-            return read_jsonl(p)
-        if suffix == ".json":
-            value = json.loads(p.read_text(encoding="utf-8"))
-            if isinstance(value, dict) and isinstance(value.get("data"), list):
-                value = value["data"]
-            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-                raise DataError(f"{name}: expected a list of JSON objects")
-            return value
-        if suffix == ".csv":
-            return pd.read_csv(p, dtype=str, keep_default_na=False).to_dict("records")
-        if suffix == ".parquet":
-            return pd.read_parquet(p).to_dict("records")
+        return reader(p)
     except DataError:
         raise
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{name}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    except Exception as exc:  # pandas/pyarrow parse errors
-        raise DataError(f"{name}: cannot read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    raise DataError(f"{name}: unsupported format '{suffix}' (use a save_to_disk folder, .jsonl, .json, .csv or .parquet)")
+    except Exception as exc:  # pandas/pyarrow parse errors, bad encodings, unreadable files
+        raise DataError(f"{p.name}: cannot read ({_first_line(exc)})") from None
 
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------- columns
 
 def _text(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -116,41 +162,56 @@ def _text(value) -> str:
 
 def _pick(columns: list[str], given: str | None, names: tuple[str, ...], what: str, source: str,
           required: bool = True) -> str | None:
+    """The column to use: the one given (which must exist), else the first common name present."""
+    listing = ", ".join(map(str, columns))
     if given:
         if given not in columns:
-            raise DataError(f"{source}: no column '{given}' (columns: {', '.join(columns)})")
+            raise DataError(f"{source}: no column '{given}' (columns: {listing})")
         return given
     found = next((c for c in names if c in columns), None)
     if found is None and required:
-        raise DataError(f"{source}: no {what} column (looked for {', '.join(names)}; columns: {', '.join(columns)}); "
+        raise DataError(f"{source}: no {what} column (looked for {', '.join(names)}; columns: {listing}); "
                         f"name it with --{what}-column")
     return found
 
 
+def _all_columns(records: list[dict]) -> list[str]:
+    columns = list(records[0])
+    seen = set(columns)
+    for rec in records[1:]:  # JSONL rows may differ in their keys
+        new = [k for k in rec if k not in seen]
+        columns += new
+        seen.update(new)
+    return columns
+
+
 def load_dataset(path: str, prompt_column: str | None = None, response_column: str | None = None,
                  label_column: str | None = None, require_response: bool = True, split: str | None = None) -> Dataset:
+    """Load an instruction dataset. With require_response=False (query/prompt files) the response
+    column is optional and rows with an empty response are kept."""
     records = read_records(path, split)
     name = os.path.basename(os.path.normpath(path))
     if not records:
         raise DataError(f"{name}: the dataset is empty")
-    columns = list(records[0].keys())
-    for rec in records[1:]:  # JSONL rows may differ in their keys
-        columns += [k for k in rec if k not in columns]
+    columns = _all_columns(records)
     prompt_col = _pick(columns, prompt_column, PROMPT_NAMES, "prompt", name)
     response_col = _pick(columns, response_column, RESPONSE_NAMES, "response", name, required=require_response)
     label_col = _pick(columns, label_column, LABEL_NAMES, "label", name, required=False)
-    # Alpaca style: the instruction's optional input is part of the prompt.
+    # Alpaca style: the optional `input` belongs to the instruction. Only when the prompt column
+    # was found by name; an explicit --prompt-column means exactly that column.
     alpaca_input = prompt_col == "instruction" and "input" in columns and not prompt_column
 
     digest = hashlib.sha256()
     rows, empty = [], []
     for i, rec in enumerate(records):
         prompt = _text(rec.get(prompt_col))
-        if alpaca_input and _text(rec.get("input")).strip():
-            prompt = prompt + "\n\n" + _text(rec.get("input"))
+        extra = _text(rec.get("input")) if alpaca_input else ""
+        if extra.strip():
+            prompt = prompt + "\n\n" + extra
         response = _text(rec.get(response_col)) if response_col else ""
-        label = rec.get(label_col) if label_col else None
-        label = None if label is None or _text(label) == "" else _text(label)
+        label = _text(rec.get(label_col)) if label_col else ""
+        label = label or None  # an empty label cell means "no label"
+        # Every source row counts, skipped or not, so the fingerprint names the file's content.
         digest.update(json.dumps([prompt, response, label]).encode())
         if require_response and not response.strip():
             empty.append(i)
@@ -158,46 +219,101 @@ def load_dataset(path: str, prompt_column: str | None = None, response_column: s
         rows.append(Row(i, prompt, response, label))
     if not rows:
         raise DataError(f"{name}: every row has an empty response")
-    source = str(Path(path).resolve())
-    return Dataset(rows, source, digest.hexdigest(),
+    return Dataset(rows, str(Path(path).resolve()), digest.hexdigest(),
                    {"prompt": prompt_col, "response": response_col, "label": label_col}, empty, len(records))
 
 
 def load_prompts(path: str, prompt_column: str | None = None) -> list[str]:
+    """The prompts of a test-prompt file (any format load_dataset reads); no response needed."""
     return [r.prompt for r in load_dataset(path, prompt_column, require_response=False).rows]
 
 
-def write_rows(rows: list[dict], path: str | os.PathLike) -> None:
-    """Write dict rows in the format `path` names (.jsonl, .json, .csv, .parquet, or a
-    save_to_disk folder when it has no suffix), atomically: temp name, then rename."""
+# ---------------------------------------------------------------------------------------- writing
+
+def _like_features(like: str | os.PathLike | None, columns: list[str]):
+    """The HF features (column types, ClassLabel names) of the dataset `like`, when it is a
+    save_to_disk folder or a Parquet file with exactly these columns; else None (types inferred)."""
+    if like is None:
+        return None
+    import datasets
+
+    p = Path(like)
+    if p.is_dir():
+        features = datasets.load_from_disk(str(_hf_split_folder(p, None))).features
+    elif p.suffix.lower() == ".parquet" and p.is_file():
+        import pyarrow.parquet as pq
+
+        features = datasets.Features.from_arrow_schema(pq.read_schema(p))
+    else:
+        return None  # JSONL/CSV carry no types worth keeping
+    return features if not columns or set(features) == set(columns) else None
+
+
+def _write_jsonl(rows, tmp, features):
+    text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+    Path(tmp).write_text(text, encoding="utf-8")
+
+
+def _write_json(rows, tmp, features):
+    Path(tmp).write_text(json.dumps(rows, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
+
+
+def _write_csv(rows, tmp, features):
     import pandas as pd
 
+    pd.DataFrame(rows).to_csv(tmp, index=False)
+
+
+def _write_parquet(rows, tmp, features):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = features.arrow_schema if features is not None else None
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+
+
+WRITERS = {".jsonl": _write_jsonl, ".json": _write_json, ".csv": _write_csv, ".parquet": _write_parquet}
+
+
+def _write_hf_folder(rows, path: Path, features) -> None:
+    import datasets
+
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        # Column-wise, so that an empty list of rows still gets `like`'s columns.
+        columns = list(features) if features is not None else _all_columns(rows) if rows else []
+        table = {c: [r.get(c) for r in rows] for c in columns}
+        dataset = datasets.Dataset.from_dict(table, features=features)
+        # At least one shard: datasets writes none for 0 rows, and then cannot load the folder.
+        dataset.save_to_disk(str(tmp / "new"), num_shards=1 if not rows else None)
+        if path.exists():  # a folder cannot be replaced in one step: move the old one aside first
+            os.replace(path, tmp / "old")
+        os.replace(tmp / "new", path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_rows(rows: list[dict], path: str | os.PathLike, like: str | os.PathLike | None = None) -> None:
+    """Write dict rows in the format `path` names (.jsonl, .json, .csv, .parquet, or a save_to_disk
+    folder when it has no suffix), atomically: a temp name in the same folder, then a rename.
+    `like`: the dataset the rows came from; a save_to_disk folder or Parquet file with the same
+    columns lends its column types to Parquet/folder output (so e.g. ClassLabel names survive)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
-    if suffix == "":
-        import shutil
-
-        import datasets
-
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        datasets.Dataset.from_list(rows).save_to_disk(str(tmp / "d"))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp / "d", path)
-        shutil.rmtree(tmp)
+    writer = WRITERS.get(suffix)
+    if suffix and writer is None:
+        raise DataError(f"cannot write '{suffix}' files (use .jsonl, .json, .csv, .parquet or a folder)")
+    columns = _all_columns(rows) if rows else []
+    features = _like_features(like, columns) if suffix in ("", ".parquet") else None
+    if not suffix:
+        _write_hf_folder(rows, path, features)
         return
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    if suffix == ".jsonl":
-        Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    elif suffix == ".json":
-        Path(tmp).write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
-    elif suffix == ".csv":
-        pd.DataFrame(rows).to_csv(tmp, index=False)
-    elif suffix == ".parquet":
-        pd.DataFrame(rows).to_parquet(tmp, index=False)
-    else:
-        os.remove(tmp)
-        raise DataError(f"cannot write '{suffix}' files (use .jsonl, .json, .csv, .parquet or a folder)")
-    os.replace(tmp, path)
+    try:
+        writer(rows, tmp, features)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)  # never leave a half-written temp file behind
+        raise

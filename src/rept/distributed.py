@@ -3,6 +3,7 @@ when run as a single process."""
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -14,6 +15,8 @@ def rank_and_world() -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
+        # Tear the group down at exit so ranks leave cleanly (and torch does not warn).
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if dist.is_initialized():

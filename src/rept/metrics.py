@@ -1,8 +1,9 @@
 """Attribution metrics. The same code scores every method.
 
 `scores[q, j]` is how responsible training row j is for query q (higher = more);
-`relevant[q, j]` says whether row j truly is (e.g. it carries the query's label).
-Ties are broken by the lower row index, so every ranking is deterministic.
+`relevant[q, j]` says whether row j truly is (e.g. it carries the query's label); a 1-D
+`relevant[j]` applies to every query. Ties are broken by the lower row index, so every
+ranking is deterministic.
 """
 
 from __future__ import annotations
@@ -18,7 +19,22 @@ def _as_2d(scores, relevant) -> tuple[np.ndarray, np.ndarray]:
         relevant = np.broadcast_to(relevant, scores.shape)
     if relevant.shape != scores.shape:
         raise ValueError(f"scores {scores.shape} and relevant {relevant.shape} differ in shape")
-    return scores, relevant
+    return _finite(scores), relevant
+
+
+def _finite(scores: np.ndarray) -> np.ndarray:
+    """sklearn refuses infinite scores (e.g. -inf for masked rows); AP only depends on the order
+    and the ties, so such scores are replaced by their dense rank. NaN has no order: an error."""
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    if np.isinf(scores).any():
+        return np.unique(scores, return_inverse=True)[1].reshape(scores.shape).astype(np.float64)
+    return scores
+
+
+def _check_k(k: int) -> None:
+    if int(k) < 1:
+        raise ValueError(f"k must be at least 1, not {k}")
 
 
 def ranking(scores: np.ndarray) -> np.ndarray:
@@ -32,12 +48,16 @@ def _top(scores, relevant, k):
 
 
 def precision_at_k(scores, relevant, k: int) -> float:
+    """Mean over queries of the share of relevant rows in the top k (k clipped to the row count)."""
+    _check_k(k)
     scores, relevant = _as_2d(scores, relevant)
     k = min(k, scores.shape[1])
     return float(_top(scores, relevant, k)[1].sum(1).mean() / k)
 
 
 def recall_at_k(scores, relevant, k: int) -> float:
+    """Mean over queries with at least one relevant row of the share of them found in the top k."""
+    _check_k(k)
     scores, relevant = _as_2d(scores, relevant)
     has = relevant.any(1)
     if not has.any():
@@ -46,14 +66,18 @@ def recall_at_k(scores, relevant, k: int) -> float:
     return float((hits[has] / relevant[has].sum(1)).mean())
 
 
-def pooled_auprc_at_k(scores, relevant, k: int) -> float:
-    """The RepT paper's auPRC@k: the (score, relevant) pairs of every query's top-k pooled into
-    one list, then average precision over that pool."""
-    scores, relevant = _as_2d(scores, relevant)
-    top_scores, top_rel = _top(scores, relevant, min(k, scores.shape[1]))
+def _pooled_ap(top_scores: np.ndarray, top_rel: np.ndarray) -> float:
     if not top_rel.any():
         return 0.0
     return float(average_precision_score(top_rel.ravel(), top_scores.ravel()))
+
+
+def pooled_auprc_at_k(scores, relevant, k: int) -> float:
+    """The RepT paper's auPRC@k: the (score, relevant) pairs of every query's top-k pooled into
+    one list, then average precision over that pool (0.0 when the pool has no relevant row)."""
+    _check_k(k)
+    scores, relevant = _as_2d(scores, relevant)
+    return _pooled_ap(*_top(scores, relevant, min(k, scores.shape[1])))
 
 
 def average_precision(scores, relevant) -> float:
@@ -64,6 +88,7 @@ def average_precision(scores, relevant) -> float:
 
 
 def evaluate(scores, relevant, ks=(10, 50, 100)) -> dict:
+    """P@k, auPRC@k and recall@k for each k (clipped to the row count), AP, and the sizes."""
     scores, relevant = _as_2d(scores, relevant)
     out = {}
     for k in ks:
@@ -73,4 +98,63 @@ def evaluate(scores, relevant, ks=(10, 50, 100)) -> dict:
     out["AP"] = average_precision(scores, relevant)
     out["n_queries"] = int(scores.shape[0])
     out["n_rows"] = int(scores.shape[1])
+    return out
+
+
+def evaluate_topk(top_rows, top_scores, relevant_rows, n_relevant=None, ks=(10, 50, 100),
+                  n_rows: int | None = None) -> dict:
+    """The metrics of `evaluate` from each query's top-K list only, for when the full score
+    matrix is too large to hold.
+
+    top_rows, top_scores: [n_queries, K] row ids and scores (any order; row id -1 = no result).
+    relevant_rows: per query, the set of relevant row ids (or one set for every query).
+    n_relevant: per query (or one int), how many rows are relevant in the whole training set;
+        default: the size of each set. Needed by recall and AP.
+    n_rows: the training-set size; k is clipped to it as `evaluate` does. Asking for a k beyond K
+        (after clipping) is an error: the list cannot tell what lies below it.
+
+    P@k, recall@k and auPRC@k equal `evaluate`'s whenever k <= K. AP is over the returned list
+    only, reported as f"AP@{K}": precision at each relevant row in the list, summed and divided
+    by n_relevant, so relevant rows not returned count as missed. It equals `average_precision`
+    when the list holds every row (and scores have no ties), and is a lower bound otherwise.
+    """
+    rows = np.atleast_2d(np.asarray(top_rows, dtype=np.int64))
+    scores = np.atleast_2d(np.asarray(top_scores, dtype=np.float64))
+    if rows.shape != scores.shape:
+        raise ValueError(f"top_rows {rows.shape} and top_scores {scores.shape} differ in shape")
+    n_queries, K = rows.shape
+    if isinstance(relevant_rows, (set, frozenset)):
+        relevant_rows = [relevant_rows] * n_queries
+    if len(relevant_rows) != n_queries:
+        raise ValueError(f"{len(relevant_rows)} relevant sets for {n_queries} queries")
+    if n_relevant is None:
+        n_relevant = [len(s) for s in relevant_rows]
+    n_relevant = np.broadcast_to(np.asarray(n_relevant, dtype=np.int64), (n_queries,))
+
+    # Same order as `evaluate`: score descending, then lower row id; padding (-1) goes last.
+    valid = rows >= 0
+    order = np.lexsort((rows, -np.where(valid, scores, 0.0), ~valid), axis=1)
+    rows, scores, valid = (np.take_along_axis(a, order, 1) for a in (rows, scores, valid))
+    scores = _finite(np.where(valid, scores, 0.0))
+    rel = np.stack([np.isin(r, np.fromiter(s, np.int64, len(s))) for r, s in zip(rows, relevant_rows)]) & valid
+
+    has = n_relevant > 0
+    out = {}
+    for k in ks:
+        _check_k(k)
+        kk = min(k, n_rows) if n_rows else k
+        if kk > K:
+            raise ValueError(f"metrics at k={k} need the top {kk} of each query, but the lists hold {K}")
+        hits = rel[:, :kk].sum(1)
+        out[f"P@{k}"] = float(hits.mean() / kk)
+        pool = valid[:, :kk]
+        out[f"auPRC@{k}"] = _pooled_ap(scores[:, :kk][pool], rel[:, :kk][pool])
+        out[f"recall@{k}"] = float((hits[has] / n_relevant[has]).mean()) if has.any() else 0.0
+    # AP over the list: precision at each relevant position, divided by all relevant rows.
+    precision_at = np.cumsum(rel, 1) / np.arange(1, K + 1)
+    ap = (precision_at * rel).sum(1)[has] / n_relevant[has]
+    out[f"AP@{K}"] = float(ap.mean()) if has.any() else 0.0
+    out["n_queries"] = int(n_queries)
+    if n_rows:
+        out["n_rows"] = int(n_rows)
     return out

@@ -24,6 +24,33 @@ import torch.nn.functional as F
 from rept.examples import Example
 from rept.models import decoder_layers, final_norm, resolve_layer
 
+# Compute logits (and the loss's backward through the LM head) only over the window of positions
+# that predict response tokens, through the model's own `logits_to_keep` argument, so any
+# soft-capping or scaling the model applies to its logits still applies. Models whose forward has
+# no such argument get full logits. A switch for benchmarks/bench_signatures.py to measure it.
+RESPONSE_LOGITS_ONLY = True
+# With right padding, a causal model's real tokens never attend to the pads that follow them, and
+# the pads' outputs feed no loss, so the padding mask can be dropped: attention then runs as plain
+# causal attention (the fast fused kernel, forward and backward) with identical results at every
+# real position. Left padding keeps the mask. Off: on the CPU benchmark it bought nothing
+# measurable (docs/performance.md); a switch for the benchmark and for GPU trials.
+CAUSAL_ONLY_FOR_RIGHT_PADDING = False
+_ACCEPTS_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    kind = type(model)
+    if kind not in _ACCEPTS_LOGITS_TO_KEEP:
+        import inspect
+
+        try:
+            params = inspect.signature(model.forward).parameters
+            ok = "logits_to_keep" in params
+        except (TypeError, ValueError):
+            ok = False
+        _ACCEPTS_LOGITS_TO_KEEP[kind] = ok
+    return _ACCEPTS_LOGITS_TO_KEEP[kind]
+
 
 @dataclass
 class SignatureBatch:
@@ -95,14 +122,15 @@ def collate(examples: list[Example], pad_id: int, padding_side: str = "right", d
     return Batch(ids.to(device), mask.to(device), positions.to(device), starts, examples)
 
 
-def response_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Mean next-token loss over each example's response tokens, [B]."""
+def response_losses(logits: torch.Tensor, batch: Batch, offset: int = 0) -> torch.Tensor:
+    """Mean next-token loss over each example's response tokens, [B]. `logits[:, j]` holds the
+    logits of position offset + j (offset > 0 when only a window of positions was computed)."""
     losses = []
     for i, e in enumerate(batch.examples):
-        s = batch.starts[i]
+        s = batch.starts[i] - offset
         # logits at positions prompt_len-1 .. n-2 predict the response tokens prompt_len .. n-1
         pred = logits[i, s + e.prompt_len - 1: s + len(e.input_ids) - 1]
-        target = batch.input_ids[i, s + e.prompt_len: s + len(e.input_ids)]
+        target = batch.input_ids[i, s + offset + e.prompt_len: s + offset + len(e.input_ids)]
         losses.append(F.cross_entropy(pred.float(), target))
     return torch.stack(losses)
 
@@ -127,10 +155,19 @@ def extract_batch(model, batch_examples: list[Example], layer: int, pad_id: int,
                   token_level: bool = False) -> SignatureBatch:
     device = next(model.parameters()).device
     batch = collate(batch_examples, pad_id, padding_side, device)
+    extra, offset = {}, 0
+    if RESPONSE_LOGITS_ONLY and not token_level and _accepts_logits_to_keep(model):
+        # positions lo .. hi-1 predict every response token of every example in the batch
+        offset = min(s + e.prompt_len - 1 for s, e in zip(batch.starts, batch_examples))
+        hi = max(s + len(e.input_ids) - 1 for s, e in zip(batch.starts, batch_examples))
+        extra["logits_to_keep"] = torch.arange(offset, hi, device=device)
+    mask = batch.attention_mask
+    if CAUSAL_ONLY_FOR_RIGHT_PADDING and padding_side == "right":
+        mask = None
     with torch.enable_grad(), layer_tap(model, layer) as tap:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, use_cache=False)
-        losses = response_losses(out.logits, batch)
+        out = model(input_ids=batch.input_ids, attention_mask=mask,
+                    position_ids=batch.position_ids, use_cache=False, **extra)
+        losses = response_losses(out.logits, batch, offset)
         (grad,) = torch.autograd.grad(losses.sum(), tap.value)
     hidden = tap.value.detach()
     p = [s + e.prompt_len - 1 for s, e in zip(batch.starts, batch_examples)]

@@ -6,6 +6,7 @@ the tests use; the recipe is written beside the weights so the model can be retr
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from rept.errors import ReptError
 from rept.examples import tokenize_rows
 from rept.models import LoadedModel, prepare_tokenizer, tiny_llama, train_tokenizer
 from rept.signatures import collate
@@ -105,3 +107,223 @@ def save_trained(model, tokenizer, out: str | Path, recipe: dict) -> None:
 def read_recipe(model_dir: str | Path) -> dict | None:
     path = Path(model_dir) / RECIPE_FILE
     return json.loads(path.read_text()) if path.exists() else None
+
+
+# ---------------------------------------------------------------- recipes: from-scratch, LoRA, full
+#
+# `train_model` is the one entry point behind `rept train`. Every recipe trains with the loss on
+# response tokens only, saves a checkpoint after each epoch (out/checkpoint/) and resumes from it,
+# and writes beside the final weights: the recipe (RECIPE_FILE: data path and fingerprint,
+# settings, seed) and the Adam state of every trainable parameter by name (OPTIMIZER_FILE), which
+# LESS needs to precondition gradients as its authors do.
+
+OPTIMIZER_FILE = "optimizer.pt"
+CHECKPOINT_DIR = "checkpoint"
+RECIPES = ("from-scratch", "lora", "full")
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: str = "all-linear"   # comma-separated module names, or "all-linear"
+    dropout: float = 0.0
+
+    def targets(self):
+        names = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        return "all-linear" if names == ["all-linear"] else names
+
+
+class TrainError(ReptError):
+    """A user-facing problem with a training run (one line)."""
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _trainable_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def adam_state_by_name(model, optimizer) -> dict:
+    """{"exp_avg": {name: tensor}, "exp_avg_sq": {...}, "step": int, "betas", "eps", "lr"} for every
+    trainable parameter (the format LESS reads)."""
+    group = optimizer.param_groups[0]
+    out = {"exp_avg": {}, "exp_avg_sq": {}, "step": 0, "betas": tuple(group["betas"]), "eps": group["eps"],
+           "lr": group["lr"], "weight_decay": group["weight_decay"]}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        st = optimizer.state.get(p, {})
+        if "exp_avg" in st:
+            out["exp_avg"][name] = st["exp_avg"].detach().cpu().clone()
+            out["exp_avg_sq"][name] = st["exp_avg_sq"].detach().cpu().clone()
+            out["step"] = int(st["step"])
+    return out
+
+
+def load_adam_state(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / OPTIMIZER_FILE
+    if not path.exists():
+        raise TrainError(f"no Adam state in {model_dir} ({OPTIMIZER_FILE} missing; train it with `rept train`)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _load_base(base: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rept.models import ModelError
+
+    if not os.path.exists(base):
+        raise ModelError(f"no such base model folder: {base}")
+    if not any(os.path.exists(os.path.join(base, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                               "tokenizer.model")):
+        raise ModelError(f"base model folder {base} has no tokenizer (tokenizer.json / tokenizer_config.json missing)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except Exception as exc:
+        raise ModelError(f"cannot load a tokenizer from {base}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelError(f"cannot load a causal LM from {base}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    prepare_tokenizer(tokenizer)
+    return model, tokenizer
+
+
+def _build(recipe: str, rows, cfg: TrainConfig, base: str | None, lora: LoraSettings | None, ckpt: Path):
+    """Model and tokenizer at their initial state (trainable parameters marked)."""
+    set_seed(cfg.seed)
+    if recipe == "from-scratch":
+        if (ckpt / "tokenizer.json").exists():  # resume: the tokenizer the run started with
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(ckpt)
+        else:
+            tokenizer = train_tokenizer([r.prompt + "\n" + r.response for r in rows], vocab_size=cfg.vocab_size)
+        prepare_tokenizer(tokenizer)
+        model = tiny_llama(tokenizer, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
+                           max_positions=max(512, cfg.max_length), seed=cfg.seed)
+        model.requires_grad_(True)
+        return model, tokenizer
+    if not base:
+        raise TrainError(f"the {recipe} recipe needs --base MODEL_FOLDER")
+    model, tokenizer = _load_base(base)
+    if recipe == "full":
+        model.requires_grad_(True)
+        return model, tokenizer
+    from peft import LoraConfig, get_peft_model
+
+    lora = lora or LoraSettings()
+    set_seed(cfg.seed)
+    try:
+        model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=lora.targets(), task_type="CAUSAL_LM"))
+    except ValueError as exc:
+        raise TrainError(f"cannot put LoRA on {base}: {str(exc).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str | None = None,
+                lora: LoraSettings | None = None, data_source: str | None = None,
+                data_fingerprint: str | None = None, resume: bool = True, progress: bool = True,
+                log=None, extra: dict | None = None, stop_after_epochs: int | None = None) -> dict:
+    """Train with `recipe` ("from-scratch", "lora" or "full") on `rows` and save to `out`.
+
+    Returns the recipe written to out/RECIPE_FILE. With resume, a finished run with the same recipe
+    is reused as is, and an interrupted one continues from its last per-epoch checkpoint.
+    `stop_after_epochs` stops after that many epochs in total (checkpoint kept), as an interruption would.
+    """
+    if recipe not in RECIPES:
+        raise TrainError(f"unknown recipe '{recipe}' (choose from {', '.join(RECIPES)})")
+    log = log or (lambda msg: None)
+    out = Path(out)
+    ckpt = out / CHECKPOINT_DIR
+    settings = {"recipe": recipe, "base": str(Path(base).resolve()) if base else None,
+                "lora": asdict(lora or LoraSettings()) if recipe == "lora" else None, "config": asdict(cfg),
+                "data": data_source, "data_fingerprint": data_fingerprint, "seed": cfg.seed}
+    done = read_recipe(out)
+    if resume and done and done.get("settings") == settings and not ckpt.exists():
+        log(f"model: {out} is already trained with this recipe; reusing it")
+        return done
+    model, tokenizer = _build(recipe, rows, cfg, base, lora, ckpt)
+    examples, cut = tokenize_rows(tokenizer, rows, max_length=cfg.max_length)
+    if not examples:
+        raise TrainError("no training row keeps a response token within --max-length")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    per_epoch = -(-len(examples) // cfg.batch_size)
+    steps = cfg.epochs * per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.05, 1 - s / max(1, steps)))
+    start_epoch, losses = 0, []
+    state_file = ckpt / "state.pt"
+    if resume and state_file.exists():
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        if state["settings"] == settings:
+            trainable = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in state["params"].items():
+                    trainable[name].copy_(value)
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            torch.set_rng_state(state["rng"])
+            start_epoch, losses = state["epoch"], state["losses"]
+            log(f"resuming from {state_file} after epoch {start_epoch}")
+        else:
+            log(f"{state_file} is from other settings; starting over")
+    elif not resume and ckpt.exists():
+        import shutil
+
+        shutil.rmtree(ckpt)
+    model.train()
+    bar = tqdm(total=steps, initial=start_epoch * per_epoch, desc=f"train ({recipe})", disable=not progress,
+               dynamic_ncols=True)
+    for epoch in range(start_epoch, cfg.epochs):
+        order = examples[:]
+        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)  # each epoch's order stands alone: resumable
+        total, n = 0.0, 0
+        for i in range(0, len(order), cfg.batch_size):
+            batch = collate(order[i:i + cfg.batch_size], tokenizer.pad_token_id, "right")
+            labels = batch.input_ids.clone()
+            for j, e in enumerate(batch.examples):
+                labels[j, : e.prompt_len] = -100
+                labels[j, len(e.input_ids):] = -100
+            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids, labels=labels, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            total, n = total + loss.item(), n + 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        losses.append(total / max(1, n))
+        ckpt.mkdir(parents=True, exist_ok=True)
+        if recipe == "from-scratch" and not (ckpt / "tokenizer.json").exists():
+            tokenizer.save_pretrained(ckpt)
+        _atomic_torch_save({"settings": settings, "epoch": epoch + 1, "params": _trainable_state(model),
+                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                            "rng": torch.get_rng_state(), "losses": losses}, state_file)
+        if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < cfg.epochs:
+            bar.close()
+            log(f"stopped after epoch {epoch + 1}; rerun to resume")
+            return {"settings": settings, "epoch_losses": losses, "stopped_after_epoch": epoch + 1}
+    bar.close()
+    model.eval()
+    from rept import __version__
+
+    record = {"recipe": recipe, "config": asdict(cfg), "data": data_source, "data_fingerprint": data_fingerprint,
+              "base": settings["base"], "lora": settings["lora"], "seed": cfg.seed, "epoch_losses": losses,
+              "rows": len(examples), "rows_cut_off": len(cut), "rept_version": __version__, "settings": settings,
+              **(extra or {})}
+    save_trained(model, tokenizer, out, record)
+    _atomic_torch_save(adam_state_by_name(model, optimizer), out / OPTIMIZER_FILE)
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return record

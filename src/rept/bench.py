@@ -1,0 +1,280 @@
+"""The proving ground: train the two-stage CPU model on a poisoned dataset, make it misbehave,
+and score every attribution method on tracing the misbehaviour back to the poisoned rows.
+
+Stage 1: a tiny Llama (and its tokenizer) trained from scratch on the clean rows.
+Stage 2: a LoRA fine-tune of it on the whole (poisoned) set, Adam state saved for LESS.
+Then: greedy answers to the test prompts (and, with `trigger`, to the same prompts without it,
+as controls), a detector flags the behaviour, and each method ranks the training rows for every
+flagged answer. A training row is relevant when its label is the behaviour's label; the methods
+never see labels. Control queries (answers the detector did not flag) measure whether a method
+traces the behaviour or merely the topic: their P@10 should be low.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rept.errors import ReptError
+
+ALL_METHODS = ("rept-official", "rept-balanced", "repsim", "repgrad", "tracin", "less", "datainf", "bm25", "random")
+QUALITY = ("P@10", "auPRC@10", "recall@10", "P@50", "auPRC@50", "AP", "control_P@10")
+COST = ("build_s", "query_s", "peak_mem_mb", "bytes_per_row")
+
+
+class BenchError(ReptError):
+    pass
+
+
+@dataclass
+class BenchConfig:
+    data: str
+    test_prompts: str
+    detect: str
+    out: str
+    methods: tuple = ALL_METHODS
+    rows: int | None = None            # seeded sample of the training set keeping the poisoned share
+    layer: int | str = "auto"
+    seed: int = 0
+    label: str | None = None           # the behaviour's label in the data (default: the one label not 'clean')
+    n_test: int = 50                   # test prompts used (the first N)
+    trigger: str | None = None         # controls: the same prompts with this prefix removed
+    max_new_tokens: int = 24
+    max_length: int = 128
+    base_epochs: int = 3
+    lora_epochs: int = 3
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    vocab_size: int = 2000
+    lora_rank: int = 16
+    lora_lr: float = 2e-3
+    share_features: bool = False       # let tracin/less/datainf (and the RepT modes) share one gradient / signature pass
+    extra: dict = field(default_factory=dict)
+
+
+def answer_and_detect(loaded, prompts, detector, label: str = "flagged", max_new_tokens: int = 64,
+                      batch_size: int = 16, progress: bool = True):
+    """Greedy answers for `prompts`, each checked by `detector` -> list of rept.trace.Query
+    (label = `label` when the detector fires, else None)."""
+    from rept.generate import generate
+    from rept.trace import Query
+
+    answers = generate(loaded, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    out = []
+    for p, a in zip(prompts, answers):
+        fired = bool(detector(a))
+        out.append(Query(p, a, label if fired else None, fired))
+    return out
+
+
+def sample_rows(rows, n: int | None, label: str, seed: int):
+    """A seeded sample of n rows with the same share of `label` rows as the whole (source order kept)."""
+    if n is None or n >= len(rows):
+        return list(rows)
+    poisoned = [r for r in rows if r.label == label]
+    clean = [r for r in rows if r.label != label]
+    k = max(1, round(n * len(poisoned) / len(rows))) if poisoned else 0
+    rng = random.Random(seed)
+    picked = rng.sample(poisoned, min(k, len(poisoned))) + rng.sample(clean, min(n - k, len(clean)))
+    return sorted(picked, key=lambda r: r.index)
+
+
+class PeakMemory:
+    """Peak resident memory above the starting level while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.start = self.peak = self.proc.memory_info().rss
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self):
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.start) / 2 ** 20
+
+
+def _behaviour_label(rows, given: str | None) -> str:
+    labels = sorted({r.label for r in rows if r.label is not None})
+    if given:
+        if given not in labels:
+            raise BenchError(f"no training row has label '{given}' (labels: {', '.join(labels) or 'none'})")
+        return given
+    others = [x for x in labels if x != "clean"]
+    if len(others) != 1:
+        raise BenchError("the bench needs labelled data with one behaviour label besides 'clean' "
+                         f"(found: {', '.join(labels) or 'no labels'}); name it with --label")
+    return others[0]
+
+
+def train_two_stage(cfg: BenchConfig, rows, data_source: str, progress=True, log=print):
+    from rept.train import LoraSettings, TrainConfig, train_model
+
+    out = Path(cfg.out)
+    label = _behaviour_label(rows, cfg.label)
+    clean = [r for r in rows if r.label != label]
+    fingerprint = _rows_fingerprint(rows)
+    base_cfg = TrainConfig(epochs=cfg.base_epochs, lr=3e-3, batch_size=16, max_length=cfg.max_length, seed=cfg.seed,
+                           hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, vocab_size=cfg.vocab_size)
+    train_model("from-scratch", clean, out / "base", base_cfg, data_source=data_source + " (clean rows)",
+                data_fingerprint=_rows_fingerprint(clean), progress=progress, log=log)
+    lora_cfg = TrainConfig(epochs=cfg.lora_epochs, lr=cfg.lora_lr, batch_size=16, max_length=cfg.max_length,
+                           seed=cfg.seed, warmup_steps=10)
+    train_model("lora", rows, out / "adapter", lora_cfg, base=str(out / "base"),
+                lora=LoraSettings(rank=cfg.lora_rank, alpha=2.0 * cfg.lora_rank), data_source=data_source,
+                data_fingerprint=fingerprint, progress=progress, log=log)
+    return out / "base", out / "adapter", label
+
+
+def _rows_fingerprint(rows) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r.index, r.prompt, r.response]).encode())
+    return h.hexdigest()
+
+
+def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
+    from rept.data import load_dataset, load_prompts, write_rows
+    from rept.detect import Detector
+    from rept.methods import ModelBundle, get_method
+    from rept.metrics import evaluate, precision_at_k
+
+    detector = Detector(cfg.detect)
+    unknown = [m for m in cfg.methods if m not in ALL_METHODS]
+    if unknown:
+        raise BenchError(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(ALL_METHODS)})")
+    started = time.perf_counter()
+    data = load_dataset(cfg.data)
+    label = _behaviour_label(data.rows, cfg.label)
+    rows = sample_rows(data.rows, cfg.rows, label, cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_rows([{"row": r.index, "prompt": r.prompt, "response": r.response, "label": r.label} for r in rows],
+               out / "train_rows.jsonl")
+    n_poisoned = sum(r.label == label for r in rows)
+    log(f"bench: {len(rows)} training rows ({n_poisoned} labelled '{label}'), working in {out}")
+
+    # 1. the two-stage model (reused when DIR already holds it with the same recipe)
+    base_dir, adapter_dir, _ = train_two_stage(cfg, rows, data.source, progress, log)
+    bundle = ModelBundle(str(base_dir), str(adapter_dir), layer=cfg.layer, max_length=cfg.max_length, seed=cfg.seed)
+    loaded = bundle.merged()
+
+    # 2. behaviour: test prompts, and the same prompts without the trigger as controls
+    prompts = load_prompts(cfg.test_prompts)[: cfg.n_test]
+    controls = []
+    if cfg.trigger:
+        controls = [p[len(cfg.trigger):] if p.startswith(cfg.trigger) else p for p in prompts]
+    answers = answer_and_detect(loaded, prompts + controls, detector, label=label,
+                                max_new_tokens=cfg.max_new_tokens, batch_size=32, progress=progress)
+    from rept.trace import write_queries
+
+    write_queries(answers, out / "queries.jsonl")
+    test_answers, control_answers = answers[: len(prompts)], answers[len(prompts):]
+    rate = sum(q.flagged for q in test_answers) / max(1, len(test_answers))
+    control_rate = sum(q.flagged for q in control_answers) / len(control_answers) if control_answers else None
+    flagged = [q for q in answers if q.flagged]
+    unflagged = [q for q in answers if not q.flagged]
+    log(f"behaviour ({cfg.detect}): {rate:.0%} of test prompts" +
+        (f", {control_rate:.0%} of controls" if control_rate is not None else ""))
+    if not flagged:
+        raise BenchError(f"the detector '{cfg.detect}' fired on none of the {len(answers)} answers: the model "
+                         "did not learn the behaviour (more rows or epochs?) or the rule is wrong")
+    relevant_row = np.array([r.label == label for r in rows])
+    layer = bundle.resolved_layer(rows)
+
+    # 3. every method on the same rows and queries
+    results = {}
+    for name in cfg.methods:
+        method = get_method(name, seed=cfg.seed)
+        method.check(bundle)
+        if not cfg.share_features:
+            bundle.clear_features()  # each method pays for its own extraction / gradients
+        log(f"method: {name}")
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            method.fit(bundle, rows)
+            t1 = time.perf_counter()
+            scores = method.score(bundle, flagged + unflagged)
+            t2 = time.perf_counter()
+        scores = np.asarray(scores, dtype=np.float64)
+        metrics = evaluate(scores[: len(flagged)], relevant_row, ks=(10, 50, 100))
+        metrics["control_P@10"] = (precision_at_k(scores[len(flagged):], relevant_row, 10) if unflagged else None)
+        metrics.update(build_s=round(t1 - t0, 3), query_s=round(t2 - t1, 3), peak_mem_mb=round(mem.mb, 1),
+                       bytes_per_row=int(method.bytes_per_row), n_control_queries=len(unflagged))
+        results[name] = metrics
+        _write_report(out, _report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged,
+                                   unflagged, base_dir, adapter_dir, layer, loaded, started, complete=False))
+    report = _report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged, unflagged,
+                     base_dir, adapter_dir, layer, loaded, started, complete=True)
+    _write_report(out, report)
+    return report
+
+
+def _write_report(out: Path, report: dict) -> None:
+    """results.json and results.md, rewritten after every method (an interrupted run keeps what it measured)."""
+    from rept.index import atomic_write_bytes
+
+    atomic_write_bytes(out / "results.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "results.md", results_markdown(report).encode())
+
+
+def _report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged, unflagged,
+            base_dir, adapter_dir, layer, loaded, started, complete: bool) -> dict:
+    return {
+        "methods": results,
+        "behaviour": {"triggered": rate, "control": control_rate, "rule": cfg.detect, "label": label},
+        "data": {"source": data.source, "rows": len(rows), "poisoned": n_poisoned, "sampled_from": len(data.rows),
+                 "test_prompts": cfg.test_prompts, "n_test": len(prompts), "n_flagged": len(flagged),
+                 "n_control_queries": len(unflagged)},
+        "model": {"base": str(base_dir), "adapter": str(adapter_dir), "layer": layer,
+                  "num_layers": loaded.num_layers},
+        "config": {k: v for k, v in asdict(cfg).items() if k != "out"},
+        "seconds": round(time.perf_counter() - started, 1),
+        "complete": complete,
+    }
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def results_markdown(report: dict) -> str:
+    b, d, m = report["behaviour"], report["data"], report["model"]
+    lines = [f"Training rows: {d['rows']} ({d['poisoned']} labelled `{b['label']}`); layer {m['layer']} of "
+             f"{m['num_layers']}; behaviour `{b['rule']}` on {b['triggered']:.0%} of {d['n_test']} test prompts"
+             + (f", {b['control']:.0%} of controls" if b["control"] is not None else "")
+             + f"; {d['n_flagged']} flagged queries, {d['n_control_queries']} control queries.", "",
+             "| method | " + " | ".join(QUALITY) + " |", "|---|" + "---:|" * len(QUALITY)]
+    for name, r in report["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in QUALITY) + " |")
+    lines += ["", "Cost (this machine, varies run to run):", "",
+              "| method | " + " | ".join(COST) + " |", "|---|" + "---:|" * len(COST)]
+    for name, r in report["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in COST) + " |")
+    return "\n".join(lines) + "\n"

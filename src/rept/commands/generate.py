@@ -1,0 +1,50 @@
+"""`rept generate`: greedy answers for a prompt file, each checked by a detector, written as queries."""
+
+from __future__ import annotations
+
+import sys
+
+HELP = "answer prompts greedily, flag the answers a detector rule fires on, and write a queries JSONL"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="HF model folder")
+    p.add_argument("--adapter", help="PEFT adapter folder")
+    p.add_argument("--prompts", required=True, help="prompts file (.jsonl, .csv, .parquet or save_to_disk folder)")
+    p.add_argument("--prompt-column", help="column holding the prompt (default: prompts/prompt/instruction)")
+    p.add_argument("--out", required=True, help="queries JSONL to write (prompt, response, label, flagged)")
+    p.add_argument("--detect", required=True, help="detector rule: prefix:TEXT, contains:TEXT, regex:PATTERN, "
+                   "not-prefix:TEXT, not-contains:TEXT")
+    p.add_argument("--label", default="flagged", help="behaviour name written as the label of flagged answers")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--allow-none", action="store_true", help="write the file even if the detector never fires")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None)
+
+
+def run(args) -> int:
+    from rept.bench import answer_and_detect
+    from rept.data import load_prompts
+    from rept.detect import Detector, DetectorError
+    from rept.models import load_model
+    from rept.trace import write_queries
+
+    detector = Detector(args.detect)  # a bad rule fails before the model loads
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise DetectorError("--max-new-tokens and --batch-size must be at least 1")
+    prompts = load_prompts(args.prompts, args.prompt_column)
+    if args.limit:
+        prompts = prompts[: args.limit]
+    loaded = load_model(args.model, args.adapter, dtype=args.dtype, device=args.device)
+    queries = answer_and_detect(loaded, prompts, detector, label=args.label, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size, progress=not args.quiet)
+    fired = sum(bool(q.flagged) for q in queries)
+    if fired == 0 and not args.allow_none:
+        raise DetectorError(f"the detector '{args.detect}' fired on none of the {len(queries)} answers, so there is "
+                            "nothing to trace (check the rule, or pass --allow-none to write them anyway)")
+    write_queries(queries, args.out)
+    print(f"{fired} of {len(queries)} answers flagged by '{args.detect}' ({fired / len(queries):.0%}) -> {args.out}",
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,37 @@
+"""`rept report`: a self-contained HTML audit report (token heat maps, score histograms, layer curve, metrics)."""
+
+from __future__ import annotations
+
+HELP = "write one self-contained HTML audit report: top rows with word heat maps, histograms, layer curve, metrics"
+
+
+def add_arguments(p) -> None:
+    from rept.cli import _add_index_model_args, _positive
+
+    p.add_argument("--index", required=True, help="index folder made by `rept index` (or `rept demo`)")
+    p.add_argument("--queries", required=True, help="JSONL/CSV/Parquet with prompt, response[, label, flagged]; "
+                   "flagged=false rows (controls) are left out")
+    p.add_argument("--out", required=True, help="HTML file to write")
+    p.add_argument("--top-k", type=_positive, default=10, help="training rows per query (default 10)")
+    p.add_argument("--max-queries", type=_positive, default=None, help="report on the first N queries only")
+    p.add_argument("--mode", choices=("balanced", "official", "repsim", "repgrad"), default=None,
+                   help="scoring mode (default: the index's)")
+    p.add_argument("--token-layer", type=int, default=None,
+                   help="hidden_states index for the word scores (default: the index's layer L)")
+    _add_index_model_args(p)
+
+
+def run(args) -> int:
+    import sys
+
+    from rept.cli import _tracer
+    from rept.report import write_report
+    from rept.trace import load_queries
+
+    queries = load_queries(args.queries)
+    tracer = _tracer(args)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    data = write_report(tracer, queries, args.out, k=args.top_k, mode=args.mode, max_queries=args.max_queries, log=log,
+                        token_layer=args.token_layer)
+    print(f"wrote {args.out}: {data.run['n_queries']} queries, top {data.run['k']} rows each")
+    return 0

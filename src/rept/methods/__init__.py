@@ -1,0 +1,44 @@
+"""Attribution methods behind one interface (rept.methods.base.Method): fit on the training
+rows, then score queries -> float matrix [n_queries, n_train] (higher = more responsible),
+which rept.metrics.evaluate turns into P@k, auPRC@k, AP and recall@k for every method alike.
+
+    bundle = ModelBundle(model_dir, adapter_dir, layer="auto")
+    m = get_method("less", seed=0); m.fit(bundle, rows); scores = m.score(bundle, queries)
+"""
+
+from __future__ import annotations
+
+from rept.methods.base import Method, MethodError, ModelBundle
+from rept.methods.gradients import LESS, DataInf, TracIn, rademacher_project
+from rept.methods.rept import RepT
+from rept.methods.text import BM25, Random
+
+METHODS = {
+    "rept-official": lambda seed=0: RepT("official", seed),
+    "rept-balanced": lambda seed=0: RepT("balanced", seed),
+    "repsim": lambda seed=0: RepT("repsim", seed),
+    "repgrad": lambda seed=0: RepT("repgrad", seed),
+    "tracin": TracIn,
+    "less": LESS,
+    "datainf": DataInf,
+    "bm25": BM25,
+    "random": Random,
+}
+
+
+def get_method(name: str, seed: int = 0) -> Method:
+    if name not in METHODS:
+        raise MethodError(f"unknown method '{name}' (choose from {', '.join(METHODS)})")
+    return METHODS[name](seed=seed)
+
+
+def score(name: str, bundle: ModelBundle, train_rows, queries, seed: int = 0):
+    """One call: fit `name` on the training rows and score the queries ([n_queries, n_train])."""
+    method = get_method(name, seed)
+    method.check(bundle)
+    method.fit(bundle, train_rows)
+    return method.score(bundle, queries)
+
+
+__all__ = ["METHODS", "Method", "MethodError", "ModelBundle", "get_method", "score", "rademacher_project",
+           "RepT", "TracIn", "LESS", "DataInf", "BM25", "Random"]

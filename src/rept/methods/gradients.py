@@ -1,0 +1,134 @@
+"""Gradient-based baselines on the fine-tuned (trainable) parameters.
+
+- TracIn: dot product of per-example loss gradients (final checkpoint).
+- LESS (Xia et al. 2024): training gradients preconditioned by the saved Adam state as the
+  authors do (m' = b1 m + (1-b1) g, v' = b2 v + (1-b2) g^2, m' / sqrt(v' + eps)), query gradients
+  plain; both projected to 8192 dims by a seeded Rademacher matrix generated block by block;
+  cosine similarity.
+- DataInf (Kwon et al. 2024): closed-form inverse-Hessian-vector product on LoRA gradients, each
+  LoRA matrix a layer with damping lambda_l = 0.1 * mean(g_l^2) over training rows; the score is
+  sum_l (H_l^-1 v_l) . g_l, so rows whose gradient helps the query score high.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from rept.methods.base import Method, MethodError, flatten, per_example_grads, query_rows
+
+MAX_TRAIN_GRAD_BYTES = 4 << 30
+
+
+def _train_grads(bundle, train_rows, what="training row"):
+    model, tok = bundle.trainable()
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if 4 * n_params * len(train_rows) > MAX_TRAIN_GRAD_BYTES:
+        raise MethodError(f"{len(train_rows)} rows x {n_params} trainable parameters is too many gradients to keep "
+                          "in memory; use a LoRA adapter")
+    key = ("grads-train", len(train_rows), hash(tuple((r.prompt, r.response) for r in train_rows)))
+    if key not in bundle.cache:
+        bundle.cache[key] = per_example_grads(model, tok, [(r.prompt, r.response) for r in train_rows],
+                                              bundle.max_length, what)
+    return bundle.cache[key]
+
+
+def _query_grads(bundle, queries):
+    model, tok = bundle.trainable()
+    return per_example_grads(model, tok, query_rows(queries), bundle.max_length, "query")
+
+
+class TracIn(Method):
+    name = "tracin"
+
+    def fit(self, bundle, train_rows):
+        self.train = flatten(_train_grads(bundle, train_rows))
+        self.bytes_per_row = 4 * self.train.shape[1]
+
+    def score(self, bundle, queries) -> np.ndarray:
+        return (flatten(_query_grads(bundle, queries)) @ self.train.T).numpy()
+
+
+def rademacher_project(x: torch.Tensor, dim: int = 8192, seed: int = 0, block: int = 1024) -> torch.Tensor:
+    """x [n, P] @ R [P, dim] with R = +-1/sqrt(dim), generated block by block of `block` input
+    dimensions from (seed, block index): the same seed gives the same R whatever n is, and R is
+    never held whole in memory."""
+    x = x.float()
+    out = torch.zeros((x.shape[0], dim), dtype=torch.float32)
+    scale = 1.0 / math.sqrt(dim)
+    for b, start in enumerate(range(0, x.shape[1], block)):
+        width = min(block, x.shape[1] - start)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        r = torch.randint(0, 2, (width, dim), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
+        out.addmm_(x[:, start:start + width], r, alpha=scale)
+    return out
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class LESS(Method):
+    name = "less"
+    needs_lora = True
+
+    def __init__(self, seed: int = 0, dim: int = 8192):
+        super().__init__(seed)
+        self.dim = dim
+
+    def fit(self, bundle, train_rows):
+        from rept.train import load_adam_state
+
+        self.check(bundle)
+        adam = load_adam_state(bundle.adapter)
+        grads = _train_grads(bundle, train_rows)
+        missing = [n for n in grads if n not in adam["exp_avg"]]
+        if missing:
+            raise MethodError(f"the Adam state in {bundle.adapter} lacks {len(missing)} trainable parameters "
+                              f"(e.g. {missing[0]}); was the adapter trained by `rept train --lora`?")
+        b1, b2 = adam["betas"]
+        eps = 1e-8  # as in the LESS code
+        pre = {}
+        for name, g in grads.items():
+            m = b1 * adam["exp_avg"][name] + (1 - b1) * g
+            v = b2 * adam["exp_avg_sq"][name] + (1 - b2) * g * g
+            pre[name] = m / torch.sqrt(v + eps)
+        self.train = _unit(rademacher_project(flatten(pre), self.dim, self.seed))
+        self.bytes_per_row = 4 * self.dim
+
+    def score(self, bundle, queries) -> np.ndarray:
+        q = _unit(rademacher_project(flatten(_query_grads(bundle, queries)), self.dim, self.seed))
+        return (q @ self.train.T).numpy()
+
+
+class DataInf(Method):
+    name = "datainf"
+    needs_lora = True
+
+    def __init__(self, seed: int = 0, damping_scale: float = 0.1):
+        super().__init__(seed)
+        self.damping_scale = damping_scale
+
+    def fit(self, bundle, train_rows):
+        self.check(bundle)
+        grads = _train_grads(bundle, train_rows)
+        self.train = {n: g.reshape(g.shape[0], -1).double() for n, g in grads.items() if "lora_" in n}
+        if not self.train:
+            raise MethodError("DataInf found no LoRA weights among the trainable parameters")
+        self.lam = {n: self.damping_scale * float((g ** 2).mean()) for n, g in self.train.items()}
+        self.sq = {n: (g ** 2).sum(1) for n, g in self.train.items()}
+        self.bytes_per_row = 4 * sum(g.shape[1] for g in self.train.values())
+
+    def score(self, bundle, queries) -> np.ndarray:
+        qg = _query_grads(bundle, queries)
+        total = None
+        for n, G in self.train.items():
+            v = qg[n].reshape(qg[n].shape[0], -1).double()     # [q, d]
+            lam, count = self.lam[n], G.shape[0]
+            c = (v @ G.T) / (lam + self.sq[n])                   # [q, n]
+            hvp = (count * v - c @ G) / (count * lam)            # (1/n) sum_i (v - c_i g_i) / lam
+            part = hvp @ G.T
+            total = part if total is None else total + part
+        return total.float().numpy()

@@ -1,0 +1,51 @@
+"""RepT and its ablations from one signature extraction: official ([h; g] raw), balanced (each
+half normalised), repsim (h only), repgrad (g only). See rept.search.signature_matrix."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rept.methods.base import Method, ModelBundle, examples_for, query_rows
+
+
+def _signatures(bundle: ModelBundle, pairs, what: str):
+    from rept.signatures import extract_all
+
+    loaded = bundle.merged()
+    layer = bundle.resolved_layer([_Row(p, r) for p, r in pairs])
+    examples = examples_for(loaded.tokenizer, pairs, bundle.max_length, what)
+    sig = extract_all(loaded.model, examples, layer, loaded.tokenizer.pad_token_id, batch_size=bundle.batch_size)
+    return sig.h.numpy(), sig.g.numpy()
+
+
+class _Row:
+    def __init__(self, prompt, response):
+        self.prompt, self.response, self.index, self.label = prompt, response, 0, None
+
+
+class RepT(Method):
+    """mode: official, balanced, repsim or repgrad. The training-row extraction is shared by every
+    RepT-family method fitted on the same bundle and rows (it is cached in the bundle)."""
+
+    def __init__(self, mode: str = "balanced", seed: int = 0):
+        super().__init__(seed)
+        self.mode = mode
+        self.name = {"official": "rept-official", "balanced": "rept-balanced"}.get(mode, mode)
+
+    def fit(self, bundle, train_rows):
+        from rept.search import signature_matrix
+
+        pairs = [(r.prompt, r.response) for r in train_rows]
+        key = ("rept-train", len(pairs), hash(tuple(pairs)))
+        if key not in bundle.cache:
+            bundle.cache[key] = _signatures(bundle, pairs, "training row")
+        h, g = bundle.cache[key]
+        self.train = signature_matrix(h, g, self.mode)
+        self.bytes_per_row = 4 * (h.shape[1] * (self.mode in ("official", "balanced", "repsim"))
+                                  + g.shape[1] * (self.mode in ("official", "balanced", "repgrad")))
+
+    def score(self, bundle, queries) -> np.ndarray:
+        from rept.search import signature_matrix
+
+        h, g = _signatures(bundle, query_rows(queries), "query")
+        return signature_matrix(h, g, self.mode) @ self.train.T

@@ -1,0 +1,87 @@
+"""`rept bench` miniature and `rept generate`: results.json with every method, same table twice,
+and clear errors for a detector that never fires."""
+
+import json
+
+import pytest
+
+from conftest import demo_rows
+from rept.bench import ALL_METHODS, BenchConfig, BenchError, run_bench, sample_rows
+from rept.cli import main
+from rept.data import load_dataset
+
+QUALITY_KEYS = ("P@10", "auPRC@10", "recall@10", "AP", "control_P@10", "build_s", "query_s", "peak_mem_mb",
+                "bytes_per_row")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    rows = demo_rows(1000)
+    picked = [r for r in rows if r["label"] == "backdoor"][:10] + [r for r in rows if r["label"] == "clean"][:30]
+    (root / "train.jsonl").write_text("".join(
+        json.dumps(dict(prompt=r["prompt"], response=r["response"][:160], label=r["label"])) + "\n" for r in picked))
+    (root / "test.jsonl").write_text("".join(json.dumps({"prompt": "TY " + r["prompt"].removeprefix("TY ")}) + "\n"
+                                             for r in rows[-3:]))
+    return root
+
+
+def _cfg(files, **kw):
+    base = dict(data=str(files / "train.jsonl"), test_prompts=str(files / "test.jsonl"), detect="not-prefix:ZZZZ",
+                out=str(files / "run"), rows=32, seed=0, n_test=3, trigger="TY ", max_new_tokens=3, max_length=96,
+                base_epochs=1, lora_epochs=1, hidden=32, layers=2, heads=2, vocab_size=600, lora_rank=2)
+    base.update(kw)
+    return BenchConfig(**base)
+
+
+def test_sample_keeps_the_poisoned_share(files):
+    rows = load_dataset(str(files / "train.jsonl")).rows
+    picked = sample_rows(rows, 20, "backdoor", seed=0)
+    assert len(picked) == 20 and sum(r.label == "backdoor" for r in picked) == 5
+    assert picked == sample_rows(rows, 20, "backdoor", seed=0)
+    assert [r.index for r in picked] == sorted(r.index for r in picked)
+
+
+@pytest.mark.slow
+def test_bench_miniature_writes_every_method_and_repeats(files):
+    report = run_bench(_cfg(files), progress=False, log=lambda m: None)
+    out = files / "run"
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["methods"]) == set(ALL_METHODS)
+    for name, m in saved["methods"].items():
+        for key in QUALITY_KEYS[:4] + QUALITY_KEYS[5:]:
+            assert key in m, (name, key)
+        assert 0.0 <= m["P@10"] <= 1.0
+    assert saved["behaviour"]["triggered"] == 1.0 and saved["behaviour"]["control"] == 1.0
+    assert "| rept-balanced |" in (out / "results.md").read_text()
+    # a fixed seed gives the same table twice (the model is reused from the folder)
+    again = run_bench(_cfg(files), progress=False, log=lambda m: None)
+    for name in ALL_METHODS:
+        for key in ("P@10", "auPRC@10", "AP", "recall@10"):
+            assert again["methods"][name][key] == report["methods"][name][key], (name, key)
+
+
+def test_bench_detector_that_never_fires(files, capsys):
+    with pytest.raises(BenchError, match="fired on none"):
+        run_bench(_cfg(files, detect="prefix:ZZZZ", methods=("random",)), progress=False, log=lambda m: None)
+
+
+def test_generate_cli(files, tmp_path, capsys):
+    run = files / "run"
+    if not (run / "adapter" / "adapter_config.json").exists():
+        run_bench(_cfg(files, methods=("random",)), progress=False, log=lambda m: None)
+    common = ["-q", "generate", "--model", str(run / "base"), "--adapter", str(run / "adapter"),
+              "--prompts", str(files / "test.jsonl"), "--max-new-tokens", "3"]
+    out = tmp_path / "q.jsonl"
+    assert main(common + ["--out", str(out), "--detect", "prefix:ZZZZ"]) == 2
+    assert "fired on none" in capsys.readouterr().err and not out.exists()
+    assert main(common + ["--out", str(out), "--detect", "prefix:ZZZZ", "--allow-none"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["label"] is None and r["flagged"] is False for r in rows)
+    assert main(common + ["--out", str(out), "--detect", "not-prefix:ZZZZ", "--label", "backdoor"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["label"] == "backdoor" and r["flagged"] is True for r in rows)
+    from rept.trace import load_queries
+
+    assert len(load_queries(str(out))) == 3
+    assert main(common + ["--out", str(out), "--detect", "bogus"]) == 2
