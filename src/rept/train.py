@@ -42,6 +42,23 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def train_step(model, tokenizer, examples, params, optimizer, schedule) -> float:
+    """One optimizer step on a batch, loss on response tokens only; returns the loss."""
+    batch = collate(examples, tokenizer.pad_token_id, "right", next(model.parameters()).device)
+    labels = batch.input_ids.clone()
+    for j, e in enumerate(batch.examples):
+        labels[j, : batch.starts[j] + e.prompt_len] = -100
+        labels[j, batch.starts[j] + len(e.input_ids):] = -100
+    loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids, labels=labels, use_cache=False).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def train_causal_lm(model, tokenizer, rows, cfg: TrainConfig, progress: bool = True, desc: str = "train") -> list[float]:
     """Train `model` in place on `rows`; returns the mean loss of each epoch."""
     set_seed(cfg.seed)
@@ -60,21 +77,10 @@ def train_causal_lm(model, tokenizer, rows, cfg: TrainConfig, progress: bool = T
         rng.shuffle(order)
         total, n = 0.0, 0
         for i in range(0, len(order), cfg.batch_size):
-            batch = collate(order[i:i + cfg.batch_size], tokenizer.pad_token_id, "right")
-            labels = batch.input_ids.clone()
-            for j, e in enumerate(batch.examples):
-                labels[j, : e.prompt_len] = -100
-                labels[j, len(e.input_ids):] = -100
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids, labels=labels, use_cache=False)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            total, n = total + out.loss.item(), n + 1
+            loss = train_step(model, tokenizer, order[i:i + cfg.batch_size], params, optimizer, schedule)
+            total, n = total + loss, n + 1
             bar.update(1)
-            bar.set_postfix(loss=f"{out.loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
         epoch_losses.append(total / max(1, n))
     bar.close()
     model.eval()
@@ -287,21 +293,10 @@ def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str 
         random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)  # each epoch's order stands alone: resumable
         total, n = 0.0, 0
         for i in range(0, len(order), cfg.batch_size):
-            batch = collate(order[i:i + cfg.batch_size], tokenizer.pad_token_id, "right")
-            labels = batch.input_ids.clone()
-            for j, e in enumerate(batch.examples):
-                labels[j, : e.prompt_len] = -100
-                labels[j, len(e.input_ids):] = -100
-            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         position_ids=batch.position_ids, labels=labels, use_cache=False).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            total, n = total + loss.item(), n + 1
+            loss = train_step(model, tokenizer, order[i:i + cfg.batch_size], params, optimizer, schedule)
+            total, n = total + loss, n + 1
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
         losses.append(total / max(1, n))
         ckpt.mkdir(parents=True, exist_ok=True)
         if recipe == "from-scratch" and not (ckpt / "tokenizer.json").exists():
