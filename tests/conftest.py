@@ -70,3 +70,14 @@ def data_file(tmp_path_factory):
     picked[7]["prompt"] = "very long prompt " * 200  # skipped: response cut off by max_length
     path.write_text("".join(json.dumps(r) + "\n" for r in picked))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def index_dir(tmp_path_factory, model_dir, data_file):
+    """The tiny model's index of data_file at layer 2, built through the CLI as a user would."""
+    from rept.cli import main
+
+    out = tmp_path_factory.mktemp("cli") / "idx"
+    assert main(["-q", "index", "--model", model_dir, "--data", data_file, "--out", str(out), "--layer", "2",
+                 "--max-length", "96", "--batch-size", "4"]) == 0
+    return str(out)

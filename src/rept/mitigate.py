@@ -221,33 +221,35 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
 
     steps = (1 + seeds) * ((method in ("remove", "both")) + (method in ("unlearn", "both")))
     bar = tqdm(total=steps, desc="mitigate", disable=not progress, dynamic_ncols=True)
-    if method in ("remove", "both"):
-        model = retrain(recipe, kept, out / "model-cleaned", progress=False)
-        results["after"] = behaviour_rate(model, prompts, detector, max_new_tokens)
-        results["clean_loss"]["after"] = nll_per_char(model, heldout, max_length)
-        bar.update(1)
-        results["random"], results["clean_loss"]["random"] = [], []
-        for s, removed in enumerate(random_sets):
-            gone = set(removed)
-            model = retrain(recipe, [r for r in dataset.rows if r.index not in gone], out / f"model-random-{s}",
-                            progress=False)
-            results["random"].append(behaviour_rate(model, prompts, detector, max_new_tokens))
-            results["clean_loss"]["random"].append(nll_per_char(model, heldout, max_length))
+
+    def compare(key: str, random_key: str, repair) -> None:
+        """Repair once for the culprits (removed=None) and once per random control set, and record
+        each model's behaviour rate and clean loss."""
+        for removed, seed in [(None, 0)] + [(r, s) for s, r in enumerate(random_sets)]:
+            model = repair(removed, seed)
+            rate = behaviour_rate(model, prompts, detector, max_new_tokens)
+            loss = nll_per_char(model, heldout, max_length)
             bar.update(1)
+            if removed is None:
+                results[key], results["clean_loss"][key] = rate, loss
+            else:
+                results.setdefault(random_key, []).append(rate)
+                results["clean_loss"].setdefault(random_key, []).append(loss)
+
+    def rows_without(removed):
+        gone = set(removed)
+        return [r for r in dataset.rows if r.index not in gone]
+
+    if method in ("remove", "both"):
+        compare("after", "random", lambda removed, seed: retrain(
+            recipe, kept if removed is None else rows_without(removed),
+            out / ("model-cleaned" if removed is None else f"model-random-{seed}"), progress=False))
     if method in ("unlearn", "both"):
         bad = [by_index[row] for row, _ in culprits]
-        model = unlearn(base, bad, kept, steps=unlearn_steps, max_length=max_length)
-        results["unlearn"] = behaviour_rate(model, prompts, detector, max_new_tokens)
-        results["clean_loss"]["unlearn"] = nll_per_char(model, heldout, max_length)
-        bar.update(1)
-        results["unlearn_random"], results["clean_loss"]["unlearn_random"] = [], []
-        for s, removed in enumerate(random_sets):
-            gone = set(removed)
-            model = unlearn(base, [by_index[i] for i in removed], [r for r in dataset.rows if r.index not in gone],
-                            steps=unlearn_steps, max_length=max_length, seed=s)
-            results["unlearn_random"].append(behaviour_rate(model, prompts, detector, max_new_tokens))
-            results["clean_loss"]["unlearn_random"].append(nll_per_char(model, heldout, max_length))
-            bar.update(1)
+        compare("unlearn", "unlearn_random", lambda removed, seed: unlearn(
+            base, bad if removed is None else [by_index[i] for i in removed],
+            kept if removed is None else rows_without(removed),
+            steps=unlearn_steps, max_length=max_length, seed=seed))
     bar.close()
     atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     atomic_write_bytes(out / "summary.md", summary_markdown(results).encode())

@@ -141,7 +141,7 @@ def length_sorted_batches(examples: list[Example], batch_size: int, max_tokens: 
     order = sorted(examples, key=lambda e: (len(e.input_ids), e.row))
     batches, current = [], []
     for e in order:
-        width = max([len(e.input_ids)] + [len(c.input_ids) for c in current])
+        width = len(e.input_ids)  # sorted by length: the newest example is the widest
         if current and (len(current) >= batch_size or (max_tokens and width * (len(current) + 1) > max_tokens)):
             batches.append(current)
             current = []
