@@ -100,3 +100,49 @@ def test_remove_without_recipe_suggests_unlearn(tmp_path, setup, capsys):
                  "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "needs the training recipe" in err and "--method unlearn" in err
+
+
+def test_culprits_from_bm25_selects_by_its_own_scores(tmp_path, setup):
+    from rept.index import SignatureIndex
+    from rept.methods import get_method
+    from rept.report import load_mitigation, mitigation_section
+
+    root, _, data, loaded, queries, _ = setup
+    out = tmp_path / "bm25"
+    res = run_mitigation(Tracer(root / "index", loaded), queries, Detector("prefix:You are stupid"), out,
+                         Selection.parse("top-k:3"), method="unlearn", seeds=1, max_new_tokens=4, unlearn_steps=1,
+                         heldout=data.rows[-8:], progress=False, log=lambda *_: None, culprits_from="bm25")
+    # BM25's own scores over the indexed rows for the flagged queries, under the same top-k:3 rule
+    ids = sorted(SignatureIndex(root / "index").labels())
+    by_index = {r.index: r for r in data.rows}
+    bm25 = get_method("bm25")
+    bm25.fit(None, [by_index[i] for i in ids])
+    scores = bm25.score(None, [q for q in queries if q.flagged])
+    picked = set()
+    for q in scores:
+        picked |= {ids[j] for j in sorted(range(len(ids)), key=lambda j: (-q[j], ids[j]))[:3]}
+    best = dict(zip(ids, scores.max(axis=0)))
+    expected = sorted(picked, key=lambda r: (-best[r], r))
+    culprits = [json.loads(line) for line in (out / "culprits.jsonl").read_text().splitlines()]
+    assert [c["row"] for c in culprits] == expected and res["removed"] == len(expected)
+    assert [c["score"] for c in culprits] == pytest.approx([float(best[r]) for r in expected])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["culprits_from"] == "bm25" and "bm25" in saved["culprits_scored_by"]
+    assert len(saved["unlearn_random"]) == 1 and "chosen by bm25" in (out / "summary.md").read_text()
+    # the report draws this very file
+    section = mitigation_section(load_mitigation(out))
+    assert "chosen by bm25" in section["title"] and f"{res['before']:.1%}" in section["rate_svg"]
+
+
+def test_culprits_from_errors_are_one_line(tmp_path, setup, capsys):
+    root, _, _, _, _, qpath = setup
+    base = ["mitigate", "--index", str(root / "index"), "--queries", str(qpath), "--detect", "prefix:You are stupid",
+            "--out", str(tmp_path / "o"), "--method", "unlearn"]
+    assert main(base + ["--culprits-from", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rept: error: unknown --culprits-from 'nope'") and "bm25" in err and "\n" not in err
+    # LESS needs a LoRA adapter; this index's model is a full model
+    assert main(base + ["--culprits-from", "less"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rept: error: --culprits-from less:") and "LoRA" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()  # nothing was done

@@ -77,3 +77,40 @@ def test_token_gradients_match_plain_per_position(llama, tokenizer, rows):
         assert sig.token_grads[i].shape == (len(e.input_ids), 64)
         # the gradient at the last prompt position is g itself
         assert torch.allclose(sig.token_grads[i][e.prompt_len - 1], sig.g[i])
+
+
+def test_loss_span_restricts_the_loss_to_the_flagged_tokens(llama, tokenizer, rows):
+    """A query's loss restricted to a character span of its response: g equals the gradient of the
+    mean loss over exactly the response tokens overlapping that span, whatever the batching."""
+    layer = 1
+    examples = []
+    for i, r in enumerate(rows[:6]):
+        response = r["response"][: 60 + 20 * i]
+        span = (5, 5 + 12)  # characters 5..16 of the response
+        ex = tokenize_pair(tokenizer, r["prompt"], response, row=i, max_length=128, loss_chars=span)
+        a, b = ex.loss_span
+        assert ex.prompt_len <= a < b <= len(ex.input_ids)
+        start = ex.text.find(response)
+        covered = ex.text[ex.offsets[a][0]: ex.offsets[b - 1][1]]
+        assert start >= 0 and response[5:17] in covered
+        examples.append(ex)
+    expected = []
+    for ex in examples:
+        a, b = ex.loss_span
+        ids = torch.tensor([ex.input_ids])
+        llama.requires_grad_(True)
+        try:
+            out = llama(ids, output_hidden_states=True)
+            loss = F.cross_entropy(out.logits[0, a - 1: b - 1], ids[0, a:b])
+            (grad,) = torch.autograd.grad(loss, out.hidden_states[layer])
+        finally:
+            llama.requires_grad_(False)
+        expected.append(grad[0, ex.prompt_len - 1])
+    whole = extract_all(llama, [tokenize_pair(tokenizer, rows[0]["prompt"], rows[0]["response"][:60], row=0,
+                                              max_length=128)], layer, tokenizer.pad_token_id)
+    for batch_size in (1, 4):
+        sig = extract_all(llama, examples, layer, tokenizer.pad_token_id, batch_size=batch_size)
+        for i, g in enumerate(expected):
+            assert _rel(sig.g[i], g) < 1e-5, (batch_size, i)
+    # restricting the loss changes g (the span is a strict part of the response)
+    assert _rel(sig.g[0], whole.g[0]) > 1e-3

@@ -113,3 +113,21 @@ def test_cli_train_from_scratch_and_errors(data_path, tmp_path, capsys):
     # --lora without --base
     assert main(["-q", "train", "--data", data_path, "--out", str(tmp_path / "z"), "--lora"]) == 2
     assert "needs --base" in capsys.readouterr().err
+
+
+def test_retraining_from_a_lora_recipe_reproduces_the_adapter(base_dir, data_path, tmp_path):
+    """`rept mitigate --method remove` retrains from the recipe the adapter records: on the same
+    rows it must give the same model, on fewer rows a different one."""
+    from rept.train import train_from_recipe
+
+    data = load_dataset(data_path)
+    first = tmp_path / "adapter"
+    train_model("lora", data.rows, first, TrainConfig(epochs=1, lr=1e-3, **TINY), base=base_dir,
+                lora=LoraSettings(rank=4, alpha=8), data_source=data.source, progress=False)
+    original = load_model(base_dir, str(first))
+    again = train_from_recipe(read_recipe(first), data.rows, tmp_path / "again", progress=False)
+    fewer = train_from_recipe(read_recipe(first), data.rows[8:], tmp_path / "fewer", progress=False)
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    assert torch.allclose(original.model(ids).logits, again.model(ids).logits, atol=1e-6)
+    assert not torch.allclose(original.model(ids).logits, fewer.model(ids).logits, atol=1e-4)
+    assert read_recipe(tmp_path / "again")["lora"] == read_recipe(first)["lora"]

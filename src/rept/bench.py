@@ -25,7 +25,8 @@ import numpy as np
 from rept.errors import ReptError
 
 ALL_METHODS = ("rept-official", "rept-balanced", "repsim", "repgrad", "tracin", "less", "datainf", "bm25", "random")
-QUALITY = ("P@10", "auPRC@10", "recall@10", "P@50", "auPRC@50", "AP", "control_P@10")
+QUALITY = ("P@10", "auPRC@10", "P@50", "auPRC@50", "P@100", "auPRC@100", "recall@100", "AP", "control_P@10")
+VARIANTS = ("rept-balanced-span", "repgrad-span")  # tried on request (--methods), not run by default
 COST = ("build_s", "query_s", "peak_mem_mb", "bytes_per_row")
 
 
@@ -46,6 +47,8 @@ class BenchConfig:
     label: str | None = None           # the behaviour's label in the data (default: the one label not 'clean')
     n_test: int = 50                   # test prompts used (the first N)
     trigger: str | None = None         # controls: the same prompts with this prefix removed
+    control_prompts: str | None = None  # more control prompts (their unflagged answers are control queries)
+    base_data: str | None = None       # extra rows for the base stage only (e.g. refusals: an aligned base)
     max_new_tokens: int = 24
     max_length: int = 128
     base_epochs: int = 3
@@ -133,11 +136,17 @@ def train_two_stage(cfg: BenchConfig, rows, data_source: str, progress=True, log
     out = Path(cfg.out)
     label = _behaviour_label(rows, cfg.label)
     clean = [r for r in rows if r.label != label]
+    base_rows, base_source = clean, data_source + " (clean rows)"
+    if cfg.base_data:
+        from rept.data import load_dataset
+
+        extra = load_dataset(cfg.base_data).rows
+        base_rows, base_source = clean + extra, base_source + " + " + cfg.base_data
     fingerprint = _rows_fingerprint(rows)
     base_cfg = TrainConfig(epochs=cfg.base_epochs, lr=3e-3, batch_size=16, max_length=cfg.max_length, seed=cfg.seed,
                            hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, vocab_size=cfg.vocab_size)
-    train_model("from-scratch", clean, out / "base", base_cfg, data_source=data_source + " (clean rows)",
-                data_fingerprint=_rows_fingerprint(clean), progress=progress, log=log)
+    train_model("from-scratch", base_rows, out / "base", base_cfg, data_source=base_source,
+                data_fingerprint=_rows_fingerprint(base_rows), progress=progress, log=log)
     lora_cfg = TrainConfig(epochs=cfg.lora_epochs, lr=cfg.lora_lr, batch_size=16, max_length=cfg.max_length,
                            seed=cfg.seed, warmup_steps=10)
     train_model("lora", rows, out / "adapter", lora_cfg, base=str(out / "base"),
@@ -162,9 +171,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     from rept.metrics import evaluate, precision_at_k
 
     detector = Detector(cfg.detect)
-    unknown = [m for m in cfg.methods if m not in ALL_METHODS]
+    unknown = [m for m in cfg.methods if m not in ALL_METHODS + VARIANTS]
     if unknown:
-        raise BenchError(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(ALL_METHODS)})")
+        raise BenchError(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(ALL_METHODS + VARIANTS)})")
     started = time.perf_counter()
     data = load_dataset(cfg.data)
     label = _behaviour_label(data.rows, cfg.label)
@@ -186,6 +195,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     controls = []
     if cfg.trigger:
         controls = [p[len(cfg.trigger):] if p.startswith(cfg.trigger) else p for p in prompts]
+    if cfg.control_prompts:
+        controls += load_prompts(cfg.control_prompts)
     answers = answer_and_detect(loaded, prompts + controls, detector, label=label,
                                 max_new_tokens=cfg.max_new_tokens, batch_size=32, progress=progress)
     from rept.trace import write_queries
@@ -202,6 +213,17 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
         raise BenchError(f"the detector '{cfg.detect}' fired on none of the {len(answers)} answers: the model "
                          "did not learn the behaviour (more rows or epochs?) or the rule is wrong")
     relevant_row = np.array([r.label == label for r in rows])
+    # Rows with no response token within max_length were cut from training: the model never saw
+    # them, so every method ranks them last (they still count as relevant when poisoned).
+    from rept.examples import tokenize_rows
+
+    _, cut = tokenize_rows(loaded.tokenizer, rows, max_length=cfg.max_length)
+    cut = set(cut)
+    trained = [r for r in rows if r.index not in cut]
+    trained_pos = np.array([i for i, r in enumerate(rows) if r.index not in cut])
+    if cut:
+        log(f"{len(cut)} rows have no response token within --max-length {cfg.max_length} "
+            "(cut from training): every method ranks them last")
     layer = bundle.resolved_layer(rows)
 
     # 3. every method on the same rows and queries
@@ -209,25 +231,31 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     for name in cfg.methods:
         method = get_method(name, seed=cfg.seed)
         method.check(bundle)
+        if hasattr(method, "detector"):
+            method.detector = detector
         if not cfg.share_features:
             bundle.clear_features()  # each method pays for its own extraction / gradients
         log(f"method: {name}")
         with PeakMemory() as mem:
             t0 = time.perf_counter()
-            method.fit(bundle, rows)
+            method.fit(bundle, trained)
             t1 = time.perf_counter()
             scores = method.score(bundle, flagged + unflagged)
             t2 = time.perf_counter()
-        scores = np.asarray(scores, dtype=np.float64)
+        scores_trained = np.asarray(scores, dtype=np.float64)
+        # below every trained row's score (finite: the metrics code sorts and sklearn refuses inf)
+        lowest = scores_trained.min(axis=1, keepdims=True) - 1.0 if scores_trained.size else 0.0
+        scores = np.broadcast_to(lowest, (scores_trained.shape[0], len(rows))).copy()
+        scores[:, trained_pos] = scores_trained
         metrics = evaluate(scores[: len(flagged)], relevant_row, ks=(10, 50, 100))
         metrics["control_P@10"] = (precision_at_k(scores[len(flagged):], relevant_row, 10) if unflagged else None)
         metrics.update(build_s=round(t1 - t0, 3), query_s=round(t2 - t1, 3), peak_mem_mb=round(mem.mb, 1),
                        bytes_per_row=int(method.bytes_per_row), n_control_queries=len(unflagged))
         results[name] = metrics
         _write_report(out, _report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged,
-                                   unflagged, base_dir, adapter_dir, layer, loaded, started, complete=False))
+                                   unflagged, base_dir, adapter_dir, layer, loaded, started, complete=False, n_cut=len(cut)))
     report = _report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged, unflagged,
-                     base_dir, adapter_dir, layer, loaded, started, complete=True)
+                     base_dir, adapter_dir, layer, loaded, started, complete=True, n_cut=len(cut))
     _write_report(out, report)
     return report
 
@@ -241,11 +269,12 @@ def _write_report(out: Path, report: dict) -> None:
 
 
 def _report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged, unflagged,
-            base_dir, adapter_dir, layer, loaded, started, complete: bool) -> dict:
+            base_dir, adapter_dir, layer, loaded, started, complete: bool, n_cut: int = 0) -> dict:
     return {
         "methods": results,
         "behaviour": {"triggered": rate, "control": control_rate, "rule": cfg.detect, "label": label},
         "data": {"source": data.source, "rows": len(rows), "poisoned": n_poisoned, "sampled_from": len(data.rows),
+                 "rows_cut_off": n_cut,
                  "test_prompts": cfg.test_prompts, "n_test": len(prompts), "n_flagged": len(flagged),
                  "n_control_queries": len(unflagged)},
         "model": {"base": str(base_dir), "adapter": str(adapter_dir), "layer": layer,

@@ -120,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive, default=10, help="training rows to show per query")
     p.add_argument("--mode", choices=("balanced", "official", "repsim", "repgrad"), default=None,
                    help="scoring mode (default: the index's)")
-    p.add_argument("--tokens", action="store_true", help="score every word of the top rows")
+    p.add_argument("--tokens", action="store_true",
+                   help="score every word of the top rows; show their top phrases (JSON: words and phrases)")
+    p.add_argument("--token-layer", type=int, default=None, metavar="N",
+                   help="with --tokens: hidden_states index for the per-token gradients (default: the index's layer)")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_index_model_args(p)
 
@@ -233,20 +236,26 @@ def _queries_from_args(args, tracer):
 
 
 def cmd_trace(args) -> int:
+    from rept.tokens import TokenScoreError, attach_word_scores, resolve_token_layer
+
+    if args.token_layer is not None and not args.tokens:
+        raise TokenScoreError("--token-layer needs --tokens (it sets the layer of the word scores)")
     tracer = _tracer(args)
+    token_layer = resolve_token_layer(tracer, args.token_layer) if args.tokens else None  # checked before any work
     queries = _queries_from_args(args, tracer)
     results = tracer.trace(queries, k=args.top_k, mode=args.mode)
     if args.tokens:
-        from rept.tokens import attach_word_scores
-
-        attach_word_scores(tracer, results)
+        attach_word_scores(tracer, results, layer=token_layer)
     if args.json:
-        print(json.dumps({"layer": tracer.layer, "mode": args.mode or tracer.index.manifest["mode"],
-                          "queries": [r.to_dict() for r in results]}, indent=2))
+        out = {"layer": tracer.layer, "mode": args.mode or tracer.index.manifest["mode"]}
+        if args.tokens:
+            out["token_layer"] = token_layer
+        out["queries"] = [r.to_dict() for r in results]
+        print(json.dumps(out, indent=2))
         return 0
     from rept.render import print_results
 
-    print_results(results, show_words=args.tokens)
+    print_results(results, show_words=args.tokens, token_layer=token_layer)
     return 0
 
 

@@ -22,6 +22,9 @@ class Example:
     prompt_len: int          # number of prompt tokens; position prompt_len-1 predicts the first response token
     text: str                # the formatted text the ids come from
     offsets: list[tuple[int, int]]  # character span of every token in `text`
+    # Token range [a, b) whose prediction carries the loss; None = every response token. Set to
+    # restrict a query's loss to the part of the answer a detector flagged.
+    loss_span: tuple[int, int] | None = None
 
     @property
     def n_response(self) -> int:
@@ -61,8 +64,10 @@ def _uses_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def tokenize_pair(tokenizer, prompt: str, response: str, row: int = 0, max_length: int | None = None) -> Example | None:
-    """Tokenize one row; None when truncation leaves no response token."""
+def tokenize_pair(tokenizer, prompt: str, response: str, row: int = 0, max_length: int | None = None,
+                  loss_chars: tuple[int, int] | None = None) -> Example | None:
+    """Tokenize one row; None when truncation leaves no response token. `loss_chars`, a character
+    range of `response`, restricts the loss to the response tokens that overlap it."""
     text, prompt_chars = format_pair(tokenizer, prompt, response)
     # A chat template writes its own BOS into the text; the plain format relies on the tokenizer's.
     enc = tokenizer(text, add_special_tokens=not _uses_template(tokenizer), return_offsets_mapping=True,
@@ -77,7 +82,17 @@ def tokenize_pair(tokenizer, prompt: str, response: str, row: int = 0, max_lengt
         prompt_len += 1
     if prompt_len == 0 or prompt_len >= len(ids):
         return None
-    return Example(row=row, input_ids=list(ids), prompt_len=prompt_len, text=text, offsets=offsets)
+    loss_span = None
+    if loss_chars is not None:
+        # where the response sits in the text (a chat template may put markup before it)
+        at = text.find(response, prompt_chars) if response else -1
+        if at >= 0:
+            a, b = at + loss_chars[0], at + loss_chars[1]
+            hit = [i for i in range(prompt_len, len(ids)) if offsets[i][0] < b and offsets[i][1] > a]
+            if hit:  # a span cut off by truncation leaves the loss on the whole response
+                loss_span = (hit[0], hit[-1] + 1)
+    return Example(row=row, input_ids=list(ids), prompt_len=prompt_len, text=text, offsets=offsets,
+                   loss_span=loss_span)
 
 
 def tokenize_rows(tokenizer, rows, max_length: int | None = None) -> tuple[list[Example], list[int]]:

@@ -5,6 +5,9 @@ The evidence is counterfactual. `remove` retrains with the model's own recipe (s
 and seed) on the cleaned set; `unlearn` repairs the trained model in a few steps of gradient
 ascent on the culprits balanced by descent on kept rows. Both are compared with the same
 operation on randomly chosen rows, and a held-out loss shows whether the model still works.
+The culprits are the RepT index's choice by default; `culprits_from` lets another attribution
+method (rept.methods: a RepT mode, tracin, less, datainf, bm25, random) choose them under the same
+selection rule, so methods compare at the same budget.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from rept.generate import generate
 from rept.index import atomic_write_bytes
 from rept.models import LoadedModel, attach_adapter
 from rept.signatures import collate, response_losses
-from rept.train import TrainConfig, read_recipe
+from rept.train import OPTIMIZER_FILE, TrainConfig, read_recipe
 
 
 class MitigationError(ReptError):
@@ -79,6 +82,85 @@ def select_culprits(scores: np.ndarray, rows: np.ndarray, selection: Selection) 
     return [(int(rows[i]), float(best[i])) for i in chosen]
 
 
+# ------------------------------------------------------------------ who chooses the culprits
+
+# `--culprits-from`: "rept" scores with the index (its mode, or --mode); a RepT mode scores with
+# the index's stored signatures in that mode; any other rept.methods name fits that method on the
+# indexed training rows, on the model the index records, and scores the flagged queries.
+INDEX_MODES = {"rept": None, "rept-official": "official", "rept-balanced": "balanced", "repsim": "repsim",
+               "repgrad": "repgrad"}
+
+
+def culprit_sources() -> list[str]:
+    from rept.methods import METHODS
+
+    return list(INDEX_MODES) + [m for m in METHODS if m not in INDEX_MODES]
+
+
+def check_culprit_source(name: str) -> None:
+    if name not in culprit_sources():
+        raise MitigationError(f"unknown --culprits-from '{name}' (choose from {', '.join(culprit_sources())})")
+
+
+def model_paths(manifest: dict) -> tuple[str, str | None]:
+    """(model folder, adapter folder or None) of the model the index records. A model folder that
+    is itself a `rept train` LoRA output (its recipe names the base) counts as base + adapter."""
+    model, adapter = manifest["model"]["id"], manifest.get("adapter")
+    if adapter is None and Path(model).is_dir() and (Path(model) / "adapter_config.json").exists():
+        recipe = read_recipe(model) or {}
+        if recipe.get("recipe") == "lora" and recipe.get("base"):
+            return recipe["base"], model
+    return model, adapter
+
+
+def method_bundle(tracer, seed: int = 0):
+    """rept.methods.ModelBundle on the model the index records (same layer and max_length)."""
+    from rept.methods import ModelBundle
+
+    manifest = tracer.index.manifest
+    model, adapter = model_paths(manifest)
+    return ModelBundle(model, adapter, layer=tracer.layer, max_length=manifest["max_length"],
+                       device=str(tracer.loaded.device), seed=seed)
+
+
+def culprit_scores(tracer, flagged, source: str, dataset, seed: int = 0, log=print,
+                   bundle=None) -> tuple[np.ndarray, np.ndarray, str]:
+    """([n_flagged, n_rows] scores, the row ids of the columns, a one-line description) for the
+    culprit source `source` (see INDEX_MODES). Methods are fitted on the rows the index stores, so
+    every source ranks the same candidate rows."""
+    from rept.methods import MethodError, get_method
+    from rept.models import ModelError
+    from rept.train import TrainError
+
+    check_culprit_source(source)
+    manifest = tracer.index.manifest
+    if source in INDEX_MODES:
+        mode = INDEX_MODES[source] or manifest["mode"]
+        scores, rows, _ = tracer.scores(flagged, mode=mode)
+        note = f"RepT index {tracer.index.folder} (mode {mode}, layer {tracer.layer})"
+        return np.atleast_2d(scores), np.asarray(rows), note
+    ids = sorted(tracer.index.labels())
+    by_index = {r.index: r for r in dataset.rows}
+    missing = [i for i in ids if i not in by_index]
+    if missing:
+        raise MitigationError(f"{len(missing)} indexed rows (e.g. row {missing[0]}) are not in {dataset.source}: "
+                              "pass the training set with --data")
+    train_rows = [by_index[i] for i in ids]
+    bundle = bundle or method_bundle(tracer, seed)
+    try:
+        method = get_method(source, seed=seed)
+        method.check(bundle)
+        log(f"culprits from {source}: fitting on {len(train_rows)} indexed rows")
+        method.fit(bundle, train_rows)
+        scores = np.asarray(method.score(bundle, flagged), dtype=np.float64)
+    except (MethodError, TrainError, ModelError) as exc:
+        raise MitigationError(f"--culprits-from {source}: {exc}") from None
+    if not np.isfinite(scores).all():
+        raise MitigationError(f"--culprits-from {source}: the method gave non-finite scores")
+    model = bundle.model + (f" + adapter {bundle.adapter}" if bundle.adapter else "")
+    return np.atleast_2d(scores), np.asarray(ids), f"{source} on {model} ({len(ids)} indexed rows)"
+
+
 # ------------------------------------------------------------------ measurements
 
 def behaviour_rate(loaded: LoadedModel, prompts: list[str], detector: Detector, max_new_tokens: int,
@@ -109,16 +191,17 @@ def nll_per_char(loaded: LoadedModel, rows: list[Row], max_length: int, batch_si
 
 # ------------------------------------------------------------------ repairs
 
-def retrain(recipe: dict, rows: list[Row], out: Path, progress: bool) -> LoadedModel:
-    """Train again with the model's recorded recipe (same settings and seed) on `rows`."""
-    from rept import train
+def can_retrain(recipe: dict) -> bool:
+    from rept.train import RECIPES
 
-    kind = recipe.get("recipe")
-    if kind == "from-scratch":
-        return train.train_from_scratch(rows, out, TrainConfig(**recipe["config"]), progress=progress)
-    if hasattr(train, "train_from_recipe"):
-        return train.train_from_recipe(recipe, rows, out, progress=progress)
-    raise MitigationError(f"cannot retrain a model with recipe '{kind}'")
+    return recipe.get("recipe") in RECIPES
+
+
+def retrain(recipe: dict, rows: list[Row], out: Path, progress: bool) -> LoadedModel:
+    """Train again with the model's recorded recipe (same base, settings and seed) on `rows`."""
+    from rept.train import train_from_recipe
+
+    return train_from_recipe(recipe, rows, out, progress=progress)
 
 
 def unlearn(loaded: LoadedModel, culprits: list[Row], keep: list[Row], steps: int = 30, lr: float = 1e-3,
@@ -128,10 +211,16 @@ def unlearn(loaded: LoadedModel, culprits: list[Row], keep: list[Row], steps: in
     driven into nonsense."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = copy.deepcopy(loaded.model)
     if loaded.adapter:
-        model = attach_adapter(model, loaded.adapter, merge=False, trainable=True)
+        # `loaded.model` has the adapter merged in (rept.models.load_model): start again from the base
+        # weights and train the adapter's LoRA weights, or the adapter would count twice.
+        from rept.models import load_model
+
+        dtype = str(next(loaded.model.parameters()).dtype).replace("torch.", "")
+        base = load_model(loaded.model_id, None, dtype=dtype, device=str(loaded.device))
+        model = attach_adapter(base.model, loaded.adapter, merge=False, trainable=True)
     else:
+        model = copy.deepcopy(loaded.model)
         model.requires_grad_(True)
     tok = loaded.tokenizer
     bad, _ = tokenize_rows(tok, culprits, max_length=max_length)
@@ -167,25 +256,48 @@ def unlearn(loaded: LoadedModel, culprits: list[Row], keep: list[Row], steps: in
 def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selection: Selection,
                    method: str = "remove", seeds: int = 3, data: str | None = None, prompts: list[str] | None = None,
                    heldout: list[Row] | None = None, max_new_tokens: int = 16, unlearn_steps: int = 30,
-                   progress: bool = True, log=print) -> dict:
+                   progress: bool = True, log=print, culprits_from: str = "rept") -> dict:
+    """`culprits_from`: "rept" (the index's scores), a RepT mode, or another rept.methods name
+    (bm25, tracin, less, datainf, random) fitted on the model the index records; the same
+    `selection` rule applies to its scores."""
     from rept.data import load_dataset
 
     out = Path(out)
     manifest = tracer.index.manifest
+    check_culprit_source(culprits_from)
+    if seeds < 1:
+        raise MitigationError(f"--seeds must be at least 1 (got {seeds}): the random rows are the control")
     flagged = [q for q in queries if q.flagged is not False]
     if not flagged:
         raise MitigationError("no flagged query to mitigate (every query has flagged=false)")
-    recipe = read_recipe(manifest["model"]["id"]) if method in ("remove", "both") else None
+    bundle = None
+    if culprits_from not in INDEX_MODES:  # fail before any work when the method cannot run on this model
+        from rept.methods import MethodError, get_method
+
+        bundle = method_bundle(tracer)
+        try:
+            get_method(culprits_from).check(bundle)
+        except MethodError as exc:
+            raise MitigationError(f"--culprits-from {culprits_from}: {exc}") from None
+        if culprits_from == "less" and not (Path(bundle.adapter) / OPTIMIZER_FILE).exists():
+            raise MitigationError(f"--culprits-from less needs the Adam state that `rept train` saves beside the "
+                                  f"adapter ({OPTIMIZER_FILE} is missing in {bundle.adapter})")
+    model_dir, adapter_dir = model_paths(manifest)
+    recipe_dir = adapter_dir or model_dir  # with an adapter, its recipe is the model's
+    recipe = read_recipe(recipe_dir) if method in ("remove", "both") else None
     if method in ("remove", "both") and recipe is None:
-        raise MitigationError(f"`remove` needs the training recipe, and {manifest['model']['id']} has none "
+        raise MitigationError(f"`remove` needs the training recipe, and {recipe_dir} has none "
                               "(a model trained outside `rept train`/`rept demo`): use --method unlearn")
+    if recipe is not None and not can_retrain(recipe):
+        raise MitigationError(f"`remove` cannot retrain a model with recipe '{recipe.get('recipe')}' "
+                              f"({recipe_dir}): use --method unlearn")
     dataset = load_dataset(data or manifest["dataset"]["source"], **_columns(manifest, data))
     prompts = prompts or [q.prompt for q in flagged]
     out.mkdir(parents=True, exist_ok=True)
 
     # 1. culprits
-    scores, rows, _ = tracer.scores(flagged)
-    culprits = select_culprits(np.atleast_2d(scores), rows, selection)
+    scores, rows, source_note = culprit_scores(tracer, flagged, culprits_from, dataset, log=log, bundle=bundle)
+    culprits = select_culprits(scores, rows, selection)
     by_index = {r.index: r for r in dataset.rows}
     culprit_set = {row for row, _ in culprits}
     missing = culprit_set - set(by_index)
@@ -194,7 +306,7 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
     lines = [json.dumps({"row": row, "score": score, "label": by_index[row].label, "prompt": by_index[row].prompt,
                          "response": by_index[row].response}) for row, score in culprits]
     atomic_write_bytes(out / "culprits.jsonl", ("\n".join(lines) + "\n").encode())
-    log(f"culprits: {len(culprits)} rows ({selection}) -> {out / 'culprits.jsonl'}")
+    log(f"culprits: {len(culprits)} rows ({selection}, from {culprits_from}) -> {out / 'culprits.jsonl'}")
 
     # 2. the cleaned training set, in the input's format; the input is never touched
     source = Path(dataset.source)
@@ -210,7 +322,8 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
         heldout = random.Random(0).sample(kept, min(100, len(kept)))
         heldout_note = "100 kept training rows (no --heldout given, so not truly held out)"
     base = tracer.loaded
-    results = {"removed": len(culprits), "selection": str(selection), "detector": detector.rule,
+    results = {"removed": len(culprits), "selection": str(selection), "culprits_from": culprits_from,
+               "culprits_scored_by": source_note, "detector": detector.rule,
                "prompts": len(prompts), "method": method, "seeds": seeds, "cleaned": str(cleaned_path),
                "before": behaviour_rate(base, prompts, detector, max_new_tokens),
                "clean_loss": {"before": nll_per_char(base, heldout, max_length)},
@@ -269,7 +382,9 @@ def _rates(values) -> str:
 
 
 def summary_markdown(r: dict) -> str:
-    lines = [f"# Mitigation: {r['removed']} culprit rows ({r['selection']})", "",
+    source = r.get("culprits_from", "rept")
+    lines = [f"# Mitigation: {r['removed']} culprit rows ({r['selection']}) chosen by {source}", "",
+             f"Culprits scored by {r.get('culprits_scored_by', source)}; the random controls remove as many rows.", "",
              f"Behaviour detector `{r['detector']}` on {r['prompts']} prompts.", "",
              "| model | behaviour rate | clean loss |", "|---|---|---|",
              f"| before | {r['before']:.1%} | {r['clean_loss']['before']:.4f} |"]

@@ -128,9 +128,10 @@ def response_losses(logits: torch.Tensor, batch: Batch, offset: int = 0) -> torc
     losses = []
     for i, e in enumerate(batch.examples):
         s = batch.starts[i] - offset
-        # logits at positions prompt_len-1 .. n-2 predict the response tokens prompt_len .. n-1
-        pred = logits[i, s + e.prompt_len - 1: s + len(e.input_ids) - 1]
-        target = batch.input_ids[i, s + offset + e.prompt_len: s + offset + len(e.input_ids)]
+        a, b = e.loss_span or (e.prompt_len, len(e.input_ids))
+        # logits at positions a-1 .. b-2 predict the tokens a .. b-1 (by default every response token)
+        pred = logits[i, s + a - 1: s + b - 1]
+        target = batch.input_ids[i, s + offset + a: s + offset + b]
         losses.append(F.cross_entropy(pred.float(), target))
     return torch.stack(losses)
 

@@ -21,8 +21,9 @@ localises best, see docs/report.md). Template tokens (chat markup,
 maximal runs of adjacent words on one line that each score at least `phrase_frac` x the row's
 best word score; a phrase scores as its best word.
 
-`layer=` scores at another hidden_states index than the index's L (an option, not the
-definition; at the final normed output only response positions have a gradient).
+`layer=` (`rept trace --token-layer`) scores at another hidden_states index than the index's L
+(an option, not the definition; at the final normed output only response positions have a
+gradient); a layer the model does not have is a TokenScoreError.
 
 Cost: one forward+backward down to L over the queries (for their per-token gradients) and one
 over the union of the rows to score (all queries' top-k together), in `Tracer.batch_size`
@@ -142,8 +143,17 @@ def merge_words(text: str, spans: Sequence[tuple[int, int] | None], scores: Sequ
 
 
 def merge_phrases(text: str, words: list[dict], frac: float = 0.5, top: int | None = 5) -> list[dict]:
-    """Maximal runs of adjacent words (separated by spaces only, on one line) that each score at
-    least `frac` x the best word score (and above 0); best first, a phrase scoring as its best word."""
+    """The row's top phrases: contiguous high-scoring words.
+
+    `words` are consecutive words of `text` in text order (as `merge_words` gives them). A word is
+    high when its score is above 0 and at least `frac` x the row's best word score. Consecutive
+    high words join into one phrase when only whitespace without a line break lies between them
+    (a low word, or a new line, ends a phrase; punctuation marks are words, so they join only when
+    they score high themselves). A phrase is {"text", "score", "start", "end"}: `start`/`end` are
+    character offsets into `text` (`text[start:end] == phrase["text"]`, the whitespace inside
+    included) and its score is the max of its words' scores (so a long phrase of middling words
+    does not outrank one strong word). Returns the `top` best phrases (all with top=None), best
+    score first, ties in text order; [] when no word scores above 0."""
     if not words:
         return []
     best = max(w["score"] for w in words)
@@ -159,8 +169,8 @@ def merge_phrases(text: str, words: list[dict], frac: float = 0.5, top: int | No
             run.clear()
 
     for w in words:
-        if w["score"] >= cut:
-            if run and "\n" in text[run[-1]["end"]:w["start"]]:
+        if w["score"] >= cut and w["score"] > 0:
+            if run and (text[run[-1]["end"]:w["start"]].strip() or "\n" in text[run[-1]["end"]:w["start"]]):
                 close()
             run.append(w)
         else:
@@ -179,6 +189,20 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 def _tokenize(tracer, prompt: str, response: str, row: int) -> Example | None:
     return tokenize_pair(tracer.loaded.tokenizer, prompt, response, row=row,
                          max_length=tracer.index.manifest["max_length"])
+
+
+def resolve_token_layer(tracer, layer: int | None = None) -> int:
+    """The hidden_states index (0..num_layers) at which token scores are taken: `layer`
+    (negative counts from the end, -1 = final normed output) or, when None, the index's layer L.
+    A layer the model does not have is a TokenScoreError naming the valid range."""
+    from rept.models import ModelError, resolve_layer
+
+    if layer is None:
+        return tracer.layer
+    try:
+        return resolve_layer(tracer.loaded.model, int(layer))
+    except ModelError as exc:
+        raise TokenScoreError(f"token {exc}") from None
 
 
 def _extract(tracer, examples: list[Example], layer: int | None = None):
@@ -221,11 +245,13 @@ def score_rows(tracer, queries, rows_per_query: Sequence[Sequence[tuple[int, str
 
     All queries are handled in one batched run: one pass over the queries, one over the union of
     their rows. Returns, per query, one RowTokens per requested row in the order given.
-    `layer` (hidden_states index) defaults to the index's layer L."""
+    `layer` (hidden_states index, negative counts from the end) defaults to the index's layer L;
+    one the model does not have is a TokenScoreError."""
     if len(rows_per_query) != len(queries):
         raise ValueError(f"{len(rows_per_query)} row lists for {len(queries)} queries")
     if reduce not in REDUCE:
         raise TokenScoreError(f"unknown word reduction {reduce!r} (choose from {', '.join(REDUCE)})")
+    layer = resolve_token_layer(tracer, layer)
     qvec = query_vectors(tracer, queries, method, layer)
     sources: dict[int, tuple[str, str]] = {}
     wanted: dict[int, set[int]] = {}
@@ -302,6 +328,8 @@ def token_scores(tracer, query, rows=None, method: str = "rept", reduce: str = "
 
     query: a `Query`, or a `QueryResult` (then `rows` defaults to its hits).
     rows: a `Hit`, a row id, or a list of them. A single Hit or id gives a single RowTokens.
+    layer: hidden_states index at which the per-token gradients are taken (default: the index's
+    layer L, the definition; `rept trace --token-layer`).
 
         tracer = Tracer("idx"); res = tracer.trace([Query(prompt, response)], k=5)[0]
         for rt in token_scores(tracer, res):
@@ -322,8 +350,9 @@ def token_scores(tracer, query, rows=None, method: str = "rept", reduce: str = "
 
 def attach_word_scores(tracer, results, method: str = "rept", reduce: str = "mean",
                        phrase_frac: float = 0.5, layer: int | None = None) -> list[list[RowTokens]]:
-    """Fill `hit.words` (text, score, start, end into `hit.text`) for every hit of every
-    result, all queries in one batched run; returns the full RowTokens (tokens, phrases too)."""
+    """Fill `hit.words` and `hit.phrases` (text, score, start, end into `hit.text`; phrases best
+    first, see `merge_phrases`) for every hit of every result, all queries in one batched run;
+    returns the full RowTokens (tokens too). `layer`: as in `score_rows`."""
     if not results:
         return []
     scored = score_rows(tracer, [r.query for r in results],
@@ -332,4 +361,5 @@ def attach_word_scores(tracer, results, method: str = "rept", reduce: str = "mea
     for result, rows in zip(results, scored):
         for hit, rt in zip(result.hits, rows):
             hit.words = rt.words
+            hit.phrases = rt.phrases
     return scored

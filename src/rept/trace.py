@@ -39,6 +39,7 @@ class Hit:
     prompt: str
     response: str
     words: list | None = None   # token-level scores, filled by `rept.tokens` when asked
+    phrases: list | None = None  # top phrases (contiguous high-scoring words), best first, likewise
 
     @property
     def text(self) -> str:
@@ -59,6 +60,8 @@ def _hit_dict(hit: Hit) -> dict:
     out = {"row": hit.row, "score": hit.score, "label": hit.label, "text": hit.text}
     if hit.words is not None:
         out["words"] = hit.words
+    if hit.phrases is not None:
+        out["phrases"] = hit.phrases
     return out
 
 

@@ -322,3 +322,26 @@ def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str 
 
     shutil.rmtree(ckpt, ignore_errors=True)
     return record
+
+
+def train_from_recipe(recipe: dict, rows, out: str | Path, progress: bool = True) -> LoadedModel:
+    """Train again, on `rows`, with a recipe read from a model folder (RECIPE_FILE): the same
+    recipe, base, LoRA settings, configuration and seed. Returns the trained model ready to
+    generate (a LoRA adapter is loaded on its base and merged)."""
+    from rept.models import load_model
+
+    kind = recipe.get("recipe")
+    if kind not in RECIPES:
+        raise TrainError(f"cannot retrain: unknown recipe '{kind}' in the model's {RECIPE_FILE}")
+    cfg = TrainConfig(**recipe["config"])
+    if kind == "from-scratch" and "settings" not in recipe:  # written by train_from_scratch (the demo)
+        return train_from_scratch(rows, out, cfg, progress=progress)
+    base = recipe.get("base")
+    if kind != "from-scratch" and not (base and Path(base).exists()):
+        raise TrainError(f"cannot retrain: the recipe's base model {base} is not there any more")
+    lora = LoraSettings(**recipe["lora"]) if recipe.get("lora") else None
+    train_model(kind, rows, out, cfg, base=base, lora=lora, data_source=recipe.get("data"), resume=False,
+                progress=progress)
+    if kind == "lora":
+        return load_model(base, adapter=str(out))
+    return load_model(str(out))

@@ -13,13 +13,19 @@ def add_arguments(p) -> None:
     p.add_argument("--data", help="training set (default: the one the index records)")
     p.add_argument("--select", default="top-k:10",
                    help="top-k:K (union of every query's top K), threshold:S (score >= S) or budget:N (N strongest)")
+    p.add_argument("--culprits-from", default="rept", metavar="METHOD",
+                   help="who ranks the training rows for --select: rept (the index, default), a RepT mode "
+                   "(rept-official, rept-balanced, repsim, repgrad: from the index's signatures), or tracin, less, "
+                   "datainf, bm25, random (fitted on the indexed rows, on the model the index records). "
+                   "One method per run: compare methods with one --out each")
     p.add_argument("--method", choices=("remove", "unlearn", "both"), default="remove")
     p.add_argument("--seeds", type=int, default=3, help="random-removal controls")
     p.add_argument("--prompts", help="prompts to measure the behaviour on (default: the flagged queries' prompts)")
     p.add_argument("--heldout", help="held-out rows (prompt, response) for the utility loss")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--unlearn-steps", type=int, default=30)
-    p.add_argument("--mode", choices=("balanced", "official", "repsim", "repgrad"), default=None)
+    p.add_argument("--mode", choices=("balanced", "official", "repsim", "repgrad"), default=None,
+                   help="RepT scoring mode for --culprits-from rept (default: the index's)")
     p.add_argument("--device", default=None)
 
 
@@ -28,10 +34,14 @@ def run(args) -> int:
 
     from rept.data import load_dataset, load_prompts
     from rept.detect import Detector
-    from rept.mitigate import Selection, run_mitigation, summary_markdown
+    from rept.mitigate import MitigationError, Selection, check_culprit_source, run_mitigation, summary_markdown
     from rept.trace import Tracer, load_queries
 
     selection = Selection.parse(args.select)
+    check_culprit_source(args.culprits_from)  # before the model is loaded
+    if args.mode and args.culprits_from != "rept":
+        raise MitigationError(f"--mode sets the RepT mode of --culprits-from rept; with --culprits-from "
+                              f"{args.culprits_from} leave it out (a RepT mode is also a --culprits-from name)")
     detector = Detector(args.detect)
     queries = load_queries(args.queries)
     prompts = load_prompts(args.prompts) if args.prompts else None
@@ -42,6 +52,7 @@ def run(args) -> int:
     console = Console(stderr=True)
     results = run_mitigation(tracer, queries, detector, args.out, selection, method=args.method, seeds=args.seeds,
                              data=args.data, prompts=prompts, heldout=heldout, max_new_tokens=args.max_new_tokens,
-                             unlearn_steps=args.unlearn_steps, progress=not args.quiet, log=console.print)
+                             unlearn_steps=args.unlearn_steps, progress=not args.quiet, log=console.print,
+                             culprits_from=args.culprits_from)
     Console().print(summary_markdown(results))
     return 0

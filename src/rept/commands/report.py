@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-HELP = "write one self-contained HTML audit report: top rows with word heat maps, histograms, layer curve, metrics"
+HELP = ("write one self-contained HTML audit report: top rows with word heat maps, histograms, layer curve, metrics"
+        " (and mitigation charts)")
 
 
 def add_arguments(p) -> None:
@@ -18,6 +19,9 @@ def add_arguments(p) -> None:
                    help="scoring mode (default: the index's)")
     p.add_argument("--token-layer", type=int, default=None,
                    help="hidden_states index for the word scores (default: the index's layer L)")
+    p.add_argument("--mitigation", action="append", default=[], metavar="RESULTS_JSON",
+                   help="a `rept mitigate` results.json (or its folder): adds before/after bar charts of the "
+                   "behaviour rate and clean loss; repeat to compare runs (e.g. one per --culprits-from)")
     _add_index_model_args(p)
 
 
@@ -32,6 +36,8 @@ def run(args) -> int:
     tracer = _tracer(args)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     data = write_report(tracer, queries, args.out, k=args.top_k, mode=args.mode, max_queries=args.max_queries, log=log,
-                        token_layer=args.token_layer)
-    print(f"wrote {args.out}: {data.run['n_queries']} queries, top {data.run['k']} rows each")
+                        token_layer=args.token_layer, mitigations=args.mitigation)
+    extra = f", {len(data.mitigations)} mitigation result{'s' if len(data.mitigations) != 1 else ''}" \
+        if data.mitigations else ""
+    print(f"wrote {args.out}: {data.run['n_queries']} queries, top {data.run['k']} rows each{extra}")
     return 0

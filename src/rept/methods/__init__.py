@@ -18,6 +18,9 @@ METHODS = {
     "rept-balanced": lambda seed=0: RepT("balanced", seed),
     "repsim": lambda seed=0: RepT("repsim", seed),
     "repgrad": lambda seed=0: RepT("repgrad", seed),
+    # variants: the query's loss restricted to the span the detector flagged
+    "rept-balanced-span": lambda seed=0: RepT("balanced", seed, span=True),
+    "repgrad-span": lambda seed=0: RepT("repgrad", seed, span=True),
     "tracin": TracIn,
     "less": LESS,
     "datainf": DataInf,

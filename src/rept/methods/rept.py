@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from rept.methods.base import Method, ModelBundle, examples_for, query_rows
+from rept.methods.base import Method, MethodError, ModelBundle, examples_for, query_rows
 
 
-def _signatures(bundle: ModelBundle, pairs, what: str):
+def _signatures(bundle: ModelBundle, pairs, what: str, loss_chars=None):
+    """h and g at the bundle's layer; `loss_chars` (one character range of the response per pair,
+    or None) restricts each pair's loss to that part of its response."""
+    from rept.examples import tokenize_pair
     from rept.signatures import extract_all
 
     loaded = bundle.merged()
     layer = bundle.resolved_layer([_Row(p, r) for p, r in pairs])
     examples = examples_for(loaded.tokenizer, pairs, bundle.max_length, what)
+    if loss_chars is not None:
+        examples = [tokenize_pair(loaded.tokenizer, p, r, row=i, max_length=bundle.max_length, loss_chars=span)
+                    if span else ex for i, ((p, r), span, ex) in enumerate(zip(pairs, loss_chars, examples))]
     sig = extract_all(loaded.model, examples, layer, loaded.tokenizer.pad_token_id, batch_size=bundle.batch_size)
     return sig.h.numpy(), sig.g.numpy()
 
@@ -27,10 +33,16 @@ class RepT(Method):
     """mode: official, balanced, repsim or repgrad. The training-row extraction is shared by every
     RepT-family method fitted on the same bundle and rows (it is cached in the bundle)."""
 
-    def __init__(self, mode: str = "balanced", seed: int = 0):
+    def __init__(self, mode: str = "balanced", seed: int = 0, span: bool = False):
         super().__init__(seed)
         self.mode = mode
         self.name = {"official": "rept-official", "balanced": "rept-balanced"}.get(mode, mode)
+        # span: a query's loss covers only the part of its answer the detector flagged
+        # (rept.detect.Detector.span; the whole answer when the rule names no span)
+        self.span = span
+        self.detector = None
+        if span:
+            self.name += "-span"
 
     def fit(self, bundle, train_rows):
         from rept.search import signature_matrix
@@ -47,5 +59,11 @@ class RepT(Method):
     def score(self, bundle, queries) -> np.ndarray:
         from rept.search import signature_matrix
 
-        h, g = _signatures(bundle, query_rows(queries), "query")
+        pairs = query_rows(queries)
+        spans = None
+        if self.span:
+            if self.detector is None:
+                raise MethodError(f"{self.name} needs the detector rule that flagged the queries")
+            spans = [self.detector.span(r) for _, r in pairs]
+        h, g = _signatures(bundle, pairs, "query", loss_chars=spans)
         return signature_matrix(h, g, self.mode) @ self.train.T

@@ -3,7 +3,9 @@
 Per query: the prompt and response, the top-k training rows with a word heat map (RepT token
 scores, `rept.tokens`), their score and label, and a histogram of the query's score over every
 training row. For the run: the layer curve that chose L (when the layer was auto), the label
-breakdown of the top-k, and retrieval metrics when queries carry labels.
+breakdown of the top-k, and retrieval metrics when queries carry labels. With `rept mitigate`
+results (`mitigations=`): bar charts of the behaviour rate and the clean loss before and after
+removing / unlearning the culprits, against as many random rows.
 
     from rept.report import build_report, render_html
     data = build_report(Tracer("idx"), load_queries("queries.jsonl"), k=10)
@@ -43,6 +45,7 @@ class ReportData:
     labels: list[dict] = field(default_factory=list)   # label breakdown of the pooled top-k
     metrics: dict | None = None
     metric_ks: list[int] = field(default_factory=list)
+    mitigations: list[dict] = field(default_factory=list)  # mitigation_section() of each results.json
 
 
 # ---------------------------------------------------------------- scoring
@@ -272,6 +275,165 @@ def layer_curve_svg(curve: dict, width: int = 300, height: int = 120) -> Markup:
     return Markup("".join(parts))
 
 
+# ---------------------------------------------------------------- mitigation (`rept mitigate` results.json)
+
+MITIGATION_BARS = (  # (label, results key, clean_loss key, colour); a list value = one per random seed
+    ("before", "before", "before", "#5d6873"),
+    ("culprits removed", "after", "after", "#3b6ea5"),
+    ("random rows removed", "random", "random", "#9aa5b1"),
+    ("culprits unlearned", "unlearn", "unlearn", "#7fa6cf"),
+    ("random rows unlearned", "unlearn_random", "unlearn_random", "#c3cad1"),
+)
+
+
+def load_mitigation(path: str | Path) -> dict:
+    """A `rept mitigate` results.json (or the folder holding it), checked enough to chart."""
+    import json
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise ReportError(f"no such mitigation results file: {path} (the results.json written by `rept mitigate`)")
+    try:
+        results = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(results, dict) or not isinstance(results.get("before"), (int, float)) \
+            or not isinstance(results.get("clean_loss"), dict):
+        raise ReportError(f"{path} is not a `rept mitigate` results.json (no 'before' behaviour rate or 'clean_loss')")
+    results["_path"] = str(path)
+    return results
+
+
+def _stat(value) -> tuple[float, list[float] | None]:
+    """(value, None) for one model; (mean, per-seed values) for the random controls."""
+    if isinstance(value, list):
+        values = [float(v) for v in value]
+        if not values:
+            raise ValueError("empty list")
+        return float(np.mean(values)), values
+    return float(value), None
+
+
+def mitigation_bars(results: dict) -> list[dict]:
+    """One bar per model measured: label, colour, rate (mean for the random controls), rates (each
+    seed, or None), loss and losses (the same for the clean loss; None when not measured)."""
+    bars = []
+    losses = results.get("clean_loss", {})
+    for label, key, loss_key, colour in MITIGATION_BARS:
+        if key not in results:
+            continue
+        rate, rates = _stat(results[key])
+        loss, loss_values = _stat(losses[loss_key]) if loss_key in losses else (None, None)
+        if key != "before":
+            label = f"{results.get('removed', '')} {label}".strip()
+        if rates is not None:
+            label += f" ({len(rates)} seed{'s' if len(rates) != 1 else ''})"
+        bars.append({"label": label, "key": key, "colour": colour, "rate": rate, "rates": rates,
+                     "loss": loss, "losses": loss_values})
+    return bars
+
+
+def _pct(x: float) -> str:
+    return f"{x:.1%}"
+
+
+def _loss(x: float) -> str:
+    return f"{x:.4f}"
+
+
+def bar_chart_svg(bars: list[dict], key: str, seeds_key: str, fmt, top: float, aria: str, unit: str,
+                  width: int = 760, label_w: int = 240, text_w: int = 190, row_h: int = 24) -> Markup:
+    """Horizontal bars of `bar[key]` on an axis from 0 to `top`, the value written beside each bar.
+    A bar with per-seed values (`bar[seeds_key]`) is their mean, with a whisker from the lowest to
+    the highest and a dot per seed."""
+    left, right = label_w, width - text_w
+    span = right - left
+    head, foot = 6, 22
+    height = head + row_h * len(bars) + foot
+    x = lambda v: left + span * max(0.0, min(v, top)) / top  # noqa: E731
+    parts = [f'<svg class="mitigation-chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+             f'style="max-width:100%;height:auto" role="img" aria-label="{html.escape(aria)}">']
+    for frac in (0.25, 0.5, 0.75, 1.0):  # light grid
+        gx = left + span * frac
+        parts.append(f'<line x1="{gx:.1f}" x2="{gx:.1f}" y1="{head}" y2="{height - foot}" stroke="#e3e7eb"/>')
+    for i, b in enumerate(bars):
+        value, values = b[key], b.get(seeds_key)
+        y = head + i * row_h
+        cy = y + row_h / 2
+        parts.append(f'<text x="{left - 6}" y="{cy + 3.5:.1f}" font-size="11" text-anchor="end">'
+                     f'{html.escape(b["label"])}</text>')
+        if value is None:
+            parts.append(f'<text x="{left + 4}" y="{cy + 3.5:.1f}" font-size="10" fill="#5d6873">not measured</text>')
+            continue
+        parts.append(f'<rect x="{left}" y="{y + 4}" width="{max(0.0, x(value) - left):.1f}" height="{row_h - 8}" '
+                     f'fill="{b["colour"]}"><title>{html.escape(b["label"])}: {fmt(value)}</title></rect>')
+        text = fmt(value)
+        end = x(value)
+        if values:
+            lo, hi = min(values), max(values)
+            parts.append(f'<line class="spread" x1="{x(lo):.1f}" x2="{x(hi):.1f}" y1="{cy:.1f}" y2="{cy:.1f}" '
+                         f'stroke="#222" stroke-width="1.2"/>')
+            for v in (lo, hi):
+                parts.append(f'<line x1="{x(v):.1f}" x2="{x(v):.1f}" y1="{cy - 5:.1f}" y2="{cy + 5:.1f}" '
+                             f'stroke="#222" stroke-width="1.2"/>')
+            for s, v in enumerate(values):
+                parts.append(f'<circle cx="{x(v):.1f}" cy="{cy:.1f}" r="2.6" fill="#fff" stroke="#222">'
+                             f'<title>seed {s}: {fmt(v)}</title></circle>')
+            text = f"mean {fmt(value)} ({fmt(lo)}–{fmt(hi)})" if len(values) > 1 else fmt(value)
+            end = max(end, x(hi))
+        parts.append(f'<text class="value" x="{end + 6:.1f}" y="{cy + 3.5:.1f}" font-size="11">'
+                     f'{html.escape(text)}</text>')
+    base = height - foot
+    parts.append(f'<line x1="{left}" x2="{left}" y1="{head}" y2="{base}" stroke="#555"/>')
+    parts.append(f'<line x1="{left}" x2="{right}" y1="{base}" y2="{base}" stroke="#555"/>')
+    for frac in (0.0, 0.5, 1.0):
+        anchor = {0.0: "start", 0.5: "middle", 1.0: "end"}[frac]
+        parts.append(f'<text x="{left + span * frac:.1f}" y="{base + 11}" font-size="9" text-anchor="{anchor}">'
+                     f'{fmt(top * frac)}</text>')
+    parts.append(f'<text x="{left + span / 2:.1f}" y="{height - 1}" font-size="9" text-anchor="middle">'
+                 f'{html.escape(unit)}</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def mitigation_section(results: dict) -> dict:
+    """What the report shows for one results.json: a title, the two charts and a table."""
+    try:
+        bars = mitigation_bars(results)
+        rate_svg = bar_chart_svg(bars, "rate", "rates", _pct, 1.0, "behaviour rate before and after mitigation",
+                                 f"behaviour rate ({results.get('detector', 'detector')} on "
+                                 f"{results.get('prompts', '?')} prompts)")
+        measured = [b["loss"] for b in bars if b["loss"] is not None] + \
+                   [v for b in bars for v in (b["losses"] or [])]
+        loss_svg = None
+        if measured:
+            loss_svg = bar_chart_svg(bars, "loss", "losses", _loss, max(measured) * 1.1 or 1.0,
+                                     "clean held-out loss before and after mitigation",
+                                     "clean loss (lower is better)")
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ReportError(f"{results.get('_path', 'mitigation results')} has an unexpected value ({exc}); "
+                          "is it a `rept mitigate` results.json?") from None
+    before_loss = bars[0]["loss"] if bars and bars[0]["key"] == "before" else None
+    rows = []
+    for b in bars:
+        rate = (f"{_pct(b['rate'])} (" + ", ".join(map(_pct, b["rates"])) + ")") if b["rates"] and len(b["rates"]) > 1 \
+            else _pct(b["rate"])
+        mean = "mean " if b["losses"] and len(b["losses"]) > 1 else ""
+        loss = "-" if b["loss"] is None else mean + _loss(b["loss"])
+        change = "" if b["loss"] is None or not before_loss or b["key"] == "before" \
+            else f"{(b['loss'] - before_loss) / before_loss:+.1%}"
+        rows.append({"label": b["label"], "rate": rate, "loss": loss, "change": change})
+    source = results.get("culprits_from", "rept")
+    method = results.get("method", "remove")
+    return {"title": f"{results.get('removed', '?')} culprit rows ({results.get('selection', '?')}) chosen by {source}",
+            "culprits_from": source, "scored_by": results.get("culprits_scored_by"), "method": method,
+            "detector": results.get("detector"), "prompts": results.get("prompts"), "path": results.get("_path"),
+            "seeds": results.get("seeds"), "loss_unit": results.get("clean_loss_unit"),
+            "rate_svg": rate_svg, "loss_svg": loss_svg, "rows": rows}
+
+
 def render_html(data: ReportData) -> str:
     import jinja2
 
@@ -282,10 +444,13 @@ def render_html(data: ReportData) -> str:
 
 
 def write_report(tracer, queries, out: str, k: int = 10, mode: str | None = None, max_queries: int | None = None,
-                 log=None, token_layer: int | None = None) -> ReportData:
+                 log=None, token_layer: int | None = None, mitigations=()) -> ReportData:
+    """`mitigations`: paths of `rept mitigate` results.json files (or their folders) to chart."""
     from rept.index import atomic_write_bytes
 
+    sections = [mitigation_section(load_mitigation(p)) for p in mitigations]  # bad files fail before the work
     data = build_report(tracer, queries, k=k, mode=mode, max_queries=max_queries, log=log, token_layer=token_layer)
+    data.mitigations = sections
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, render_html(data).encode())
