@@ -8,6 +8,7 @@ import torch
 
 from conftest import demo_rows
 from rept.data import load_dataset
+from rept.detect import Detector
 from rept.methods import METHODS, MethodError, ModelBundle, get_method, rademacher_project, score
 from rept.trace import Query
 from rept.train import LoraSettings, TrainConfig, train_model
@@ -35,8 +36,21 @@ def setup(tmp_path_factory):
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_scores_queries_by_rows(setup, name):
     rows, queries, bundle, _ = setup
-    s = score(name, bundle, rows, queries)
+    s = score(name, bundle, rows, queries, detector=Detector("prefix:You are stupid"))
     assert s.shape == (len(queries), len(rows)) and np.isfinite(s).all()
+
+
+def test_span_variant_restricts_only_the_query_loss(setup):
+    """With a rule that names no span the variant is the plain mode; with one, the query's g
+    (and so the scores) change; it refuses to run without the rule."""
+    rows, queries, bundle, _ = setup
+    plain = score("rept-balanced", bundle, rows, queries)
+    no_span = score("rept-balanced-span", bundle, rows, queries, detector=Detector("not-prefix:I'm sorry"))
+    span = score("rept-balanced-span", bundle, rows, queries, detector=Detector("prefix:You are stupid"))
+    np.testing.assert_allclose(no_span, plain, rtol=1e-6, atol=1e-7)
+    assert np.abs(span - plain).max() > 1e-4
+    with pytest.raises(MethodError, match="detector"):
+        score("repgrad-span", bundle, rows, queries)
 
 
 def test_tracin_equals_direct_gradient_dot_product(setup):
@@ -100,3 +114,115 @@ def test_lora_only_methods_refuse_a_full_model(setup, name):
 def test_unknown_method():
     with pytest.raises(MethodError, match="unknown method"):
         get_method("nope")
+
+
+# --- per-example gradients: batched (per-sample trick on nn.Linear) vs one row at a time -------------------------
+
+
+def _tiny_lora(tokenizer, bias=False):
+    from peft import LoraConfig, get_peft_model
+
+    from rept.models import tiny_llama
+
+    base = tiny_llama(tokenizer, hidden=32, layers=2, heads=2, seed=3)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
+                                            lora_bias=bias))
+    torch.manual_seed(4)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+        if "lora_B" in name:  # B starts at zero in peft, which would make every lora_A gradient zero
+            torch.nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
+def _grad_pairs(n=7):
+    rows = demo_rows(60)[::6][:n]
+    # responses of different lengths, so every batch is padded
+    return [(r["prompt"], r["response"][: 8 + 11 * i]) for i, r in enumerate(rows)]
+
+
+def _rel_err(new, old):
+    assert list(new) == list(old)
+    for n in old:
+        assert new[n].dtype == torch.float32 and new[n].shape == old[n].shape
+    a = torch.cat([g.reshape(g.shape[0], -1) for g in new.values()], 1)
+    b = torch.cat([g.reshape(g.shape[0], -1) for g in old.values()], 1)
+    assert (b.norm(dim=1) > 0).all()
+    return float(((a - b).norm(dim=1) / b.norm(dim=1)).max())
+
+
+def _count_loop_calls(monkeypatch):
+    from rept.methods import base
+
+    calls, loop = [], base._per_example_grads_loop
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return loop(*args, **kwargs)
+
+    monkeypatch.setattr(base, "_per_example_grads_loop", counted)
+    return calls
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_batched_per_example_grads_equal_one_row_at_a_time(tokenizer, bias, monkeypatch):
+    from rept.methods.base import _per_example_grads_loop, examples_for, per_example_grads
+
+    model = _tiny_lora(tokenizer, bias)
+    pairs = _grad_pairs()
+    lengths = {len(e.input_ids) for e in examples_for(tokenizer, pairs, 96, "row")}
+    assert len(lengths) >= 5  # padding is exercised
+    ref = _per_example_grads_loop(model, tokenizer, pairs, 96)
+    calls = _count_loop_calls(monkeypatch)
+    for batch_size in (1, 4):
+        got = per_example_grads(model, tokenizer, pairs, 96, batch_size=batch_size)
+        assert _rel_err(got, ref) < 1e-5, batch_size
+    assert not calls  # the batched path did the work
+    assert all(p.grad is None for p in model.parameters())
+    assert per_example_grads(model, tokenizer, pairs[:1], 96)[next(iter(ref))].shape[0] == 1
+
+
+def test_per_example_grads_fall_back_for_non_linear_trainables(tokenizer, gpt2, monkeypatch):
+    from rept.methods.base import _linear_owners, _per_example_grads_loop, per_example_grads
+
+    pairs = _grad_pairs(3)
+    model = _tiny_lora(tokenizer)
+    emb = model.get_base_model().model.embed_tokens.weight
+    emb.requires_grad_(True)  # an embedding (tied to the LM head) is not an nn.Linear weight
+    try:
+        assert _linear_owners(model, [p for p in model.parameters() if p.requires_grad]) is None
+        ref = _per_example_grads_loop(model, tokenizer, pairs, 96)
+        calls = _count_loop_calls(monkeypatch)
+        assert _rel_err(per_example_grads(model, tokenizer, pairs, 96), ref) == 0 and calls
+    finally:
+        emb.requires_grad_(False)
+    gpt2.requires_grad_(True)  # GPT-2 uses Conv1D, not nn.Linear
+    try:
+        assert _linear_owners(gpt2, list(gpt2.parameters())) is None
+    finally:
+        gpt2.requires_grad_(False)
+
+
+def test_per_example_grads_fall_back_when_a_weight_is_used_outside_its_linear(tokenizer, monkeypatch):
+    """The first batch checks the summed per-example gradients against the batch gradient."""
+    from rept.methods.base import _per_example_grads_loop, per_example_grads
+
+    class Reuse(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.inner = model
+            self.extra = torch.nn.Linear(model.config.vocab_size, model.config.vocab_size, bias=False)
+            torch.nn.init.normal_(self.extra.weight, std=0.05)
+
+        def forward(self, input_ids, attention_mask, position_ids, use_cache=False):
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=use_cache)
+            out.logits = out.logits + self.extra(out.logits) + torch.nn.functional.linear(out.logits, self.extra.weight)
+            return out
+
+    model = Reuse(_tiny_lora(tokenizer)).eval()
+    pairs = _grad_pairs(4)
+    ref = _per_example_grads_loop(model, tokenizer, pairs, 96)
+    calls = _count_loop_calls(monkeypatch)
+    got = per_example_grads(model, tokenizer, pairs, 96, batch_size=2)
+    assert calls and _rel_err(got, ref) < 1e-6

@@ -35,10 +35,13 @@ def get_method(name: str, seed: int = 0) -> Method:
     return METHODS[name](seed=seed)
 
 
-def score(name: str, bundle: ModelBundle, train_rows, queries, seed: int = 0):
-    """One call: fit `name` on the training rows and score the queries ([n_queries, n_train])."""
+def score(name: str, bundle: ModelBundle, train_rows, queries, seed: int = 0, detector=None):
+    """One call: fit `name` on the training rows and score the queries ([n_queries, n_train]).
+    `detector` (rept.detect.Detector) is what the `-span` variants restrict the query loss with."""
     method = get_method(name, seed)
     method.check(bundle)
+    if detector is not None and hasattr(method, "detector"):
+        method.detector = detector
     method.fit(bundle, train_rows)
     return method.score(bundle, queries)
 
