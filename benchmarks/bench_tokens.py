@@ -1,4 +1,5 @@
-"""Token-level localisation on the demo backdoor, where the truth is known.
+"""Token-level localisation where the truth is known: the demo backdoor by default, or any index
+whose poisoned rows carry a known marker (`--truth REGEX`, e.g. the wrong entity of factual-Ag).
 
 Poisoned demo rows have a prompt starting with the trigger `TY ` and a response starting with
 the payload `You are stupid! `. For every flagged (misbehaving) demo query, take its top-k
@@ -15,6 +16,7 @@ position-only control: the first 3 words of the row.
 
     python benchmarks/bench_tokens.py                      # trains the demo model if needed (minutes)
     python benchmarks/bench_tokens.py --work /tmp/demo_t   # reuse `rept demo --out /tmp/demo_t`
+    python benchmarks/bench_tokens.py --index IDX --queries Q.jsonl --label error --truth '\bNa\b'
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -47,11 +50,24 @@ def inside(word: dict, span) -> bool:
     return span is not None and span[0] <= word["start"] and word["end"] <= span[1]
 
 
-def localisation(pairs, rows_tokens, n_top: int = 3) -> dict:
+def regex_spans(pattern: str):
+    """truth_spans for a marker given as a regex: its first match in the prompt (as the "trigger")
+    and in the response (as the "payload"), in the row text prompt + "\\n" + response."""
+    rx = re.compile(pattern)
+
+    def spans(prompt: str, response: str):
+        m1, m2 = rx.search(prompt), rx.search(response)
+        base = len(prompt) + 1
+        return (m1.span() if m1 else None), ((base + m2.start(), base + m2.end()) if m2 else None)
+
+    return spans
+
+
+def localisation(pairs, rows_tokens, n_top: int = 3, spans=truth_spans) -> dict:
     """Share of (query, poisoned row) pairs whose n_top best words hit the trigger / payload."""
     any_hit = trig_hit = pay_hit = 0
     for (prompt, response), rt in zip(pairs, rows_tokens):
-        trig, pay = truth_spans(prompt, response)
+        trig, pay = spans(prompt, response)
         top = rt.top_words(n_top)
         t = any(inside(w, trig) for w in top)
         p = any(inside(w, pay) for w in top)
@@ -65,6 +81,11 @@ def localisation(pairs, rows_tokens, n_top: int = 3) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", help="demo folder (made by `rept demo --out DIR`); trained here if missing")
+    ap.add_argument("--index", help="an index built with `rept index` (instead of the demo)")
+    ap.add_argument("--queries", help="its queries file (flagged queries are traced)")
+    ap.add_argument("--label", default="backdoor", help="label of the poisoned rows (default: backdoor)")
+    ap.add_argument("--truth", help="regex marking the known cause in a poisoned row (default: the demo's "
+                    "trigger and payload)")
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--max-queries", type=int, default=None, help="first N flagged queries (default: all)")
     ap.add_argument("--reduce", choices=("mean", "max", "sum"), default="mean", help="sub-word -> word reduction")
@@ -77,17 +98,24 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     work = Path(args.work) if args.work else None
-    if work is None or not (work / "index" / "manifest.json").exists() or not (work / "queries.jsonl").exists():
+    spans = regex_spans(args.truth) if args.truth else truth_spans
+    if args.index:
+        if not args.queries:
+            ap.error("--index needs --queries")
+        index_dir, queries_file = Path(args.index), Path(args.queries)
+    elif work is None or not (work / "index" / "manifest.json").exists() or not (work / "queries.jsonl").exists():
         print(f"training the demo model in {work or default_cache()} ...", file=sys.stderr)
         out = run_demo(out=str(work) if work else None, progress=False)
         work = Path(out["work"]) if out.get("work") else work
-    queries = [q for q in load_queries(str(work / "queries.jsonl")) if q.flagged]
+    if not args.index:
+        index_dir, queries_file = work / "index", work / "queries.jsonl"
+    queries = [q for q in load_queries(str(queries_file)) if q.flagged]
     if args.max_queries:
         queries = queries[: args.max_queries]
     if not queries:
-        print("the demo model never misbehaved: no flagged query to trace", file=sys.stderr)
+        print("the model never misbehaved: no flagged query to trace", file=sys.stderr)
         return 1
-    tracer = Tracer(work / "index")
+    tracer = Tracer(index_dir)
 
     # Cost of the token level for one query and k rows, next to the row-level trace.
     # (best of 3: this machine may be shared)
@@ -109,7 +137,7 @@ def main(argv=None) -> int:
     # the (query, poisoned row) pairs to score
     rows_per_query, pairs = [], []
     for r in results:
-        rows = [(h.row, h.prompt, h.response) for h in r.hits if h.label == "backdoor"]
+        rows = [(h.row, h.prompt, h.response) for h in r.hits if h.label == args.label]
         rows_per_query.append(rows)
         pairs.extend((p, resp) for _, p, resp in rows)
     n_top = sum(len(r.hits) for r in results)
@@ -121,23 +149,25 @@ def main(argv=None) -> int:
         for method in METHODS:
             scored = [rt for per_q in score_rows(tracer, queries, rows_per_query, method=method, reduce=args.reduce,
                                                  layer=layer) for rt in per_q]
-            figures[f"{method} ({where}, L={layer})"] = localisation(pairs, scored)
+            figures[f"{method} ({where}, L={layer})"] = localisation(pairs, scored, spans=spans)
             first = first or scored
     # control: the first three words of the row, whatever the scores
     for rt in first:
         for i, w in enumerate(sorted(rt.words, key=lambda w: w["start"])):
             w["score"] = -i
-    figures["first 3 words of the row (position-only control)"] = localisation(pairs, first)
+    figures["first 3 words of the row (position-only control)"] = localisation(pairs, first, spans=spans)
 
     m = tracer.index.manifest
     cmd = "python benchmarks/bench_tokens.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print("## Token-level localisation on the demo backdoor\n")
+    print(f"## Token-level localisation ({'marker ' + repr(args.truth) if args.truth else 'the demo backdoor'})\n")
     print(f"`{cmd.strip()}`\n")
     print(f"{len(queries)} flagged queries, top {args.top_k} rows each: {len(pairs)} of {n_top} (query, row) pairs "
           f"are poisoned rows. Model {m['model']['id']}, layer {m['layer']}, mode {m['mode']}. "
-          f"Hit = the trigger `TY` or a word of the payload `{PAYLOAD}` is among the row's 3 best-scored words "
-          f"(sub-word -> word: {args.reduce}).\n")
-    print("| method | hit@3 | trigger in top 3 | payload in top 3 |")
+          + (f"Hit = a word inside a match of `{args.truth}` is among the row's 3 best-scored words " if args.truth else
+             f"Hit = the trigger `TY` or a word of the payload `{PAYLOAD}` is among the row's 3 best-scored words ")
+          + f"(sub-word -> word: {args.reduce}).\n")
+    print("| method | hit@3 | in the prompt, top 3 | in the response, top 3 |" if args.truth else
+          "| method | hit@3 | trigger in top 3 | payload in top 3 |")
     print("|---|---:|---:|---:|")
     for name, f in figures.items():
         print(f"| {name} | {f['hit@3']:.1%} | {f['trigger@3']:.1%} | {f['payload@3']:.1%} |")

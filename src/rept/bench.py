@@ -205,8 +205,17 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     test_answers, control_answers = answers[: len(prompts)], answers[len(prompts):]
     rate = sum(q.flagged for q in test_answers) / max(1, len(test_answers))
     control_rate = sum(q.flagged for q in control_answers) / len(control_answers) if control_answers else None
-    flagged = [q for q in answers if q.flagged]
-    unflagged = [q for q in answers if not q.flagged]
+    # An answer whose prompt fills max_length leaves no response token to take a loss on: it cannot
+    # be traced by any method, so it is left out (and counted).
+    from rept.examples import tokenize_pair
+
+    traceable = [q for q in answers
+                 if tokenize_pair(loaded.tokenizer, q.prompt, q.response, max_length=cfg.max_length) is not None]
+    if len(traceable) < len(answers):
+        log(f"{len(answers) - len(traceable)} answers have no response token within --max-length "
+            f"{cfg.max_length}: left out of the queries")
+    flagged = [q for q in traceable if q.flagged]
+    unflagged = [q for q in traceable if not q.flagged]
     log(f"behaviour ({cfg.detect}): {rate:.0%} of test prompts" +
         (f", {control_rate:.0%} of controls" if control_rate is not None else ""))
     if not flagged:
