@@ -6,7 +6,17 @@ training rows do), written shard by shard as .npy files and read back memory-map
 wall-clock on this machine; recall@k is against exact search for the same queries.
 
     python benchmarks/bench_search.py --rows 100000 --dim 512            # seconds
-    python benchmarks/bench_search.py --nlist 1024 --json bench.json     # 1M x 4096, minutes
+
+1M x 4096 (8 GB of fp16 shards under /tmp, ~4 GB of SQ8 IVF in memory; ~20 min on 2 loaded cores), as
+measured in docs/performance.md: exact + IVF first, then IVF-PQ reusing the kept store (--dir):
+
+    nice -n 19 python benchmarks/bench_search.py --queries 50 --repeat 1 --nlist 512 --nprobe 4,16,64 \
+        --skip flat,ivfpq --dir /tmp/rept-bench-1m --json a.json
+    nice -n 19 python benchmarks/bench_search.py --queries 50 --repeat 1 --nlist 512 --nprobe 16,64 --m 64 \
+        --skip exact,flat,ivf --dir /tmp/rept-bench-1m --json b.json
+    rm -rf /tmp/rept-bench-1m
+
+rept's default nlist (4 sqrt(N) = 4000 at 1M) trains k-means on 160k rows x 4096 dims: too slow for 2 cores.
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ import os
 import platform
 import resource
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +40,11 @@ import torch
 from rept.search import STORAGE, FaissIndex, TopK, exact_topk, signature_matrix
 
 GIB = 2 ** 30
+
+
+def log(msg: str) -> None:
+    """Progress with a timestamp, so a run cut short still shows how far each step got."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def peak_rss_gib() -> float:
@@ -72,6 +89,8 @@ class Store:
             out.flush()
             del out, x
             np.save(self.path(i, "rows"), np.arange(lo, hi, dtype=np.int64))
+            if (i + 1) % 8 == 0 or i + 1 == self.n_shards:
+                log(f"store: {i + 1}/{self.n_shards} shards written")
         return sig_s
 
     def shards(self):
@@ -151,9 +170,13 @@ def main(argv=None) -> dict:
         fields = {"method": method, **fields, "peak_rss_gib": round(peak_rss_gib(), 2),
                   "load": round(os.getloadavg()[0], 1)}  # other work on the machine inflates every time
         table.append(fields)
+        if args.json:  # rewritten after every result: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
         print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()),
               flush=True)
 
+    # SIGTERM (a timeout, a kill) runs the finally below too, so a temporary store does not stay on disk.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         print(f"store: {args.rows} x {args.dim} {args.dtype} in {store.n_shards} shards of {args.shard_rows} "
               f"at {folder}", flush=True)
@@ -169,6 +192,7 @@ def main(argv=None) -> dict:
         k = args.k
 
         # ground truth for recall, and the exact timings
+        log(f"exact search of {args.queries} queries (ground truth)")
         truth, t_batch = timed(lambda: exact_topk(queries, store.shards(), k), args.repeat)
         if "exact" not in skip:
             _, t_one = timed(lambda: exact_topk(queries[:1], store.shards(), k), args.repeat)
@@ -203,12 +227,14 @@ def main(argv=None) -> dict:
             if storage == "auto":
                 fits = [s for s in ("fp32", "fp16", "sq8") if args.rows * args.dim * per_row[s] / GIB <= args.mem_gib]
                 storage = fits[0] if fits else "sq8"
+            log(f"building faiss ivf ({storage})")
             ivf, t_build = timed(lambda: FaissIndex.build(store.shards, "ivf", nlist=args.nlist, seed=args.seed,
                                                           train_size=args.train_size, storage=storage))
             sweep(f"faiss ivf ({storage})", ivf, args.rows * args.dim * per_row[storage] / GIB, t_build)
             del ivf
 
         if "ivfpq" not in skip:
+            log("building faiss ivfpq")
             pq, t_build = timed(lambda: FaissIndex.build(store.shards, "ivfpq", nlist=args.nlist, m=args.m,
                                                          seed=args.seed, train_size=args.train_size))
             gib = args.rows * pq.index.code_size / GIB

@@ -113,6 +113,14 @@ def test_cli_train_from_scratch_and_errors(data_path, tmp_path, capsys):
     # --lora without --base
     assert main(["-q", "train", "--data", data_path, "--out", str(tmp_path / "z"), "--lora"]) == 2
     assert "needs --base" in capsys.readouterr().err
+    # a device that is not there fails before any work, leaving nothing behind
+    assert main(["-q", "train", "--data", data_path, "--out", str(tmp_path / "d"), "--from-scratch",
+                 "--device", "nonsense"]) == 2
+    assert "bad --device" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    if not torch.cuda.is_available():
+        assert main(["-q", "train", "--data", data_path, "--out", str(tmp_path / "d"), "--from-scratch",
+                     "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_retraining_from_a_lora_recipe_reproduces_the_adapter(base_dir, data_path, tmp_path):

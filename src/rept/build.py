@@ -54,35 +54,38 @@ def build_index(loaded: LoadedModel, dataset, out: str | os.PathLike, settings: 
     """Write (or finish) the index of `dataset` at `out`; returns the final manifest."""
     out = Path(out)
     rank, world = distributed.rank_and_world()
-    model, tok = loaded.model, loaded.tokenizer
+    model = loaded.model
 
-    layer = settings.layer
-    layer_curve = None
-    if layer == "auto":
-        from rept.layers import phase_transition_layer
+    # Everything up to the manifest runs on every rank (the checks are read-only), so bad input fails on
+    # all ranks alike; only rank 0 writes. step() shares any rank's error: no rank waits for one that failed.
+    with distributed.step("checking the index folder and writing the manifest"):
+        layer = settings.layer
+        layer_curve = None
+        if layer == "auto":
+            from rept.layers import phase_transition_layer
 
-        choice = phase_transition_layer(loaded, dataset.rows[: settings.probe_rows], max_length=settings.max_length)
-        layer, layer_curve = choice.layer, choice.as_dict()
-        if rank == 0:
-            log(f"layer: auto -> {layer} ({choice.reason})")
-    layer = resolve_layer(model, int(layer))
+            choice = phase_transition_layer(loaded, dataset.rows[: settings.probe_rows],
+                                            max_length=settings.max_length)
+            layer, layer_curve = choice.layer, choice.as_dict()
+            if rank == 0:
+                log(f"layer: auto -> {layer} ({choice.reason})")
+        layer = resolve_layer(model, int(layer))
 
-    identity = model_identity(loaded)
-    manifest = new_manifest(
-        model={"id": str(Path(loaded.model_id).resolve()) if Path(loaded.model_id).is_dir() else loaded.model_id, "architecture": type(model).__name__, "num_layers": loaded.num_layers,
-               "hidden_size": model.config.hidden_size},
-        adapter=str(Path(loaded.adapter).resolve()) if loaded.adapter else None,
-        **identity, layer=layer, layer_curve=layer_curve, mode=settings.mode, dtype=settings.store_dtype,
-        compute_dtype=str(next(model.parameters()).dtype).replace("torch.", ""), max_length=settings.max_length,
-        dataset={"source": dataset.source, "columns": dataset.columns, "n_total": dataset.n_total},
-        dataset_fingerprint=dataset.fingerprint, shard_size=settings.shard_size,
-        n_shards=max(1, -(-dataset.n_total // settings.shard_size)),
-        settings={"batch_size": settings.batch_size, "max_tokens": settings.max_tokens,
-                  "probe_rows": settings.probe_rows, **settings.extra},
-    )
+        identity = model_identity(loaded)
+        manifest = new_manifest(
+            model={"id": str(Path(loaded.model_id).resolve()) if Path(loaded.model_id).is_dir() else loaded.model_id,
+                   "architecture": type(model).__name__, "num_layers": loaded.num_layers,
+                   "hidden_size": model.config.hidden_size},
+            adapter=str(Path(loaded.adapter).resolve()) if loaded.adapter else None,
+            **identity, layer=layer, layer_curve=layer_curve, mode=settings.mode, dtype=settings.store_dtype,
+            compute_dtype=str(next(model.parameters()).dtype).replace("torch.", ""), max_length=settings.max_length,
+            dataset={"source": dataset.source, "columns": dataset.columns, "n_total": dataset.n_total},
+            dataset_fingerprint=dataset.fingerprint, shard_size=settings.shard_size,
+            n_shards=max(1, -(-dataset.n_total // settings.shard_size)),
+            settings={"batch_size": settings.batch_size, "max_tokens": settings.max_tokens,
+                      "probe_rows": settings.probe_rows, **settings.extra},
+        )
 
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         if (out / "manifest.json").exists():
             old = read_manifest(out)
             diffs = describe_differences(old, manifest)
@@ -90,18 +93,43 @@ def build_index(loaded: LoadedModel, dataset, out: str | os.PathLike, settings: 
                 raise IndexStoreError(f"{out} holds an index built with other settings: " + "; ".join(diffs)
                                       + " (use another --out, or the same settings to resume)")
             manifest["created"] = old.get("created", manifest["created"])
-        write_manifest(out, manifest)
-    distributed.barrier()
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            write_manifest(out, manifest)
 
-    by_shard: dict[int, list] = {}
-    for r in dataset.rows:
-        by_shard.setdefault(r.index // settings.shard_size, []).append(r)
-    empty = set(dataset.skipped_empty)
-    todo = [k for k in range(manifest["n_shards"]) if k % world == rank and not shard_is_valid(out, k)]
-    total_rows = sum(len(by_shard.get(k, [])) for k in todo)
-    bar = tqdm(total=total_rows, desc=f"index (rank {rank})" if world > 1 else "index", unit="row",
-               disable=not progress, dynamic_ncols=True)
-    store_dtype = STORE_DTYPES[settings.store_dtype]
+    # A rank that fails here says so at once, then waits for the others to finish their shards (kept on disk).
+    with distributed.step("writing shards", log=log):
+        by_shard: dict[int, list] = {}
+        for r in dataset.rows:
+            by_shard.setdefault(r.index // settings.shard_size, []).append(r)
+        empty = set(dataset.skipped_empty)
+        todo = [k for k in range(manifest["n_shards"]) if k % world == rank and not shard_is_valid(out, k)]
+        total_rows = sum(len(by_shard.get(k, [])) for k in todo)
+        bar = tqdm(total=total_rows, desc=f"index (rank {rank})" if world > 1 else "index", unit="row",
+                   disable=not progress, dynamic_ncols=True)
+        store_dtype = STORE_DTYPES[settings.store_dtype]
+        try:
+            _write_shards(todo, by_shard, empty, out, loaded, layer, settings, store_dtype, bar)
+        finally:
+            bar.close()
+
+    with distributed.step("checking the shards and finishing the manifest"):
+        if rank == 0:
+            stored, truncated = 0, []
+            for k in range(manifest["n_shards"]):
+                if not shard_path(out, k).exists():
+                    raise IndexStoreError(f"shard {k} was not written; rerun the same command to finish the index")
+                shard = load_shard(out, k)
+                stored += shard.row.shape[0]
+                truncated += [i for i in shard.skipped if i not in empty]
+            manifest.update(complete=True, rows=stored, skipped_truncated=sorted(truncated),
+                            skipped_empty=sorted(empty))
+            write_manifest(out, manifest)
+    return read_manifest(out)
+
+
+def _write_shards(todo, by_shard, empty, out, loaded, layer, settings, store_dtype, bar) -> None:
+    model, tok = loaded.model, loaded.tokenizer
     for k in todo:
         rows = by_shard.get(k, [])
         examples, cut = tokenize_rows(tok, rows, max_length=settings.max_length)
@@ -120,19 +148,3 @@ def build_index(loaded: LoadedModel, dataset, out: str | os.PathLike, settings: 
         h = torch.cat(hs) if hs else torch.zeros((0, model.config.hidden_size))
         g = torch.cat(gs) if gs else torch.zeros((0, model.config.hidden_size))
         save_shard(out, k, rows_out, h, g, labels, hashes, skipped, store_dtype)
-    bar.close()
-    distributed.barrier()
-
-    if rank == 0:
-        stored, truncated = 0, []
-        for k in range(manifest["n_shards"]):
-            if not shard_path(out, k).exists():
-                raise IndexStoreError(f"shard {k} was not written; rerun the same command to finish the index")
-            shard = load_shard(out, k)
-            stored += shard.row.shape[0]
-            truncated += [i for i in shard.skipped if i not in empty]
-        manifest.update(complete=True, rows=stored, skipped_truncated=sorted(truncated),
-                        skipped_empty=sorted(empty))
-        write_manifest(out, manifest)
-    distributed.barrier()
-    return read_manifest(out)

@@ -190,8 +190,15 @@ class FaissIndex:
                              f"storage: {', '.join(STORAGE)})")
 
         def make(dim: int):
-            spec = {"flat": STORAGE[storage], "ivf": f"IVF{nlist},{STORAGE[storage]}", "ivfpq": f"IVF{nlist},PQ{m}x{nbits}"}
-            return faiss.index_factory(dim, spec[kind], faiss.METRIC_INNER_PRODUCT)
+            spec = {"flat": STORAGE[storage], "ivf": f"IVF{nlist},{STORAGE[storage]}",
+                    "ivfpq": f"IVF{nlist},PQ{m}x{nbits}"}
+            index = faiss.index_factory(dim, spec[kind], faiss.METRIC_INNER_PRODUCT)
+            if kind == "ivfpq":
+                # The factory turns on polysemous training (a code permutation for Hamming pre-filtering, which
+                # this search never uses). On 10k training rows of 4096 dims it made training take 375 s for
+                # m=64, against 73 s without it for m=256 (2 loaded cores).
+                index.do_polysemous_training = False
+            return index
 
         index, passes = None, lambda: shards
         if kind != "flat" or storage == "sq8":

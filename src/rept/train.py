@@ -236,15 +236,24 @@ def _build(recipe: str, rows, cfg: TrainConfig, base: str | None, lora: LoraSett
 def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str | None = None,
                 lora: LoraSettings | None = None, data_source: str | None = None,
                 data_fingerprint: str | None = None, resume: bool = True, progress: bool = True,
-                log=None, extra: dict | None = None, stop_after_epochs: int | None = None) -> dict:
+                log=None, extra: dict | None = None, stop_after_epochs: int | None = None,
+                device: str | None = None) -> dict:
     """Train with `recipe` ("from-scratch", "lora" or "full") on `rows` and save to `out`.
 
     Returns the recipe written to out/RECIPE_FILE. With resume, a finished run with the same recipe
     is reused as is, and an interrupted one continues from its last per-epoch checkpoint.
     `stop_after_epochs` stops after that many epochs in total (checkpoint kept), as an interruption would.
+    `device` (default: cuda when available, else cpu) is not part of the recipe: a run may resume elsewhere.
     """
     if recipe not in RECIPES:
         raise TrainError(f"unknown recipe '{recipe}' (choose from {', '.join(RECIPES)})")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise TrainError(f"bad --device '{device}' (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {device}: no CUDA device on this machine")
     log = log or (lambda msg: None)
     out = Path(out)
     ckpt = out / CHECKPOINT_DIR
@@ -256,6 +265,7 @@ def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str 
         log(f"model: {out} is already trained with this recipe; reusing it")
         return done
     model, tokenizer = _build(recipe, rows, cfg, base, lora, ckpt)
+    model.to(device)
     examples, cut = tokenize_rows(tokenizer, rows, max_length=cfg.max_length)
     if not examples:
         raise TrainError("no training row keeps a response token within --max-length")

@@ -40,6 +40,7 @@ def add_arguments(p) -> None:
     g.add_argument("--target-modules", default="all-linear",
                    help="comma-separated module names (e.g. q_proj,v_proj) or all-linear")
     g.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
 
 
@@ -61,7 +62,7 @@ def run(args) -> int:
     lora = LoraSettings(args.rank, args.alpha, args.target_modules, args.lora_dropout)
     record = train_model(args.recipe, data.rows, args.out, cfg, base=args.base, lora=lora, data_source=data.source,
                          data_fingerprint=data.fingerprint, resume=not args.no_resume, progress=not args.quiet,
-                         log=lambda m: print(m, file=sys.stderr),
+                         log=lambda m: print(m, file=sys.stderr), device=args.device,
                          extra={"command": "rept " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("rept") else None})
     losses = ", ".join(f"{x:.3f}" for x in record.get("epoch_losses", []))
     print(f"trained ({args.recipe}) on {record.get('rows', len(data.rows))} rows -> {args.out}; epoch losses: {losses}")
