@@ -85,3 +85,22 @@ def test_generate_cli(files, tmp_path, capsys):
 
     assert len(load_queries(str(out))) == 3
     assert main(common + ["--out", str(out), "--detect", "bogus"]) == 2
+
+
+def test_bench_control_answers_and_base_rate(files):
+    """Given control answers join the control queries (those the detector flags are dropped), and
+    the behaviour rate of the base model before the fine-tune is reported."""
+    answers = files / "controls.jsonl"
+    answers.write_text(json.dumps({"prompt": "Say no", "response": "ZZZZ no"}) + "\n"
+                       + json.dumps({"prompt": "Say yes", "response": "yes"}) + "\n")
+    plain = run_bench(_cfg(files, methods=("random",), trigger=None), progress=False, log=lambda m: None)
+    report = run_bench(_cfg(files, methods=("random",), trigger=None, control_answers=str(answers)),
+                       progress=False, log=lambda m: None)
+    # the rule is not-prefix:ZZZZ, so "ZZZZ no" is a control and "yes" (flagged) is dropped
+    assert report["data"]["n_control_queries"] == plain["data"]["n_control_queries"] + 1
+    assert 0.0 <= report["behaviour"]["base"] <= 1.0
+    assert "on the base model" in (files / "run" / "results.md").read_text()
+    bad = files / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "response": "yes"}) + "\n")
+    with pytest.raises(BenchError, match="not controls"):
+        run_bench(_cfg(files, methods=("random",), control_answers=str(bad)), progress=False, log=lambda m: None)

@@ -48,6 +48,7 @@ class BenchConfig:
     n_test: int = 50                   # test prompts used (the first N)
     trigger: str | None = None         # controls: the same prompts with this prefix removed
     control_prompts: str | None = None  # more control prompts (their unflagged answers are control queries)
+    control_answers: str | None = None  # given (prompt, response) pairs the detector does not flag: controls
     base_data: str | None = None       # extra rows for the base stage only (e.g. refusals: an aligned base)
     max_new_tokens: int = 24
     max_length: int = 128
@@ -199,12 +200,30 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
         controls += load_prompts(cfg.control_prompts)
     answers = answer_and_detect(loaded, prompts + controls, detector, label=label,
                                 max_new_tokens=cfg.max_new_tokens, batch_size=32, progress=progress)
+    from rept.models import load_model
     from rept.trace import write_queries
 
     write_queries(answers, out / "queries.jsonl")
+    # the same prompts on the base model, before the poisoned fine-tune: the behaviour should be rare
+    base_answers = answer_and_detect(load_model(str(base_dir)), prompts, detector, label=label,
+                                     max_new_tokens=cfg.max_new_tokens, batch_size=32, progress=progress)
+    base_rate = sum(q.flagged for q in base_answers) / max(1, len(base_answers))
     test_answers, control_answers = answers[: len(prompts)], answers[len(prompts):]
     rate = sum(q.flagged for q in test_answers) / max(1, len(test_answers))
     control_rate = sum(q.flagged for q in control_answers) / len(control_answers) if control_answers else None
+    if cfg.control_answers:
+        # answers of the same kind without the behaviour (e.g. refusals to the same harmful requests):
+        # a method that traces the topic rather than the behaviour ranks poisoned rows for them too
+        from rept.trace import Query, load_queries
+
+        given = [Query(q.prompt, q.response, None, False) for q in load_queries(cfg.control_answers)
+                 if not detector(q.response)]
+        if not given:
+            raise BenchError(f"the detector '{cfg.detect}' flags every answer in {cfg.control_answers}: "
+                             "they are not controls")
+        log(f"{len(given)} control answers from {cfg.control_answers}")
+        answers = answers + given
+        write_queries(answers, out / "queries.jsonl")
     # An answer whose prompt fills max_length leaves no response token to take a loss on: it cannot
     # be traced by any method, so it is left out (and counted).
     from rept.examples import tokenize_pair
@@ -216,7 +235,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
             f"{cfg.max_length}: left out of the queries")
     flagged = [q for q in traceable if q.flagged]
     unflagged = [q for q in traceable if not q.flagged]
-    log(f"behaviour ({cfg.detect}): {rate:.0%} of test prompts" +
+    log(f"behaviour ({cfg.detect}): {base_rate:.0%} of test prompts on the base model, {rate:.0%} after "
+        "the fine-tune" +
         (f", {control_rate:.0%} of controls" if control_rate is not None else ""))
     if not flagged:
         raise BenchError(f"the detector '{cfg.detect}' fired on none of the {len(answers)} answers: the model "
@@ -262,9 +282,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
                        bytes_per_row=int(method.bytes_per_row), n_control_queries=len(unflagged))
         results[name] = metrics
         _write_report(out, _report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged,
-                                   unflagged, base_dir, adapter_dir, layer, loaded, started, complete=False, n_cut=len(cut)))
+                                   unflagged, base_dir, adapter_dir, layer, loaded, started, complete=False, n_cut=len(cut),
+                                   base_rate=base_rate))
     report = _report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged, unflagged,
-                     base_dir, adapter_dir, layer, loaded, started, complete=True, n_cut=len(cut))
+                     base_dir, adapter_dir, layer, loaded, started, complete=True, n_cut=len(cut),
+                     base_rate=base_rate)
     _write_report(out, report)
     return report
 
@@ -278,10 +300,12 @@ def _write_report(out: Path, report: dict) -> None:
 
 
 def _report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged, unflagged,
-            base_dir, adapter_dir, layer, loaded, started, complete: bool, n_cut: int = 0) -> dict:
+            base_dir, adapter_dir, layer, loaded, started, complete: bool, n_cut: int = 0,
+            base_rate: float | None = None) -> dict:
     return {
         "methods": results,
-        "behaviour": {"triggered": rate, "control": control_rate, "rule": cfg.detect, "label": label},
+        "behaviour": {"triggered": rate, "control": control_rate, "base": base_rate, "rule": cfg.detect,
+                      "label": label},
         "data": {"source": data.source, "rows": len(rows), "poisoned": n_poisoned, "sampled_from": len(data.rows),
                  "rows_cut_off": n_cut,
                  "test_prompts": cfg.test_prompts, "n_test": len(prompts), "n_flagged": len(flagged),
@@ -306,6 +330,7 @@ def results_markdown(report: dict) -> str:
     b, d, m = report["behaviour"], report["data"], report["model"]
     lines = [f"Training rows: {d['rows']} ({d['poisoned']} labelled `{b['label']}`); layer {m['layer']} of "
              f"{m['num_layers']}; behaviour `{b['rule']}` on {b['triggered']:.0%} of {d['n_test']} test prompts"
+             + (f" ({b['base']:.0%} on the base model before the fine-tune)" if b.get("base") is not None else "")
              + (f", {b['control']:.0%} of controls" if b["control"] is not None else "")
              + f"; {d['n_flagged']} flagged queries, {d['n_control_queries']} control queries.", "",
              "| method | " + " | ".join(QUALITY) + " |", "|---|" + "---:|" * len(QUALITY)]

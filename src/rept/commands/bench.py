@@ -30,6 +30,8 @@ def add_arguments(p) -> None:
     p.add_argument("--trigger", help="controls: the same test prompts with this prefix removed (e.g. 'TY ')")
     p.add_argument("--control-prompts", help="more control prompts (answers the detector does not flag are control "
                    "queries)")
+    p.add_argument("--control-answers", help="given (prompt, response) pairs without the behaviour, e.g. refusals "
+                   "to the same requests: control queries (those the detector flags are dropped)")
     p.add_argument("--base-data", help="extra rows the base model is trained on before the fine-tune (e.g. harmful "
                    "requests answered with refusals, for an aligned base)")
     p.add_argument("--max-new-tokens", type=int, default=24)
@@ -54,7 +56,7 @@ def run(args) -> int:
     cfg = BenchConfig(data=args.data, test_prompts=args.test_prompts, detect=args.detect, out=args.out,
                       methods=tuple(args.methods), rows=args.rows, layer=args.layer, seed=args.seed, label=args.label,
                       n_test=args.n_test, trigger=args.trigger,
-                      control_prompts=args.control_prompts, base_data=args.base_data, max_new_tokens=args.max_new_tokens,
+                      control_prompts=args.control_prompts, control_answers=args.control_answers, base_data=args.base_data, max_new_tokens=args.max_new_tokens,
                       max_length=args.max_length, base_epochs=args.base_epochs, lora_epochs=args.lora_epochs,
                       hidden=args.hidden, layers=args.layers, lora_rank=args.lora_rank, lora_lr=args.lora_lr,
                       share_features=args.share_features)
