@@ -116,6 +116,14 @@ def main(argv=None) -> int:
         print("the model never misbehaved: no flagged query to trace", file=sys.stderr)
         return 1
     tracer = Tracer(index_dir)
+    # a query whose prompt fills max_length has no response token to trace: left out
+    from rept.examples import tokenize_pair
+
+    keep = [q for q in queries if tokenize_pair(tracer.loaded.tokenizer, q.prompt, q.response,
+                                                max_length=tracer.index.manifest["max_length"]) is not None]
+    if len(keep) < len(queries):
+        print(f"{len(queries) - len(keep)} flagged queries do not fit max_length: left out", file=sys.stderr)
+    queries = keep
 
     # Cost of the token level for one query and k rows, next to the row-level trace.
     # (best of 3: this machine may be shared)
