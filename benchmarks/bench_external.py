@@ -7,7 +7,7 @@ queries with relevant row = (label == the behaviour's label), control_P@10 on th
 rows with no response token within max_length ranked last. Prints one Markdown row in the columns
 of `rept.bench.QUALITY` plus build_s (factors) and query_s (scores), and writes a JSON.
 
-    PYTHONPATH=/tmp/kdeps python benchmarks/bench_external.py --work /tmp/runs/backdoor-full \\
+    PYTHONPATH=/tmp/kdeps python benchmarks/bench_external.py --work runs/backdoor-full \\
         --method kronfluence --json kronfluence.json [--rows N]
 
 Methods
