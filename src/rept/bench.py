@@ -198,22 +198,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
         controls = [p[len(cfg.trigger):] if p.startswith(cfg.trigger) else p for p in prompts]
     if cfg.control_prompts:
         controls += load_prompts(cfg.control_prompts)
-    answers = answer_and_detect(loaded, prompts + controls, detector, label=label,
-                                max_new_tokens=cfg.max_new_tokens, batch_size=32, progress=progress)
-    from rept.models import load_model
-    from rept.trace import write_queries
-
-    write_queries(answers, out / "queries.jsonl")
-    # the same prompts on the base model, before the poisoned fine-tune: the behaviour should be rare
-    base_answers = answer_and_detect(load_model(str(base_dir)), prompts, detector, label=label,
-                                     max_new_tokens=cfg.max_new_tokens, batch_size=32, progress=progress)
-    base_rate = sum(q.flagged for q in base_answers) / max(1, len(base_answers))
-    test_answers, control_answers = answers[: len(prompts)], answers[len(prompts):]
-    rate = sum(q.flagged for q in test_answers) / max(1, len(test_answers))
-    control_rate = sum(q.flagged for q in control_answers) / len(control_answers) if control_answers else None
+    given = []
     if cfg.control_answers:
         # answers of the same kind without the behaviour (e.g. refusals to the same harmful requests):
-        # a method that traces the topic rather than the behaviour ranks poisoned rows for them too
+        # a method that traces the topic rather than the behaviour ranks poisoned rows for them too.
+        # Checked before any answer is generated.
         from rept.trace import Query, load_queries
 
         given = [Query(q.prompt, q.response, None, False) for q in load_queries(cfg.control_answers)
@@ -222,8 +211,20 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
             raise BenchError(f"the detector '{cfg.detect}' flags every answer in {cfg.control_answers}: "
                              "they are not controls")
         log(f"{len(given)} control answers from {cfg.control_answers}")
-        answers = answers + given
-        write_queries(answers, out / "queries.jsonl")
+    answers = answer_and_detect(loaded, prompts + controls, detector, label=label,
+                                max_new_tokens=cfg.max_new_tokens, batch_size=32, progress=progress)
+    from rept.models import load_model
+    from rept.trace import write_queries
+
+    # the same prompts on the base model, before the poisoned fine-tune: the behaviour should be rare
+    base_answers = answer_and_detect(load_model(str(base_dir)), prompts, detector, label=label,
+                                     max_new_tokens=cfg.max_new_tokens, batch_size=32, progress=progress)
+    base_rate = sum(q.flagged for q in base_answers) / max(1, len(base_answers))
+    test_answers, control_answers = answers[: len(prompts)], answers[len(prompts):]
+    rate = sum(q.flagged for q in test_answers) / max(1, len(test_answers))
+    control_rate = sum(q.flagged for q in control_answers) / len(control_answers) if control_answers else None
+    answers = answers + given
+    write_queries(answers, out / "queries.jsonl")
     # An answer whose prompt fills max_length leaves no response token to take a loss on: it cannot
     # be traced by any method, so it is left out (and counted).
     from rept.examples import tokenize_pair

@@ -136,6 +136,15 @@ def response_losses(logits: torch.Tensor, batch: Batch, offset: int = 0) -> torc
     return torch.stack(losses)
 
 
+def response_logit_window(batch: Batch) -> tuple[int, torch.Tensor]:
+    """(offset, positions): the positions offset .. hi-1 whose logits predict every response token
+    of every example in the batch, as `logits_to_keep` takes them; `response_losses` reads the
+    window with that offset."""
+    offset = min(s + e.prompt_len - 1 for s, e in zip(batch.starts, batch.examples))
+    hi = max(s + len(e.input_ids) - 1 for s, e in zip(batch.starts, batch.examples))
+    return offset, torch.arange(offset, hi, device=batch.input_ids.device)
+
+
 def length_sorted_batches(examples: list[Example], batch_size: int, max_tokens: int | None = None) -> list[list[Example]]:
     """Group examples of similar length so little compute goes to padding. With max_tokens,
     a batch holds at most that many padded tokens (but always at least one example)."""
@@ -158,10 +167,7 @@ def extract_batch(model, batch_examples: list[Example], layer: int, pad_id: int,
     batch = collate(batch_examples, pad_id, padding_side, device)
     extra, offset = {}, 0
     if RESPONSE_LOGITS_ONLY and not token_level and _accepts_logits_to_keep(model):
-        # positions lo .. hi-1 predict every response token of every example in the batch
-        offset = min(s + e.prompt_len - 1 for s, e in zip(batch.starts, batch_examples))
-        hi = max(s + len(e.input_ids) - 1 for s, e in zip(batch.starts, batch_examples))
-        extra["logits_to_keep"] = torch.arange(offset, hi, device=device)
+        offset, extra["logits_to_keep"] = response_logit_window(batch)
     mask = batch.attention_mask
     if CAUSAL_ONLY_FOR_RIGHT_PADDING and padding_side == "right":
         mask = None

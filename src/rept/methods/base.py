@@ -119,12 +119,15 @@ def query_rows(queries):
     return [(q.prompt, q.response) for q in queries]
 
 
-def examples_for(tokenizer, pairs, max_length: int, what: str):
+def examples_for(tokenizer, pairs, max_length: int, what: str, loss_chars=None):
+    """Examples for (prompt, response) pairs; `loss_chars` (one character range of the response
+    per pair, or None) restricts each pair's loss to that part of its response."""
     from rept.examples import tokenize_pair
 
     out = []
-    for i, (prompt, response) in enumerate(pairs):
-        ex = tokenize_pair(tokenizer, prompt, response, row=i, max_length=max_length)
+    spans = loss_chars if loss_chars is not None else [None] * len(pairs)
+    for i, ((prompt, response), span) in enumerate(zip(pairs, spans)):
+        ex = tokenize_pair(tokenizer, prompt, response, row=i, max_length=max_length, loss_chars=span)
         if ex is None:
             raise MethodError(f"{what} {i + 1}: no response token left within max_length {max_length}")
         out.append(ex)
@@ -235,7 +238,7 @@ class _Tap(torch.autograd.Function):
 def _batch_grads(model, pad_id, chunk, named, owners, check: bool = False):
     """Per-example gradients of one batch ({name: [B, *shape]} float32 on the model's device, in
     `chunk` order), or None when `check` finds that their sum misses part of the batch gradient."""
-    from rept.signatures import _accepts_logits_to_keep, collate, response_losses
+    from rept.signatures import _accepts_logits_to_keep, collate, response_logit_window, response_losses
 
     device = next(model.parameters()).device
     batch = collate(chunk, pad_id, "right", device)
@@ -285,10 +288,7 @@ def _batch_grads(model, pad_id, chunk, named, owners, check: bool = False):
     # a PEFT wrapper passes extra keyword arguments on to the model it wraps
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if _accepts_logits_to_keep(base):
-        # positions offset .. hi-1 predict every response token of every row in the batch
-        offset = min(s + e.prompt_len - 1 for s, e in zip(batch.starts, chunk))
-        hi = max(s + len(e.input_ids) - 1 for s, e in zip(batch.starts, chunk))
-        extra["logits_to_keep"] = torch.arange(offset, hi, device=device)
+        offset, extra["logits_to_keep"] = response_logit_window(batch)
     params = [p for _, p in named] if check else []
     try:
         with torch.enable_grad():

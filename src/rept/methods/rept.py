@@ -11,15 +11,11 @@ from rept.methods.base import Method, MethodError, ModelBundle, examples_for, qu
 def _signatures(bundle: ModelBundle, pairs, what: str, loss_chars=None):
     """h and g at the bundle's layer; `loss_chars` (one character range of the response per pair,
     or None) restricts each pair's loss to that part of its response."""
-    from rept.examples import tokenize_pair
     from rept.signatures import extract_all
 
     loaded = bundle.merged()
     layer = bundle.resolved_layer([_Row(p, r) for p, r in pairs])
-    examples = examples_for(loaded.tokenizer, pairs, bundle.max_length, what)
-    if loss_chars is not None:
-        examples = [tokenize_pair(loaded.tokenizer, p, r, row=i, max_length=bundle.max_length, loss_chars=span)
-                    if span else ex for i, ((p, r), span, ex) in enumerate(zip(pairs, loss_chars, examples))]
+    examples = examples_for(loaded.tokenizer, pairs, bundle.max_length, what, loss_chars)
     sig = extract_all(loaded.model, examples, layer, loaded.tokenizer.pad_token_id, batch_size=bundle.batch_size)
     return sig.h.numpy(), sig.g.numpy()
 
