@@ -11,6 +11,7 @@ with rept.build.build_index and reports peak RSS along the way and storage bytes
 
     python benchmarks/bench_signatures.py                         # hidden 256, 4 layers
     python benchmarks/bench_signatures.py --hidden 768 --layers 12 --plain-rows 64
+    python benchmarks/bench_signatures.py --preamble-tokens 300   # long prompts (a chat template's system prompt)
     python benchmarks/bench_signatures.py --index-rows 200000     # memory + storage
 """
 
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 from importlib import resources
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -55,10 +57,10 @@ def demo_rows():
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def setup(hidden: int, layers: int, n_rows: int, max_length: int, vocab: int):
+def setup(hidden: int, layers: int, n_rows: int, max_length: int, vocab: int, preamble_tokens: int = 0):
     rows = demo_rows()
     tok = train_tokenizer([r["prompt"] + " " + r["response"] for r in rows], vocab_size=vocab)
-    model = tiny_llama(tok, hidden=hidden, layers=layers, heads=max(1, hidden // 64), max_positions=max(512, max_length),
+    model = tiny_llama(tok, hidden=hidden, layers=layers, heads=max(1, hidden // 64), max_positions=max(512, max_length + preamble_tokens),
                        seed=0).eval().requires_grad_(False)
     examples = []
     for r in rows:
@@ -67,6 +69,11 @@ def setup(hidden: int, layers: int, n_rows: int, max_length: int, vocab: int):
             examples.append(ex)
         if len(examples) == n_rows:
             break
+    if preamble_tokens:
+        # The same long preamble in front of every prompt, as a chat template's system prompt adds.
+        preamble = tok(" ".join(r["prompt"] for r in rows[:100]))["input_ids"][:preamble_tokens]
+        examples = [replace(e, input_ids=preamble + e.input_ids, prompt_len=len(preamble) + e.prompt_len,
+                            offsets=[(0, 0)] * len(preamble) + e.offsets) for e in examples]
     return tok, model, examples
 
 
@@ -137,7 +144,7 @@ def timed(fn, repeat=1):
 
 def throughput(args):
     torch.manual_seed(0)
-    tok, model, examples = setup(args.hidden, args.layers, args.rows, args.max_length, args.vocab)
+    tok, model, examples = setup(args.hidden, args.layers, args.rows, args.max_length, args.vocab, args.preamble_tokens)
     pad = tok.pad_token_id
     layer = args.layer if args.layer is not None else args.layers // 2
     n = len(examples)
@@ -173,12 +180,18 @@ def throughput(args):
         add("c, batch 256 + max_tokens 4096", timed(lambda: forward_only(model, examples, pad, 256, 4096), r), n)
         add("c, batch 16, no padding mask (right padding)",
             timed(lambda: forward_only(model, examples, pad, 16, causal_only=True), r), n)
-        for name in ("RESPONSE_LOGITS_ONLY", "CAUSAL_ONLY_FOR_RIGHT_PADDING"):
-            if hasattr(S, name):
+        # The prefix-cache path computes logits for the response window only and keeps the mask as it
+        # is, so the other two switches only act on the one-pass path: they are measured there.
+        with switch("PROMPT_PREFIX_CACHE", False):
+            rept_extract(model, warm, layer, pad)
+            add("b, one pass (PROMPT_PREFIX_CACHE=False; default True)",
+                timed(lambda: rept_extract(model, examples, layer, pad, batch_size=16), r), n)
+            for name in ("RESPONSE_LOGITS_ONLY", "CAUSAL_ONLY_FOR_RIGHT_PADDING"):
                 flipped = not getattr(S, name)
                 with switch(name, flipped):
                     rept_extract(model, warm, layer, pad)
-                    add(f"b with {name}={flipped} (default {not flipped})", timed(lambda: rept_extract(model, examples, layer, pad, batch_size=16), r), n)
+                    add(f"b, one pass, {name}={flipped} (default {not flipped})",
+                        timed(lambda: rept_extract(model, examples, layer, pad, batch_size=16), r), n)
         for lyr, label in ((1, "layer 1 (low)"), (args.layers - 1, f"layer {args.layers - 1} (high)")):
             if lyr != layer:
                 add(f"b at {label}", timed(lambda: rept_extract(model, examples, lyr, pad, batch_size=16), r), n)
@@ -196,7 +209,7 @@ def throughput(args):
     ratio_bc = by["b."]["seconds"] / by["c."]["seconds"]
     summary = {"machine": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "hidden": args.hidden, "layers": args.layers, "layer": layer, "rows": n, "tokens": n_tokens,
-               "max_length": args.max_length, "vocab": len(tok),
+               "max_length": args.max_length, "vocab": len(tok), "preamble_tokens": args.preamble_tokens,
                "speedup_b_vs_a": round(ratio_ba, 2), "cost_b_over_c": round(ratio_bc, 2), "results": results}
 
     print(f"\nRepT signature throughput: Llama hidden {args.hidden}, {args.layers} layers, layer {layer}, "
@@ -309,6 +322,8 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--vocab", type=int, default=2000, help="tokenizer vocabulary trained on the demo rows")
+    p.add_argument("--preamble-tokens", type=int, default=0,
+                   help="put the same N-token preamble in front of every prompt (a chat template's system prompt)")
     p.add_argument("--plain-rows", type=int, default=0, help="time (a) on the first N rows only (0: all)")
     p.add_argument("--repeat", type=int, default=1, help="time each batched variant this many times, keep the best")
     p.add_argument("--quick", action="store_true", help="only a, b and c")

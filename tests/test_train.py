@@ -139,3 +139,24 @@ def test_retraining_from_a_lora_recipe_reproduces_the_adapter(base_dir, data_pat
     assert torch.allclose(original.model(ids).logits, again.model(ids).logits, atol=1e-6)
     assert not torch.allclose(original.model(ids).logits, fewer.model(ids).logits, atol=1e-4)
     assert read_recipe(tmp_path / "again")["lora"] == read_recipe(first)["lora"]
+
+
+def test_an_adapter_is_not_reused_once_its_base_is_retrained(data_path, tmp_path):
+    """The adapter's recipe records its base's weights: a base retrained in place (here with
+    another epoch count) makes the next run retrain the adapter instead of reusing a stale one."""
+    data = load_dataset(data_path)
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    train_model("from-scratch", data.rows, base, TrainConfig(epochs=1, **TINY), progress=False)
+    lora = dict(lora=LoraSettings(rank=2, alpha=4), progress=False)
+    train_model("lora", data.rows, adapter, TrainConfig(epochs=1, lr=1e-3, **TINY), base=str(base), **lora)
+    logs = []
+    train_model("lora", data.rows, adapter, TrainConfig(epochs=1, lr=1e-3, **TINY), base=str(base), log=logs.append,
+                **lora)
+    assert any("reusing" in m for m in logs)
+    logs = []
+    train_model("from-scratch", data.rows, base, TrainConfig(epochs=2, **TINY), progress=False, log=logs.append)
+    assert not any("reusing" in m for m in logs)  # the base itself is retrained (another recipe)
+    logs = []
+    train_model("lora", data.rows, adapter, TrainConfig(epochs=1, lr=1e-3, **TINY), base=str(base), log=logs.append,
+                **lora)
+    assert not any("reusing" in m for m in logs)

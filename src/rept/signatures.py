@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -35,21 +35,39 @@ RESPONSE_LOGITS_ONLY = True
 # real position. Left padding keeps the mask. Off: on the CPU benchmark it bought nothing
 # measurable (docs/performance.md); a switch for the benchmark and for GPU trials.
 CAUSAL_ONLY_FOR_RIGHT_PADDING = False
-_ACCEPTS_LOGITS_TO_KEEP: dict[type, bool] = {}
+# Run the prompt before its last token once without autograd and keep its keys and values (the
+# model's own KV cache); only the last prompt token and the response then go through the forward
+# that the backward retraces. Positions before the last prompt token cannot influence g (attention
+# is causal: nothing above L at those positions depends on hidden_states[L][p]), so the backward
+# over them was wasted work. Exact; used for sequence-level signatures of models whose forward
+# takes a cache (`cache`, or `past_key_values` in older transformers). A switch for benchmarks/bench_signatures.py to measure it.
+PROMPT_PREFIX_CACHE = True
+_FORWARD_ARGS: dict[type, frozenset[str]] = {}
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    kind = type(model)
-    if kind not in _ACCEPTS_LOGITS_TO_KEEP:
+def _forward_args(model) -> frozenset[str]:
+    """Names the model's forward takes (for a peft wrapper, those of the model it wraps)."""
+    inner = getattr(model, "get_base_model", lambda: model)()
+    kind = type(inner)
+    if kind not in _FORWARD_ARGS:
         import inspect
 
         try:
-            params = inspect.signature(model.forward).parameters
-            ok = "logits_to_keep" in params
+            names = frozenset(inspect.signature(inner.forward).parameters)
         except (TypeError, ValueError):
-            ok = False
-        _ACCEPTS_LOGITS_TO_KEEP[kind] = ok
-    return _ACCEPTS_LOGITS_TO_KEEP[kind]
+            names = frozenset()
+        _FORWARD_ARGS[kind] = names
+    return _FORWARD_ARGS[kind]
+
+
+def _cache_arg(model) -> str | None:
+    """The name under which the model's forward takes and returns its KV cache, if it does."""
+    names = _forward_args(model)
+    return next((name for name in ("cache", "past_key_values") if name in names), None)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in _forward_args(model)
 
 
 @dataclass
@@ -124,16 +142,21 @@ def collate(examples: list[Example], pad_id: int, padding_side: str = "right", d
 
 def response_losses(logits: torch.Tensor, batch: Batch, offset: int = 0) -> torch.Tensor:
     """Mean next-token loss over each example's response tokens, [B]. `logits[:, j]` holds the
-    logits of position offset + j (offset > 0 when only a window of positions was computed)."""
-    losses = []
+    logits of position offset + j (offset > 0 when only a window of positions was computed).
+
+    One cross-entropy over the whole [B, W] window with the positions outside each example's
+    span ignored: slicing the logits once per example instead would make the backward of every
+    slice fill a zero tensor the size of all the logits, a cost quadratic in the batch size."""
+    width = logits.shape[1]
+    targets = torch.full((logits.shape[0], width), -100, dtype=torch.long, device=logits.device)
     for i, e in enumerate(batch.examples):
         s = batch.starts[i] - offset
         a, b = e.loss_span or (e.prompt_len, len(e.input_ids))
         # logits at positions a-1 .. b-2 predict the tokens a .. b-1 (by default every response token)
-        pred = logits[i, s + a - 1: s + b - 1]
-        target = batch.input_ids[i, s + offset + a: s + offset + b]
-        losses.append(F.cross_entropy(pred.float(), target))
-    return torch.stack(losses)
+        targets[i, s + a - 1: s + b - 1] = batch.input_ids[i, s + offset + a: s + offset + b]
+    token_losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                   reduction="none").view_as(targets)
+    return token_losses.sum(1) / (targets != -100).sum(1)
 
 
 def response_logit_window(batch: Batch) -> tuple[int, torch.Tensor]:
@@ -161,9 +184,50 @@ def length_sorted_batches(examples: list[Example], batch_size: int, max_tokens: 
     return batches
 
 
+def _split_at_last_prompt_token(examples: list[Example], pad_id: int, device) -> tuple[Batch, Batch]:
+    """(prefix, rest): the tokens before each example's last prompt token, left-padded so every
+    prefix ends in the same column, and the tokens from the last prompt token on, right-padded.
+    Side by side they form one padded batch; `rest` carries examples re-based so that its
+    column 0 is the last prompt token (prompt_len 1, loss spans shifted), so `response_losses`
+    reads its logits unchanged."""
+    cut = [e.prompt_len - 1 for e in examples]
+    prefix = collate([replace(e, input_ids=e.input_ids[:c], prompt_len=0, loss_span=None) for e, c in zip(examples, cut)],
+                     pad_id, "left", device)
+    rest_examples = [replace(e, input_ids=e.input_ids[c:], prompt_len=1,
+                             loss_span=None if e.loss_span is None else (e.loss_span[0] - c, e.loss_span[1] - c))
+                     for e, c in zip(examples, cut)]
+    rest = collate(rest_examples, pad_id, "right", device)
+    # The rest's positions continue from each prefix's real length; its mask is the whole row's.
+    rest.position_ids = rest.position_ids + torch.tensor(cut, device=rest.position_ids.device)[:, None]
+    rest.attention_mask = torch.cat([prefix.attention_mask, rest.attention_mask], dim=1)
+    return prefix, rest
+
+
+def _extract_with_prefix_cache(model, batch_examples: list[Example], layer: int, pad_id: int, device):
+    """(hidden, grad, losses) at layer L for the last prompt token of every example (column 0 of
+    each returned [B, hidden] pair), the prompt prefix run once without autograd."""
+    prefix, rest = _split_at_last_prompt_token(batch_examples, pad_id, device)
+    name, cache = _cache_arg(model), {}
+    if prefix.input_ids.shape[1]:
+        with torch.no_grad():
+            out = model(input_ids=prefix.input_ids, attention_mask=prefix.attention_mask,
+                        position_ids=prefix.position_ids, use_cache=True)
+            cache[name] = getattr(out, name)
+    with torch.enable_grad(), layer_tap(model, layer) as tap:
+        out = model(input_ids=rest.input_ids, attention_mask=rest.attention_mask, position_ids=rest.position_ids,
+                    use_cache=bool(cache), **cache)
+        losses = response_losses(out.logits, rest)
+        (grad,) = torch.autograd.grad(losses.sum(), tap.value)
+    return tap.value.detach()[:, 0], grad[:, 0], losses
+
+
 def extract_batch(model, batch_examples: list[Example], layer: int, pad_id: int, padding_side: str = "right",
                   token_level: bool = False) -> SignatureBatch:
     device = next(model.parameters()).device
+    rows = [e.row for e in batch_examples]
+    if PROMPT_PREFIX_CACHE and not token_level and _cache_arg(model):
+        h, g, losses = _extract_with_prefix_cache(model, batch_examples, layer, pad_id, device)
+        return SignatureBatch(rows, h.float().cpu(), g.float().cpu(), None, None, losses.detach().float().cpu())
     batch = collate(batch_examples, pad_id, padding_side, device)
     extra, offset = {}, 0
     if RESPONSE_LOGITS_ONLY and not token_level and _accepts_logits_to_keep(model):
@@ -186,7 +250,7 @@ def extract_batch(model, batch_examples: list[Example], layer: int, pad_id: int,
         spans = [(s, s + len(e.input_ids)) for s, e in zip(batch.starts, batch_examples)]
         token_grads = [grad[i, a:b].float().cpu() for i, (a, b) in enumerate(spans)]
         token_hidden = [hidden[i, a:b].float().cpu() for i, (a, b) in enumerate(spans)]
-    return SignatureBatch([e.row for e in batch_examples], h, g, token_grads, token_hidden, losses.detach().float().cpu())
+    return SignatureBatch(rows, h, g, token_grads, token_hidden, losses.detach().float().cpu())
 
 
 def extract(model, examples: Iterable[Example], layer: int, pad_id: int, batch_size: int = 16,

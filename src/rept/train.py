@@ -110,6 +110,21 @@ def save_trained(model, tokenizer, out: str | Path, recipe: dict) -> None:
     (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
 
 
+def _weights_fingerprint(model_dir: str | Path) -> str | None:
+    """Names, sizes and modification times of a local model folder's weight files: a base model
+    retrained in place changes it, so what was fine-tuned from the old one is not reused."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        return None
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
+
+
 def read_recipe(model_dir: str | Path) -> dict | None:
     path = Path(model_dir) / RECIPE_FILE
     return json.loads(path.read_text()) if path.exists() else None
@@ -258,6 +273,7 @@ def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str 
     out = Path(out)
     ckpt = out / CHECKPOINT_DIR
     settings = {"recipe": recipe, "base": str(Path(base).resolve()) if base else None,
+                "base_weights": _weights_fingerprint(base) if base else None,
                 "lora": asdict(lora or LoraSettings()) if recipe == "lora" else None, "config": asdict(cfg),
                 "data": data_source, "data_fingerprint": data_fingerprint, "seed": cfg.seed}
     done = read_recipe(out)

@@ -1,0 +1,145 @@
+"""Does contrasting a query with a corrected answer trace the behaviour better? (A variant tried
+for the quality bar of docs/results.md; it did not help, so it is not a rept mode.)
+
+On what `rept bench --out DIR` left in DIR (base/, adapter/, train_rows.jsonl, queries.jsonl),
+each query gets a reference answer and is traced, at the bench's RepT layer, by the difference
+between the gradient of its response's loss and that of the reference at the same prompt,
+g(response) - g(reference). h is the same for both (the same last prompt position), so it cancels:
+the topic a query shares with its controls drops out, which is what the harmful-tuning controls need.
+
+Reference of a flagged query (--reference):
+  base         the base model's greedy answer to the prompt (before the poisoned fine-tune)
+  edit:TEXT    the response with what the detector rule matched replaced by TEXT (an empty TEXT
+               deletes it; for not-prefix / not-contains rules, which match no part of the
+               answer, TEXT is the whole reference, e.g. a refusal)
+  file:PATH    corrected answers given per prompt (prompt, response columns)
+Control queries are always contrasted with the base model's answer: two answers without the
+behaviour, so a method that still ranks poisoned rows for them traces something else.
+
+Scored exactly like `rept bench` (rept.metrics, relevant row = the behaviour's label, rows
+cut off at max_length left out, so AP is over the kept rows): P@10, AP, control_P@10 for
+  repgrad                     g(response) alone (the bench's repgrad)
+  contrast                    g(response) - g(reference)
+  contrast, unit halves       g(response)/|g(response)| - g(reference)/|g(reference)|
+  -g(reference)               the reference's gradient alone, negated
+  balanced h + contrast       rept-balanced with the query's g replaced by the contrast
+
+    python benchmarks/bench_contrast.py --work runs/harmful --detect "not-prefix:I'm sorry" \\
+        --reference file:benchmarks/data/harmful-tuning_test.jsonl --json contrast.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from rept.bench import answer_and_detect
+from rept.detect import Detector
+from rept.examples import tokenize_pair
+from rept.methods.base import ModelBundle
+from rept.methods.rept import _signatures
+from rept.metrics import average_precision, precision_at_k
+from rept.models import load_model
+from rept.search import _unit
+from rept.trace import load_queries
+
+
+def corrected(detector: Detector, response: str, text: str) -> str:
+    kind, _, arg = detector.rule.partition(":")
+    if kind in ("prefix", "contains"):
+        return response.replace(arg, text, 1 if kind == "prefix" else -1)
+    if kind == "regex":
+        return re.sub(arg, lambda _: text, response)
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True, help="a `rept bench --out` folder")
+    p.add_argument("--detect", required=True, help="the bench's detector rule")
+    p.add_argument("--reference", default="base", help="base, edit:TEXT or file:PATH (see above)")
+    p.add_argument("--layer", default=None, help="RepT layer (default: the bench's)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="for base answers (default: the bench's)")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+
+    work = Path(args.work)
+    report = json.loads((work / "results.json").read_text())
+    cfg, label = report["config"], report["behaviour"]["label"]
+    max_length = cfg["max_length"]
+    layer = int(args.layer) if args.layer is not None else report["model"]["layer"]
+    detector = Detector(args.detect)
+    kind, _, arg = args.reference.partition(":")
+    if args.reference != "base" and kind not in ("edit", "file"):
+        p.error(f"bad --reference '{args.reference}': use base, edit:TEXT or file:PATH")
+    corrections = {q.prompt: q.response for q in load_queries(arg)} if kind == "file" else {}
+
+    bundle = ModelBundle(str(work / "base"), str(work / "adapter"), layer=layer, max_length=max_length)
+    tok = bundle.merged().tokenizer
+    fits = lambda prompt, response: tokenize_pair(tok, prompt, response, max_length=max_length) is not None  # noqa: E731
+    rows = [json.loads(line) for line in (work / "train_rows.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if fits(r["prompt"], r["response"])]  # cut-off rows: never trained on, ranked last
+    relevant = np.array([r["label"] == label for r in rows])
+    queries = [q for q in load_queries(str(work / "queries.jsonl")) if fits(q.prompt, q.response)]
+
+    prompts = list(dict.fromkeys(q.prompt for q in queries))
+    base = answer_and_detect(load_model(str(work / "base")), prompts, detector,
+                             max_new_tokens=args.max_new_tokens or cfg["max_new_tokens"], batch_size=32, progress=False)
+    base_answer = {q.prompt: q.response for q in base}
+
+    def reference(q):
+        if not q.flagged or args.reference == "base":
+            return base_answer[q.prompt]
+        if kind == "edit":
+            return corrected(detector, q.response, arg)
+        if q.prompt not in corrections:
+            p.error(f"--reference {args.reference}: no corrected answer for '{q.prompt[:60]}'")
+        return corrections[q.prompt]
+
+    pairs = [(q, reference(q)) for q in queries]
+    pairs = [(q, ref) for q, ref in pairs if fits(q.prompt, ref)]
+    h, g = _signatures(bundle, [(r["prompt"], r["response"]) for r in rows], "training row")
+    train_g, train_bal = _unit(g), np.concatenate([_unit(h, 2 ** -0.5), _unit(g, 2 ** -0.5)], axis=1)
+    table, same = {}, {}
+    for group in ("flagged", "control"):
+        chosen = [(q, ref) for q, ref in pairs if bool(q.flagged) == (group == "flagged")]
+        if not chosen:
+            continue
+        same[group] = sum(q.response == ref for q, ref in chosen)
+        hq, gq = _signatures(bundle, [(q.prompt, q.response) for q, _ in chosen], "query")
+        _, gr = _signatures(bundle, [(q.prompt, ref) for q, ref in chosen], "reference")
+        scores = {
+            "repgrad": _unit(gq) @ train_g.T,
+            "contrast": _unit(gq - gr) @ train_g.T,
+            "contrast, unit halves": _unit(_unit(gq) - _unit(gr)) @ train_g.T,
+            "-g(reference)": _unit(-gr) @ train_g.T,
+            "balanced h + contrast": np.concatenate([_unit(hq, 2 ** -0.5), _unit(gq - gr, 2 ** -0.5)], 1) @ train_bal.T,
+        }
+        for name, s in scores.items():
+            entry = table.setdefault(name, {})
+            if group == "flagged":
+                entry["P@10"] = round(precision_at_k(s, relevant, 10), 3)
+                entry["AP"] = round(average_precision(s, relevant), 3)
+            else:
+                entry["control_P@10"] = round(precision_at_k(s, relevant, 10), 3)
+
+    n_flagged = sum(bool(q.flagged) for q, _ in pairs)
+    print(f"{args.work}: layer {layer}, {len(rows)} rows, {n_flagged} flagged / {len(pairs) - n_flagged} control "
+          f"queries, reference of flagged queries: {args.reference} (identical to the response: "
+          f"{same.get('flagged', 0)} flagged, {same.get('control', 0)} control)\n")
+    print("| query vector | P@10 | AP | control_P@10 |\n|---|---:|---:|---:|")
+    for name, m in table.items():
+        print(f"| {name} | {m.get('P@10', '-')} | {m.get('AP', '-')} | {m.get('control_P@10', '-')} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"work": args.work, "layer": layer, "reference": args.reference,
+                                               "identical": same, "results": table}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
