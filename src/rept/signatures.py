@@ -168,20 +168,28 @@ def response_logit_window(batch: Batch) -> tuple[int, torch.Tensor]:
     return offset, torch.arange(offset, hi, device=batch.input_ids.device)
 
 
-def length_sorted_batches(examples: list[Example], batch_size: int, max_tokens: int | None = None) -> list[list[Example]]:
-    """Group examples of similar length so little compute goes to padding. With max_tokens,
-    a batch holds at most that many padded tokens (but always at least one example)."""
-    order = sorted(examples, key=lambda e: (len(e.input_ids), e.row))
-    batches, current = [], []
+def length_sorted_batches(examples: list[Example], batch_size: int, max_tokens: int | None = None,
+                          length=None) -> list[list[Example]]:
+    """Group examples of similar length so little compute goes to padding. `length(example)` is
+    the length to sort by (default: all its tokens). With max_tokens, a batch holds at most that
+    many padded tokens (but always at least one example)."""
+    length = length or (lambda e: len(e.input_ids))
+    order = sorted(examples, key=lambda e: (length(e), len(e.input_ids), e.row))
+    batches, current, width = [], [], 0
     for e in order:
-        width = len(e.input_ids)  # sorted by length: the newest example is the widest
-        if current and (len(current) >= batch_size or (max_tokens and width * (len(current) + 1) > max_tokens)):
+        grown = max(width, len(e.input_ids))
+        if current and (len(current) >= batch_size or (max_tokens and grown * (len(current) + 1) > max_tokens)):
             batches.append(current)
-            current = []
+            current, grown = [], len(e.input_ids)
         current.append(e)
+        width = grown
     if current:
         batches.append(current)
     return batches
+
+
+def _uses_prefix_cache(model, token_level: bool) -> bool:
+    return PROMPT_PREFIX_CACHE and not token_level and _cache_arg(model) is not None
 
 
 def _split_at_last_prompt_token(examples: list[Example], pad_id: int, device) -> tuple[Batch, Batch]:
@@ -209,9 +217,11 @@ def _extract_with_prefix_cache(model, batch_examples: list[Example], layer: int,
     prefix, rest = _split_at_last_prompt_token(batch_examples, pad_id, device)
     name, cache = _cache_arg(model), {}
     if prefix.input_ids.shape[1]:
+        # Only the keys and values are wanted: one logit column instead of one per prefix token.
+        head = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
         with torch.no_grad():
             out = model(input_ids=prefix.input_ids, attention_mask=prefix.attention_mask,
-                        position_ids=prefix.position_ids, use_cache=True)
+                        position_ids=prefix.position_ids, use_cache=True, **head)
             cache[name] = getattr(out, name)
     with torch.enable_grad(), layer_tap(model, layer) as tap:
         out = model(input_ids=rest.input_ids, attention_mask=rest.attention_mask, position_ids=rest.position_ids,
@@ -225,7 +235,7 @@ def extract_batch(model, batch_examples: list[Example], layer: int, pad_id: int,
                   token_level: bool = False) -> SignatureBatch:
     device = next(model.parameters()).device
     rows = [e.row for e in batch_examples]
-    if PROMPT_PREFIX_CACHE and not token_level and _cache_arg(model):
+    if _uses_prefix_cache(model, token_level):
         h, g, losses = _extract_with_prefix_cache(model, batch_examples, layer, pad_id, device)
         return SignatureBatch(rows, h.float().cpu(), g.float().cpu(), None, None, losses.detach().float().cpu())
     batch = collate(batch_examples, pad_id, padding_side, device)
@@ -257,7 +267,10 @@ def extract(model, examples: Iterable[Example], layer: int, pad_id: int, batch_s
             max_tokens: int | None = None, padding_side: str = "right", token_level: bool = False,
             progress=None) -> Iterator[SignatureBatch]:
     """Signatures for `examples` in length-sorted batches; `progress(n)` is called after each batch."""
-    for chunk in length_sorted_batches(list(examples), batch_size, max_tokens):
+    # With the prefix cache only the tokens from the last prompt token on go through the backward:
+    # batch by that length, the bulk of the cost.
+    rest = (lambda e: len(e.input_ids) - e.prompt_len) if _uses_prefix_cache(model, token_level) else None
+    for chunk in length_sorted_batches(list(examples), batch_size, max_tokens, length=rest):
         yield extract_batch(model, chunk, layer, pad_id, padding_side, token_level)
         if progress is not None:
             progress(len(chunk))

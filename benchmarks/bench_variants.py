@@ -1,0 +1,142 @@
+"""Signature variants tried for the quality bar of docs/results.md, on a `rept bench` folder.
+
+RepT's signature is [h; g] at the last prompt position (DESIGN.md). On harmful-tuning its control
+queries (refusals to the same harmful requests) rank harmful rows almost as highly as compliant
+answers do, because h there is the same whatever the answer. This script scores, on what
+`rept bench --out DIR` left in DIR (base/, adapter/, train_rows.jsonl, queries.jsonl), signatures
+built other ways from one token-level extraction at the bench's layer:
+
+  balanced                        rept-balanced (each half unit-normalised), the reference point
+  repgrad                         g alone
+  centred balanced                h and g minus their training-set means before normalising
+                                  (transformer hidden states share a large common direction)
+  centred repgrad                 g minus its training-set mean
+  repgrad, top K components out   g centred, its K leading principal directions projected out
+  whitened repgrad / balanced     centred and whitened with the training-set covariance
+  h response mean                 the hidden state averaged over the response tokens (sees the answer)
+  g response mean                 the gradient averaged over the positions that predict response tokens
+  balanced response means         both of the above, halves normalised
+  h prompt + g response mean      h at the last prompt position, g averaged over the response
+  h response mean + g prompt      the other way round
+  four parts                      [h prompt; g prompt; h response mean; g response mean], quarters normalised
+
+Scored like `rept bench` (rept.metrics; relevant row = the behaviour's label; rows cut off at
+max_length left out, so AP is over the kept rows): P@10, AP and control_P@10.
+
+    python benchmarks/bench_variants.py --work runs/harmful --json variants.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from rept.examples import tokenize_pair
+from rept.methods.base import ModelBundle, examples_for
+from rept.metrics import average_precision, precision_at_k
+from rept.search import _unit
+from rept.signatures import extract_all
+from rept.trace import load_queries
+
+
+def features(loaded, pairs, layer: int, max_length: int) -> dict[str, np.ndarray]:
+    """Per pair: h and g at the last prompt position, and their means over the response."""
+    examples = examples_for(loaded.tokenizer, pairs, max_length, "pair")
+    sig = extract_all(loaded.model, examples, layer, loaded.tokenizer.pad_token_id, batch_size=16, token_level=True)
+    return {
+        "h": sig.h.numpy(), "g": sig.g.numpy(),
+        "h_resp": np.stack([th[e.prompt_len:].mean(0).numpy() for th, e in zip(sig.token_hidden, examples)]),
+        # positions prompt_len-1 .. n-2 predict the response tokens
+        "g_resp": np.stack([tg[e.prompt_len - 1:-1].mean(0).numpy() for tg, e in zip(sig.token_grads, examples)]),
+    }
+
+
+def halves(*parts):
+    """Concatenation of unit-normalised parts, scaled back to unit norm."""
+    scale = len(parts) ** -0.5
+    return np.concatenate([_unit(p, scale) for p in parts], axis=1)
+
+
+def whitener(x: np.ndarray):
+    """(mean, W): (x - mean) @ W has identity covariance (a small ridge keeps W finite)."""
+    mean = x.mean(0)
+    cov = np.cov((x - mean).T)
+    cov += 1e-6 * np.trace(cov) / len(cov) * np.eye(len(cov))
+    w, v = np.linalg.eigh(cov)
+    return mean, v @ np.diag(w ** -0.5) @ v.T
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True, help="a `rept bench --out` folder")
+    p.add_argument("--layer", type=int, default=None, help="RepT layer (default: the bench's)")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+
+    work = Path(args.work)
+    report = json.loads((work / "results.json").read_text())
+    label, max_length = report["behaviour"]["label"], report["config"]["max_length"]
+    layer = args.layer if args.layer is not None else report["model"]["layer"]
+    loaded = ModelBundle(str(work / "base"), str(work / "adapter"), layer=layer, max_length=max_length).merged()
+    fits = lambda prompt, response: tokenize_pair(loaded.tokenizer, prompt, response,  # noqa: E731
+                                                  max_length=max_length) is not None
+    rows = [json.loads(line) for line in (work / "train_rows.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if fits(r["prompt"], r["response"])]
+    relevant = np.array([r["label"] == label for r in rows])
+    queries = [q for q in load_queries(str(work / "queries.jsonl")) if fits(q.prompt, q.response)]
+    flagged = [(q.prompt, q.response) for q in queries if q.flagged]
+    control = [(q.prompt, q.response) for q in queries if not q.flagged]
+
+    train = features(loaded, [(r["prompt"], r["response"]) for r in rows], layer, max_length)
+    sets = {"flagged": features(loaded, flagged, layer, max_length)}
+    if control:
+        sets["control"] = features(loaded, control, layer, max_length)
+
+    h_mean, g_mean = train["h"].mean(0), train["g"].mean(0)
+    _, _, directions = np.linalg.svd(train["g"] - g_mean, full_matrices=False)
+    g_white = whitener(train["g"])
+    h_white = whitener(train["h"])
+
+    def without_top(k):
+        top = directions[:k]
+        return lambda f: _unit((f["g"] - g_mean) - (f["g"] - g_mean) @ top.T @ top)
+
+    variants = {
+        "balanced": lambda f: halves(f["h"], f["g"]),
+        "repgrad": lambda f: _unit(f["g"]),
+        "centred balanced": lambda f: halves(f["h"] - h_mean, f["g"] - g_mean),
+        "centred repgrad": lambda f: _unit(f["g"] - g_mean),
+        **{f"repgrad, top {k} components out": without_top(k) for k in (1, 3, 10)},
+        "whitened repgrad": lambda f: _unit((f["g"] - g_white[0]) @ g_white[1]),
+        "whitened balanced": lambda f: halves((f["h"] - h_white[0]) @ h_white[1], (f["g"] - g_white[0]) @ g_white[1]),
+        "h response mean": lambda f: _unit(f["h_resp"]),
+        "g response mean": lambda f: _unit(f["g_resp"]),
+        "balanced response means": lambda f: halves(f["h_resp"], f["g_resp"]),
+        "h prompt + g response mean": lambda f: halves(f["h"], f["g_resp"]),
+        "h response mean + g prompt": lambda f: halves(f["h_resp"], f["g"]),
+        "four parts": lambda f: halves(f["h"], f["g"], f["h_resp"], f["g_resp"]),
+    }
+    table = {}
+    for name, make in variants.items():
+        stored = make(train)
+        scores = {group: make(f) @ stored.T for group, f in sets.items()}
+        table[name] = {"P@10": round(precision_at_k(scores["flagged"], relevant, 10), 3),
+                       "AP": round(average_precision(scores["flagged"], relevant), 3),
+                       "control_P@10": round(precision_at_k(scores["control"], relevant, 10), 3) if control else None}
+
+    print(f"{args.work}: layer {layer}, {len(rows)} rows, {len(flagged)} flagged / {len(control)} control queries\n")
+    print("| signature | P@10 | AP | control_P@10 |\n|---|---:|---:|---:|")
+    for name, m in table.items():
+        print(f"| {name} | {m['P@10']:.3f} | {m['AP']:.3f} | " + ("-" if m["control_P@10"] is None else
+                                                                  f"{m['control_P@10']:.3f}") + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"work": args.work, "layer": layer, "results": table}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
