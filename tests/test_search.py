@@ -175,3 +175,28 @@ def test_ivfpq_builds_from_callable_and_round_trips(store, tmp_path):
     back = FaissIndex.load(tmp_path / "pq").search(queries, 10)
     np.testing.assert_array_equal(back.rows, got.rows)
     np.testing.assert_array_equal(back.scores, got.scores)
+
+
+def test_few_queries_score_float16_shards_block_by_block_exactly(monkeypatch):
+    """A few queries over float16 shards are scored in cache-sized blocks of rows (here 64 rows of
+    D = 4096 a block, 5 blocks a shard, the last one short): the same top-k as brute force over the
+    float32 values, and as the whole-shard path."""
+    import rept.search as search
+
+    rng = np.random.default_rng(3)
+    matrix = unit(rng.standard_normal((300, 4096))).astype(np.float16)
+    rows = np.arange(300, dtype=np.int64)
+    queries = unit(rng.standard_normal((3, 4096))).astype(np.float32)
+    shards = [(matrix[:290], rows[:290]), (matrix[290:], rows[290:])]
+    calls = []
+    real = search._blockwise_scores
+    monkeypatch.setattr(search, "_blockwise_scores", lambda q, m: calls.append(len(m)) or real(q, m))
+    blockwise = exact_topk(queries, shards, k=20)
+    assert calls == [290, 10]
+    want_s, want_r = brute_force(queries, matrix.astype(np.float32), rows, 20)
+    np.testing.assert_array_equal(blockwise.rows, want_r)
+    np.testing.assert_allclose(blockwise.scores, want_s, atol=1e-6)
+    monkeypatch.setattr(search, "BLOCKWISE_MAX_QUERIES", 0)
+    whole = exact_topk(queries, shards, k=20)
+    np.testing.assert_array_equal(whole.rows, blockwise.rows)
+    np.testing.assert_allclose(whole.scores, blockwise.scores, atol=1e-6)

