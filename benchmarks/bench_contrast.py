@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     pairs = [(q, ref) for q, ref in pairs if fits(q.prompt, ref)]
     h, g = _signatures(bundle, [(r["prompt"], r["response"]) for r in rows], "training row")
     train_g, train_bal = _unit(g), np.concatenate([_unit(h, 2 ** -0.5), _unit(g, 2 ** -0.5)], axis=1)
-    table, same = {}, {}
+    table, same, norms = {}, {}, {}
     for group in ("flagged", "control"):
         chosen = [(q, ref) for q, ref in pairs if bool(q.flagged) == (group == "flagged")]
         if not chosen:
@@ -113,6 +113,7 @@ def main(argv=None) -> int:
         same[group] = sum(q.response == ref for q, ref in chosen)
         hq, gq = _signatures(bundle, [(q.prompt, q.response) for q, _ in chosen], "query")
         _, gr = _signatures(bundle, [(q.prompt, ref) for q, ref in chosen], "reference")
+        norms[group] = (float(np.median(np.linalg.norm(gq, axis=1))), float(np.median(np.linalg.norm(gr, axis=1))))
         scores = {
             "repgrad": _unit(gq) @ train_g.T,
             "contrast": _unit(gq - gr) @ train_g.T,
@@ -132,12 +133,15 @@ def main(argv=None) -> int:
     print(f"{args.work}: layer {layer}, {len(rows)} rows, {n_flagged} flagged / {len(pairs) - n_flagged} control "
           f"queries, reference of flagged queries: {args.reference} (identical to the response: "
           f"{same.get('flagged', 0)} flagged, {same.get('control', 0)} control)\n")
+    for group, (resp, ref) in norms.items():
+        print(f"{group}: median |g(response)| {resp:.4g}, median |g(reference)| {ref:.4g}")
+    print()
     print("| query vector | P@10 | AP | control_P@10 |\n|---|---:|---:|---:|")
     for name, m in table.items():
         print(f"| {name} | {m.get('P@10', '-')} | {m.get('AP', '-')} | {m.get('control_P@10', '-')} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"work": args.work, "layer": layer, "reference": args.reference,
-                                               "identical": same, "results": table}, indent=2) + "\n")
+                                               "identical": same, "median_norms": norms, "results": table}, indent=2) + "\n")
     return 0
 
 
