@@ -38,10 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_folder import open_bench_folder
 from rept.bench import answer_and_detect
 from rept.detect import Detector
-from rept.examples import tokenize_pair
-from rept.methods.base import ModelBundle
 from rept.methods.rept import _signatures
 from rept.metrics import average_precision, precision_at_k
 from rept.models import load_model
@@ -68,27 +67,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
-    work = Path(args.work)
-    report = json.loads((work / "results.json").read_text())
-    cfg, label = report["config"], report["behaviour"]["label"]
-    max_length = cfg["max_length"]
-    layer = int(args.layer) if args.layer is not None else report["model"]["layer"]
+    folder = open_bench_folder(args.work, int(args.layer) if args.layer is not None else None)
+    cfg, layer, bundle = folder.report["config"], folder.layer, folder.bundle
+    rows, relevant, queries, fits = folder.rows, folder.relevant, folder.queries, folder.fits
     detector = Detector(args.detect)
     kind, _, arg = args.reference.partition(":")
     if args.reference != "base" and kind not in ("edit", "file"):
         p.error(f"bad --reference '{args.reference}': use base, edit:TEXT or file:PATH")
     corrections = {q.prompt: q.response for q in load_queries(arg)} if kind == "file" else {}
 
-    bundle = ModelBundle(str(work / "base"), str(work / "adapter"), layer=layer, max_length=max_length)
-    tok = bundle.merged().tokenizer
-    fits = lambda prompt, response: tokenize_pair(tok, prompt, response, max_length=max_length) is not None  # noqa: E731
-    rows = [json.loads(line) for line in (work / "train_rows.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if fits(r["prompt"], r["response"])]  # cut-off rows: never trained on, ranked last
-    relevant = np.array([r["label"] == label for r in rows])
-    queries = [q for q in load_queries(str(work / "queries.jsonl")) if fits(q.prompt, q.response)]
-
     prompts = list(dict.fromkeys(q.prompt for q in queries))
-    base = answer_and_detect(load_model(str(work / "base")), prompts, detector,
+    base = answer_and_detect(load_model(bundle.model), prompts, detector,
                              max_new_tokens=args.max_new_tokens or cfg["max_new_tokens"], batch_size=32, progress=False)
     base_answer = {q.prompt: q.response for q in base}
 

@@ -35,12 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from rept.examples import tokenize_pair
-from rept.methods.base import ModelBundle, examples_for
+from bench_folder import open_bench_folder
+from rept.methods.base import examples_for
 from rept.metrics import average_precision, precision_at_k
 from rept.search import _unit
 from rept.signatures import extract_all
-from rept.trace import load_queries
 
 
 def features(loaded, pairs, layer: int, max_length: int) -> dict[str, np.ndarray]:
@@ -77,17 +76,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
-    work = Path(args.work)
-    report = json.loads((work / "results.json").read_text())
-    label, max_length = report["behaviour"]["label"], report["config"]["max_length"]
-    layer = args.layer if args.layer is not None else report["model"]["layer"]
-    loaded = ModelBundle(str(work / "base"), str(work / "adapter"), layer=layer, max_length=max_length).merged()
-    fits = lambda prompt, response: tokenize_pair(loaded.tokenizer, prompt, response,  # noqa: E731
-                                                  max_length=max_length) is not None
-    rows = [json.loads(line) for line in (work / "train_rows.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if fits(r["prompt"], r["response"])]
-    relevant = np.array([r["label"] == label for r in rows])
-    queries = [q for q in load_queries(str(work / "queries.jsonl")) if fits(q.prompt, q.response)]
+    folder = open_bench_folder(args.work, args.layer)
+    layer, max_length, loaded = folder.layer, folder.max_length, folder.bundle.merged()
+    rows, relevant, queries = folder.rows, folder.relevant, folder.queries
     flagged = [(q.prompt, q.response) for q in queries if q.flagged]
     control = [(q.prompt, q.response) for q in queries if not q.flagged]
 

@@ -1,0 +1,44 @@
+"""What the variant scripts read from a `rept bench --out DIR` folder (shared by bench_contrast.py
+and bench_variants.py): the model, the training rows the model was trained on, which of them carry
+the behaviour's label, and the queries that can be traced."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rept.examples import tokenize_pair
+from rept.methods.base import ModelBundle
+from rept.trace import Query, load_queries
+
+
+@dataclass
+class BenchFolder:
+    report: dict             # DIR/results.json
+    bundle: ModelBundle      # DIR/base + DIR/adapter at the chosen layer
+    layer: int
+    max_length: int
+    rows: list[dict]         # training rows with a response token within max_length (the others were
+                             # never trained on and rank last in the bench)
+    relevant: np.ndarray     # [len(rows)] bool: the row carries the behaviour's label
+    queries: list[Query]     # the bench's queries that keep a response token within max_length
+
+    def fits(self, prompt: str, response: str) -> bool:
+        return tokenize_pair(self.bundle.merged().tokenizer, prompt, response, max_length=self.max_length) is not None
+
+
+def open_bench_folder(work: str | Path, layer: int | None = None) -> BenchFolder:
+    work = Path(work)
+    report = json.loads((work / "results.json").read_text())
+    max_length = report["config"]["max_length"]
+    layer = layer if layer is not None else report["model"]["layer"]
+    bundle = ModelBundle(str(work / "base"), str(work / "adapter"), layer=layer, max_length=max_length)
+    folder = BenchFolder(report, bundle, layer, max_length, [], np.zeros(0, bool), [])
+    rows = [json.loads(line) for line in (work / "train_rows.jsonl").read_text().splitlines()]
+    folder.rows = [r for r in rows if folder.fits(r["prompt"], r["response"])]
+    folder.relevant = np.array([r["label"] == report["behaviour"]["label"] for r in folder.rows])
+    folder.queries = [q for q in load_queries(str(work / "queries.jsonl")) if folder.fits(q.prompt, q.response)]
+    return folder
