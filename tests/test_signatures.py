@@ -114,3 +114,26 @@ def test_loss_span_restricts_the_loss_to_the_flagged_tokens(llama, tokenizer, ro
             assert _rel(sig.g[i], g) < 1e-5, (batch_size, i)
     # restricting the loss changes g (the span is a strict part of the response)
     assert _rel(sig.g[0], whole.g[0]) > 1e-3
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_one_token_prompts_and_both_extraction_paths(llama, tokenizer, rows, monkeypatch, prefix_cache):
+    """Rows whose prompt is a single token (nothing before the last prompt token to cache) batched
+    with ordinary rows; the prompt-prefix-cache path and the one-pass path both equal the plain
+    definition."""
+    from dataclasses import replace
+
+    import rept.signatures as signatures
+
+    monkeypatch.setattr(signatures, "PROMPT_PREFIX_CACHE", prefix_cache)
+    ordinary = _examples(tokenizer, rows, 4)
+    short = [replace(e, row=10 + i, input_ids=e.input_ids[e.prompt_len - 1:], prompt_len=1,
+                     offsets=e.offsets[e.prompt_len - 1:]) for i, e in enumerate(ordinary[:2])]
+    examples = ordinary + short
+    for layer in (1, 3):
+        expected = [plain_signature(llama, ex, layer) for ex in examples]
+        mixed = extract_all(llama, examples, layer, tokenizer.pad_token_id, batch_size=6)
+        only_short = extract_all(llama, short, layer, tokenizer.pad_token_id, batch_size=2)  # no prefix at all
+        for sig, want in ((mixed, expected), (only_short, expected[len(ordinary):])):
+            for i, (h, g) in enumerate(want):
+                assert _rel(sig.h[i], h) < 1e-5 and _rel(sig.g[i], g) < 1e-5, (layer, sig.rows[i])

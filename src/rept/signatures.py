@@ -40,7 +40,8 @@ CAUSAL_ONLY_FOR_RIGHT_PADDING = False
 # that the backward retraces. Positions before the last prompt token cannot influence g (attention
 # is causal: nothing above L at those positions depends on hidden_states[L][p]), so the backward
 # over them was wasted work. Exact; used for sequence-level signatures of models whose forward
-# takes a cache (`cache`, or `past_key_values` in older transformers). A switch for benchmarks/bench_signatures.py to measure it.
+# takes a cache (`cache`, or `past_key_values` in older transformers). A switch for
+# benchmarks/bench_signatures.py to measure it.
 PROMPT_PREFIX_CACHE = True
 _FORWARD_ARGS: dict[type, frozenset[str]] = {}
 
@@ -199,8 +200,8 @@ def _split_at_last_prompt_token(examples: list[Example], pad_id: int, device) ->
     column 0 is the last prompt token (prompt_len 1, loss spans shifted), so `response_losses`
     reads its logits unchanged."""
     cut = [e.prompt_len - 1 for e in examples]
-    prefix = collate([replace(e, input_ids=e.input_ids[:c], prompt_len=0, loss_span=None) for e, c in zip(examples, cut)],
-                     pad_id, "left", device)
+    prefix = collate([replace(e, input_ids=e.input_ids[:c], prompt_len=0, loss_span=None)
+                      for e, c in zip(examples, cut)], pad_id, "left", device)
     rest_examples = [replace(e, input_ids=e.input_ids[c:], prompt_len=1,
                              loss_span=None if e.loss_span is None else (e.loss_span[0] - c, e.loss_span[1] - c))
                      for e, c in zip(examples, cut)]
