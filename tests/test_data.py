@@ -257,3 +257,15 @@ def test_write_rows_refuses_unknown_formats(tmp_path):
     with pytest.raises(DataError, match="cannot write '.txt' files"):
         write_rows(ROWS, tmp_path / "out.txt")
     assert os.listdir(tmp_path) == []
+
+
+def test_class_label_columns_load_as_their_names(tmp_path):
+    """A Hugging Face ClassLabel label column stores integers; rows are labelled by the names,
+    from a save_to_disk folder and from a Parquet file written by `datasets` alike (-1: no label)."""
+    features = datasets.Features({"prompt": datasets.Value("string"), "response": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["clean", "backdoor"])})
+    source = datasets.Dataset.from_list([dict(r, label=c) for r, c in zip(ROWS, [1, 0, -1])], features=features)
+    source.save_to_disk(tmp_path / "folder")
+    source.to_parquet(str(tmp_path / "rows.parquet"))
+    for path in (tmp_path / "folder", tmp_path / "rows.parquet"):
+        assert [r.label for r in load_dataset(str(path)).rows] == ["backdoor", "clean", None], path

@@ -147,6 +147,26 @@ def read_records(path: str, split: str | None = None) -> list[dict]:
         raise DataError(f"{p.name}: cannot read ({_first_line(exc)})") from None
 
 
+def class_label_names(path: str, split: str | None = None) -> dict[str, list[str]]:
+    """{column: names} for the ClassLabel columns of a save_to_disk folder or of a Parquet file
+    written by `datasets` (whose schema carries the features): their cells are stored as integers."""
+    p = Path(path)
+    try:
+        import datasets
+
+        if p.is_dir():
+            features = datasets.load_from_disk(str(_hf_split_folder(p, split))).features
+        elif p.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            features = datasets.Features.from_arrow_schema(pq.read_schema(p))
+        else:
+            return {}
+    except Exception:  # no readable features: the cells are taken as they are
+        return {}
+    return {name: list(f.names) for name, f in features.items() if isinstance(f, datasets.ClassLabel)}
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -200,6 +220,8 @@ def load_dataset(path: str, prompt_column: str | None = None, response_column: s
     # Alpaca style: the optional `input` belongs to the instruction. Only when the prompt column
     # was found by name; an explicit --prompt-column means exactly that column.
     alpaca_input = prompt_col == "instruction" and "input" in columns and not prompt_column
+    # A ClassLabel label column holds integers; rows are labelled by the names (-1: no label).
+    label_names = class_label_names(path, split).get(label_col) if label_col else None
 
     digest = hashlib.sha256()
     rows, empty = [], []
@@ -209,7 +231,10 @@ def load_dataset(path: str, prompt_column: str | None = None, response_column: s
         if extra.strip():
             prompt = prompt + "\n\n" + extra
         response = _text(rec.get(response_col)) if response_col else ""
-        label = _text(rec.get(label_col)) if label_col else ""
+        cell = rec.get(label_col) if label_col else None
+        if label_names is not None and isinstance(cell, int):
+            cell = label_names[cell] if 0 <= cell < len(label_names) else None
+        label = _text(cell) if label_col else ""
         label = label or None  # an empty label cell means "no label"
         # Every source row counts, skipped or not, so the fingerprint names the file's content.
         digest.update(json.dumps([prompt, response, label]).encode())
