@@ -293,10 +293,22 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
                               f"({recipe_dir}): use --method unlearn")
     dataset = load_dataset(data or manifest["dataset"]["source"], **_columns(manifest, data))
     prompts = prompts or [q.prompt for q in flagged]
+    # An answer whose prompt fills the index's max_length has no response token to take a loss on:
+    # it cannot be traced, so it is left out of the culprit search (its prompt is still measured).
+    from rept.examples import tokenize_pair
+
+    traceable = [q for q in flagged if tokenize_pair(tracer.loaded.tokenizer, q.prompt, q.response,
+                                                     max_length=manifest["max_length"]) is not None]
+    if not traceable:
+        raise MitigationError(f"none of the {len(flagged)} flagged answers keeps a response token within the "
+                              f"index's max_length {manifest['max_length']}: nothing to trace")
+    if len(traceable) < len(flagged):
+        log(f"{len(flagged) - len(traceable)} of {len(flagged)} flagged answers have no response token within "
+            f"max_length {manifest['max_length']}: left out of the culprit search")
     out.mkdir(parents=True, exist_ok=True)
 
     # 1. culprits
-    scores, rows, source_note = culprit_scores(tracer, flagged, culprits_from, dataset, log=log, bundle=bundle)
+    scores, rows, source_note = culprit_scores(tracer, traceable, culprits_from, dataset, log=log, bundle=bundle)
     culprits = select_culprits(scores, rows, selection)
     by_index = {r.index: r for r in dataset.rows}
     culprit_set = {row for row, _ in culprits}
