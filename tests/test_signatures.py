@@ -137,3 +137,17 @@ def test_one_token_prompts_and_both_extraction_paths(llama, tokenizer, rows, mon
         for sig, want in ((mixed, expected), (only_short, expected[len(ordinary):])):
             for i, (h, g) in enumerate(want):
                 assert _rel(sig.h[i], h) < 1e-5 and _rel(sig.g[i], g) < 1e-5, (layer, sig.rows[i])
+
+
+def test_a_model_that_returns_no_cache_gets_the_one_pass_path(llama, tokenizer, rows, monkeypatch):
+    """If the prefix forward hands back no cache (here: the cache is looked up under a name the
+    model's output does not have), the batch runs in one pass instead of tracing the rest of the
+    text without its prompt."""
+    import rept.signatures as signatures
+
+    monkeypatch.setattr(signatures, "_cache_arg", lambda model: "no_such_cache")
+    examples = _examples(tokenizer, rows, 4)
+    sig = extract_all(llama, examples, 2, tokenizer.pad_token_id, batch_size=4)
+    for i, ex in enumerate(examples):
+        h, g = plain_signature(llama, ex, 2)
+        assert _rel(sig.h[i], h) < 1e-5 and _rel(sig.g[i], g) < 1e-5

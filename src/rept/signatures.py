@@ -214,7 +214,8 @@ def _split_at_last_prompt_token(examples: list[Example], pad_id: int, device) ->
 
 def _extract_with_prefix_cache(model, batch_examples: list[Example], layer: int, pad_id: int, device):
     """(hidden, grad, losses) at layer L for the last prompt token of every example (column 0 of
-    each returned [B, hidden] pair), the prompt prefix run once without autograd."""
+    each returned [B, hidden] pair), the prompt prefix run once without autograd; None when the
+    model returned no cache for the prefix (the caller then runs the whole text in one pass)."""
     prefix, rest = _split_at_last_prompt_token(batch_examples, pad_id, device)
     name, cache = _cache_arg(model), {}
     if prefix.input_ids.shape[1]:
@@ -223,7 +224,9 @@ def _extract_with_prefix_cache(model, batch_examples: list[Example], layer: int,
         with torch.no_grad():
             out = model(input_ids=prefix.input_ids, attention_mask=prefix.attention_mask,
                         position_ids=prefix.position_ids, use_cache=True, **head)
-            cache[name] = getattr(out, name)
+            cache[name] = getattr(out, name, None)
+        if cache[name] is None:
+            return None
     with torch.enable_grad(), layer_tap(model, layer) as tap:
         out = model(input_ids=rest.input_ids, attention_mask=rest.attention_mask, position_ids=rest.position_ids,
                     use_cache=bool(cache), **cache)
@@ -236,8 +239,10 @@ def extract_batch(model, batch_examples: list[Example], layer: int, pad_id: int,
                   token_level: bool = False) -> SignatureBatch:
     device = next(model.parameters()).device
     rows = [e.row for e in batch_examples]
-    if _uses_prefix_cache(model, token_level):
-        h, g, losses = _extract_with_prefix_cache(model, batch_examples, layer, pad_id, device)
+    split = _extract_with_prefix_cache(model, batch_examples, layer, pad_id, device) \
+        if _uses_prefix_cache(model, token_level) else None
+    if split is not None:
+        h, g, losses = split
         return SignatureBatch(rows, h.float().cpu(), g.float().cpu(), None, None, losses.detach().float().cpu())
     batch = collate(batch_examples, pad_id, padding_side, device)
     extra, offset = {}, 0
