@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -232,7 +233,7 @@ def load_dataset(path: str, prompt_column: str | None = None, response_column: s
             prompt = prompt + "\n\n" + extra
         response = _text(rec.get(response_col)) if response_col else ""
         cell = rec.get(label_col) if label_col else None
-        if label_names is not None and isinstance(cell, int):
+        if label_names is not None and isinstance(cell, numbers.Integral):
             cell = label_names[cell] if 0 <= cell < len(label_names) else None
         label = _text(cell) if label_col else ""
         label = label or None  # an empty label cell means "no label"
