@@ -12,7 +12,7 @@ import numpy as np
 
 from rept.examples import tokenize_pair
 from rept.methods.base import ModelBundle
-from rept.trace import Query, load_queries
+from rept.trace import Query, load_queries, traceable_queries
 
 
 @dataclass
@@ -40,5 +40,5 @@ def open_bench_folder(work: str | Path, layer: int | None = None) -> BenchFolder
     rows = [json.loads(line) for line in (work / "train_rows.jsonl").read_text().splitlines()]
     folder.rows = [r for r in rows if folder.fits(r["prompt"], r["response"])]
     folder.relevant = np.array([r["label"] == report["behaviour"]["label"] for r in folder.rows])
-    folder.queries = [q for q in load_queries(str(work / "queries.jsonl")) if folder.fits(q.prompt, q.response)]
+    folder.queries = traceable_queries(bundle.merged().tokenizer, load_queries(str(work / "queries.jsonl")), max_length)
     return folder

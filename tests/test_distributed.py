@@ -93,10 +93,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _run_ranks(script, args, fail_rank, fail_at, timeout=60):
-    """Start 2 ranks by hand; returns [(returncode, stderr)] per rank, or fails the test after `timeout` s."""
+def _run_ranks(tmp_path, args, fail_rank, fail_at, timeout=60):
+    """Start 2 ranks by hand through the fault-injecting wrapper (written to tmp_path); returns
+    [(returncode, stderr)] per rank, or fails the test after `timeout` s."""
     import time
 
+    script = tmp_path / "wrapper.py"
+    script.write_text(_WRAPPER)
     port, procs = _free_port(), []
     for rank in range(2):
         env = _env()
@@ -121,10 +124,8 @@ def _run_ranks(script, args, fail_rank, fail_at, timeout=60):
 
 
 def test_rank0_failing_before_the_first_barrier_stops_every_rank(model_dir, data_file, tmp_path):
-    script = tmp_path / "wrapper.py"
-    script.write_text(_WRAPPER)
     out = tmp_path / "idx"
-    (r0, err0), (r1, err1) = _run_ranks(script, _index_args(model_dir, data_file, out), 0, "manifest")
+    (r0, err0), (r1, err1) = _run_ranks(tmp_path, _index_args(model_dir, data_file, out), 0, "manifest")
     assert r0 != 0 and "injected fault: disk full" in err0, err0[-3000:]
     assert r1 != 0, err1[-3000:]
     # rank 1 says in one line which rank failed and why
@@ -135,11 +136,9 @@ def test_rank0_failing_before_the_first_barrier_stops_every_rank(model_dir, data
 
 
 def test_rank_failing_mid_build_stops_every_rank_and_keeps_written_shards(model_dir, data_file, tmp_path):
-    script = tmp_path / "wrapper.py"
-    script.write_text(_WRAPPER)
     out = tmp_path / "idx"
     # 5 shards: rank 0 writes 0, 2, 4 and fails at 2; rank 1 writes 1 and 3
-    (r0, err0), (r1, err1) = _run_ranks(script, _index_args(model_dir, data_file, out), 0, "shard")
+    (r0, err0), (r1, err1) = _run_ranks(tmp_path, _index_args(model_dir, data_file, out), 0, "shard")
     assert r0 != 0 and "injected fault" in err0, err0[-3000:]
     assert r1 != 0 and "rank 0" in err1, err1[-3000:]
     assert sorted(p.name for p in out.glob("shard-*.safetensors")) == [

@@ -225,12 +225,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     control_rate = sum(q.flagged for q in control_answers) / len(control_answers) if control_answers else None
     answers = answers + given
     write_queries(answers, out / "queries.jsonl")
-    # An answer whose prompt fills max_length leaves no response token to take a loss on: it cannot
-    # be traced by any method, so it is left out (and counted).
-    from rept.examples import tokenize_pair
+    # Answers that cannot be traced (the prompt fills max_length) are left out, and counted.
+    from rept.trace import traceable_queries
 
-    traceable = [q for q in answers
-                 if tokenize_pair(loaded.tokenizer, q.prompt, q.response, max_length=cfg.max_length) is not None]
+    traceable = traceable_queries(loaded.tokenizer, answers, cfg.max_length)
     if len(traceable) < len(answers):
         log(f"{len(answers) - len(traceable)} answers have no response token within --max-length "
             f"{cfg.max_length}: left out of the queries")

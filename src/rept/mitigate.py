@@ -293,12 +293,11 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
                               f"({recipe_dir}): use --method unlearn")
     dataset = load_dataset(data or manifest["dataset"]["source"], **_columns(manifest, data))
     prompts = prompts or [q.prompt for q in flagged]
-    # An answer whose prompt fills the index's max_length has no response token to take a loss on:
-    # it cannot be traced, so it is left out of the culprit search (its prompt is still measured).
-    from rept.examples import tokenize_pair
+    # Answers that cannot be traced (the prompt fills max_length) are left out of the culprit search
+    # (their prompts are still measured).
+    from rept.trace import traceable_queries
 
-    traceable = [q for q in flagged if tokenize_pair(tracer.loaded.tokenizer, q.prompt, q.response,
-                                                     max_length=manifest["max_length"]) is not None]
+    traceable = traceable_queries(tracer.loaded.tokenizer, flagged, manifest["max_length"])
     if not traceable:
         raise MitigationError(f"none of the {len(flagged)} flagged answers keeps a response token within the "
                               f"index's max_length {manifest['max_length']}: nothing to trace")

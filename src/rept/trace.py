@@ -116,6 +116,12 @@ def write_queries(queries: list[Query], path: str | os.PathLike) -> None:
     atomic_write_bytes(Path(path), body.encode())
 
 
+def traceable_queries(tokenizer, queries: list[Query], max_length: int) -> list[Query]:
+    """The queries that keep a response token within max_length. One whose prompt fills it leaves
+    no response token to take a loss on, so no method can trace it."""
+    return [q for q in queries if tokenize_pair(tokenizer, q.prompt, q.response, max_length=max_length) is not None]
+
+
 class Tracer:
     """Opens an index with the model it was built from and ranks training rows for queries."""
 
