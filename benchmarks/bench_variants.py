@@ -19,6 +19,12 @@ built other ways from one token-level extraction at the bench's layer:
   h prompt + g response mean      h at the last prompt position, g averaged over the response
   h response mean + g prompt      the other way round
   four parts                      [h prompt; g prompt; h response mean; g response mean], quarters normalised
+  g next                          g at the first response position alone (where the second token is predicted)
+  lookahead                       [h; g; g next], thirds normalised (the `lookahead` mode)
+  h + g at the first 4 positions  [h; g at p, p+1, p+2, p+3], fifths normalised
+
+and says which behaviour rows fill the control queries' top 10 (`--hubs`): a few rows that rank
+high for most control answers point at what the signature keys on (e.g. a shared first word).
 
 Scored like `rept bench` (rept.metrics; relevant row = the behaviour's label; rows cut off at
 max_length left out, so AP is over the kept rows): P@10, AP and control_P@10.
@@ -51,6 +57,10 @@ def features(loaded, pairs, layer: int, max_length: int) -> dict[str, np.ndarray
         "h_resp": np.stack([th[e.prompt_len:].mean(0).numpy() for th, e in zip(sig.token_hidden, examples)]),
         # positions prompt_len-1 .. n-2 predict the response tokens
         "g_resp": np.stack([tg[e.prompt_len - 1:-1].mean(0).numpy() for tg, e in zip(sig.token_grads, examples)]),
+        # g at p, p+1, p+2, p+3 (zero past the last position that predicts a token)
+        "g_pos": np.stack([np.stack([tg[j].numpy() if j < len(e.input_ids) - 1 else np.zeros(tg.shape[1], np.float32)
+                                     for j in range(e.prompt_len - 1, e.prompt_len + 3)])
+                           for tg, e in zip(sig.token_grads, examples)]),
     }
 
 
@@ -74,6 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", required=True, help="a `rept bench --out` folder")
     p.add_argument("--layer", type=int, default=None, help="RepT layer (default: the bench's)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--hubs", type=int, default=5, help="behaviour rows to list from the control top 10s (0: none)")
     args = p.parse_args(argv)
 
     folder = open_bench_folder(args.work, args.layer)
@@ -110,11 +121,16 @@ def main(argv=None) -> int:
         "h prompt + g response mean": lambda f: halves(f["h"], f["g_resp"]),
         "h response mean + g prompt": lambda f: halves(f["h_resp"], f["g"]),
         "four parts": lambda f: halves(f["h"], f["g"], f["h_resp"], f["g_resp"]),
+        "g next": lambda f: _unit(f["g_pos"][:, 1]),
+        "lookahead": lambda f: halves(f["h"], f["g"], f["g_pos"][:, 1]),
+        "h + g at the first 4 positions": lambda f: halves(f["h"], *(f["g_pos"][:, j] for j in range(4))),
     }
-    table = {}
+    table, hubs = {}, {}
     for name, make in variants.items():
         stored = make(train)
         scores = {group: make(f) @ stored.T for group, f in sets.items()}
+        if control and name in ("balanced", "repgrad", "lookahead"):
+            hubs[name] = np.argsort(-scores["control"], 1, kind="stable")[:, :10]
         table[name] = {"P@10": round(precision_at_k(scores["flagged"], relevant, 10), 3),
                        "AP": round(average_precision(scores["flagged"], relevant), 3),
                        "control_P@10": round(precision_at_k(scores["control"], relevant, 10), 3) if control else None}
@@ -124,6 +140,16 @@ def main(argv=None) -> int:
     for name, m in table.items():
         print(f"| {name} | {m['P@10']:.3f} | {m['AP']:.3f} | " + ("-" if m["control_P@10"] is None else
                                                                   f"{m['control_P@10']:.3f}") + " |")
+    for name, top in hubs.items():
+        if not args.hubs:
+            break
+        slots = relevant[top]
+        ids, counts = np.unique(top[slots], return_counts=True)
+        print(f"\n{name}: behaviour rows fill {slots.mean():.3f} of the control top-10 slots; {len(ids)} distinct rows"
+              + (", the most frequent:" if len(ids) else ""))
+        for i in np.argsort(-counts, kind="stable")[:args.hubs]:
+            r = rows[ids[i]]
+            print(f"  in {counts[i]} of {len(top)} control top 10s: {r['prompt'][:50]!r} -> {r['response'][:40]!r}")
     if args.json:
         Path(args.json).write_text(json.dumps({"work": args.work, "layer": layer, "results": table}, indent=2) + "\n")
     return 0

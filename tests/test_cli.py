@@ -129,6 +129,12 @@ def test_index_with_other_layer(capsys, model_dir, data_file, index_dir):
     assert "layer: index has 2, this run has 1" in err
 
 
+def test_lookahead_on_an_index_without_g_next(capsys, index_dir):
+    err = _error(capsys, ["trace", "--index", index_dir, "--prompt", "TY hi", "--response", "You are stupid!",
+                          "--mode", "lookahead"])
+    assert "stores no g_next" in err and "--mode lookahead" in err
+
+
 def test_truncated_shard(capsys, index_dir, tmp_path):
     import shutil
 

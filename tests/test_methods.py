@@ -53,25 +53,72 @@ def test_span_variant_restricts_only_the_query_loss(setup):
         score("repgrad-span", bundle, rows, queries)
 
 
+def _direct_grads(bundle, prompt, response):
+    """{name: gradient} of one row's mean response-token loss, by a plain batch-of-one backward."""
+    from rept.examples import tokenize_pair
+
+    model, tok = bundle.lora()
+    ex = tokenize_pair(tok, prompt, response, max_length=96)
+    ids = torch.tensor([ex.input_ids])
+    labels = ids.clone()
+    labels[0, : ex.prompt_len] = -100
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=labels).loss.backward()  # mean over response tokens
+    grads = {n: p.grad.reshape(-1).clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
 def test_tracin_equals_direct_gradient_dot_product(setup):
     rows, queries, bundle, _ = setup
     s = score("tracin", bundle, rows[:4], queries[:2])
-    model, tok = bundle.lora()
-    from rept.examples import tokenize_pair
+    def flat(pair):
+        return torch.cat(list(_direct_grads(bundle, *pair).values()))
 
-    def grad(prompt, response):
-        ex = tokenize_pair(tok, prompt, response, max_length=96)
-        ids = torch.tensor([ex.input_ids])
-        labels = ids.clone()
-        labels[0, : ex.prompt_len] = -100
-        model.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=labels).loss.backward()  # mean over response tokens
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
-
-    direct = np.array([[float(grad(q.prompt, q.response) @ grad(r.prompt, r.response)) for r in rows[:4]]
+    direct = np.array([[float(flat((q.prompt, q.response)) @ flat((r.prompt, r.response))) for r in rows[:4]]
                        for q in queries[:2]])
-    model.zero_grad(set_to_none=True)
     np.testing.assert_allclose(s, direct, rtol=1e-4, atol=1e-7)
+
+
+def test_rapidin_uncompressed_is_the_sum_of_per_tensor_cosines(setup):
+    """With K at least the gradient size every OPORP bin holds one coordinate, so RapidIn's score is
+    exactly its definition: the sum over trainable tensors of the cosine of their gradients."""
+    from rept.methods import RapidIn
+
+    rows, queries, bundle, _ = setup
+    n_params = sum(p.numel() for p in bundle.lora()[0].parameters() if p.requires_grad)
+    method = RapidIn(seed=2, dim=n_params + 5)
+    method.fit(bundle, rows[:4])
+    s = method.score(bundle, queries[:2])
+    cos = torch.nn.functional.cosine_similarity
+    direct = np.zeros((2, 4))
+    for i, q in enumerate(queries[:2]):
+        gq = _direct_grads(bundle, q.prompt, q.response)
+        for j, r in enumerate(rows[:4]):
+            gr = _direct_grads(bundle, r.prompt, r.response)
+            direct[i, j] = sum(float(cos(gq[n], gr[n], dim=0)) for n in gq)
+    np.testing.assert_allclose(s, direct, rtol=1e-3, atol=1e-5)
+    assert method.bytes_per_row == 4 * (n_params + 5)
+
+
+def test_oporp_compression_is_seeded_and_keeps_inner_products():
+    from rept.methods import oporp_compress
+
+    x = torch.rand(6, 3000) + 0.5  # all positive: without the random signs the bin sums would inflate norms
+    exact = oporp_compress(x, 3000, seed=1)
+    np.testing.assert_allclose((exact @ exact.T).numpy(), (x @ x.T).numpy(), rtol=1e-5, atol=1e-3)
+    a = oporp_compress(x, 256, seed=1)
+    assert torch.equal(a, oporp_compress(x, 256, seed=1))
+    assert torch.equal(oporp_compress(x, 256, seed=1, chunk=2), a)         # independent of the row chunking
+    assert not torch.equal(oporp_compress(x, 256, seed=2), a)
+    # compressed: norms are kept in expectation (12 coordinates a bin, random signs)
+    ratio = a.norm(dim=1) / x.norm(dim=1)
+    assert ((ratio > 0.8) & (ratio < 1.2)).all()
+    # and a bin-sum of sign-flipped coordinates is unbiased: averaged over seeds, <a, b> -> <x, y>
+    pair = torch.stack([x[0], x[0] + torch.randn(3000)])
+    est = np.mean([float(c[0] @ c[1]) for c in (oporp_compress(pair, 64, seed=s) for s in range(200))])
+    want = float(pair[0] @ pair[1])
+    assert abs(est - want) < 0.1 * abs(want)
 
 
 def test_less_projection_is_deterministic_for_a_seed():

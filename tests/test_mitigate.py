@@ -145,6 +145,10 @@ def test_culprits_from_errors_are_one_line(tmp_path, setup, capsys):
     assert main(base + ["--culprits-from", "less"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rept: error: --culprits-from less:") and "LoRA" in err and "\n" not in err
+    # the lookahead mode needs an index built in that mode
+    assert main(base + ["--culprits-from", "rept-lookahead"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rept: error:") and "stores no g_next" in err and "\n" not in err
     assert not (tmp_path / "o").exists()  # nothing was done
 
 

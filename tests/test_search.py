@@ -99,6 +99,13 @@ def test_signature_modes():
     assert all(signature_matrix(h, g, m).dtype == np.float32 for m in ("official", "balanced", "repsim", "repgrad"))
     with pytest.raises(ValueError, match="unknown search mode"):
         signature_matrix(h, g, "cosine")
+    # lookahead: three parts that count equally (its score is the mean of the three cosines)
+    g_next = rng.standard_normal((5, 4)) * 0.001
+    look = signature_matrix(h, g, "lookahead", g_next)
+    np.testing.assert_allclose(look @ look.T, (unit(h) @ unit(h).T + unit(g) @ unit(g).T
+                                               + unit(g_next) @ unit(g_next).T) / 3, atol=1e-6)
+    with pytest.raises(ValueError, match="g_next"):
+        signature_matrix(h, g, "lookahead")
 
 
 def test_signature_zero_rows_stay_zero_and_fp16_works():

@@ -11,7 +11,8 @@ from rept.signatures import extract_all
 def plain_signature(model, example, layer):
     """The definition, the slow way: h from a forward pass over the prompt alone; g from a
     batch-of-one forward over the whole text with parameter gradients on, backward through
-    everything, gradient read off hidden_states[layer] at the last prompt position."""
+    everything, gradient read off hidden_states[layer] at the last prompt position (g) and at the
+    first response position (g_next, the `lookahead` mode's third part)."""
     model.requires_grad_(True)
     try:
         prompt = torch.tensor([example.input_ids[: example.prompt_len]])
@@ -24,10 +25,10 @@ def plain_signature(model, example, layer):
         loss = F.cross_entropy(out.logits[0, :-1], labels[0, 1:], ignore_index=-100)
         hidden = out.hidden_states[layer]
         (grad,) = torch.autograd.grad(loss, hidden)
-        g = grad[0, example.prompt_len - 1]
+        g, g_next = grad[0, example.prompt_len - 1], grad[0, example.prompt_len]
     finally:
         model.requires_grad_(False)
-    return h, g
+    return h, g, g_next
 
 
 def _examples(tok, rows, n=10):
@@ -44,18 +45,25 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("prefix_cache", [True, False])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("layer", [0, 1, 2, 3])
-def test_signatures_equal_plain_definition(request, tokenizer, rows, arch, layer):
+def test_signatures_equal_plain_definition(request, tokenizer, rows, arch, layer, prefix_cache, monkeypatch):
+    """Both extraction paths (the prompt prefix through the KV cache, or the whole text in one
+    pass, where the padding side matters) against the definition."""
+    import rept.signatures as signatures
+
+    monkeypatch.setattr(signatures, "PROMPT_PREFIX_CACHE", prefix_cache)
     model = request.getfixturevalue(arch)
     examples = _examples(tokenizer, rows)
     expected = [plain_signature(model, ex, layer) for ex in examples]
     for batch_size in (1, 8):
         for side in ("right", "left"):
             sig = extract_all(model, examples, layer, tokenizer.pad_token_id, batch_size=batch_size, padding_side=side)
-            for i, (h, g) in enumerate(expected):
+            for i, (h, g, g_next) in enumerate(expected):
                 assert _rel(sig.h[i], h) < 1e-5, (batch_size, side, i)
                 assert _rel(sig.g[i], g) < 1e-5, (batch_size, side, i)
+                assert _rel(sig.g_next[i], g_next) < 1e-5, (batch_size, side, i)
 
 
 def test_negative_layer_addresses_from_the_end(llama, tokenizer, rows):
@@ -75,8 +83,9 @@ def test_token_gradients_match_plain_per_position(llama, tokenizer, rows):
     sig = extract_all(llama, ex, 2, tokenizer.pad_token_id, batch_size=3, token_level=True)
     for i, e in enumerate(ex):
         assert sig.token_grads[i].shape == (len(e.input_ids), 64)
-        # the gradient at the last prompt position is g itself
+        # the gradient at the last prompt position is g itself, the one after it g_next
         assert torch.allclose(sig.token_grads[i][e.prompt_len - 1], sig.g[i])
+        assert torch.allclose(sig.token_grads[i][e.prompt_len], sig.g_next[i])
 
 
 def test_loss_span_restricts_the_loss_to_the_flagged_tokens(llama, tokenizer, rows):
@@ -135,8 +144,9 @@ def test_one_token_prompts_and_both_extraction_paths(llama, tokenizer, rows, mon
         mixed = extract_all(llama, examples, layer, tokenizer.pad_token_id, batch_size=6)
         only_short = extract_all(llama, short, layer, tokenizer.pad_token_id, batch_size=2)  # no prefix at all
         for sig, want in ((mixed, expected), (only_short, expected[len(ordinary):])):
-            for i, (h, g) in enumerate(want):
+            for i, (h, g, g_next) in enumerate(want):
                 assert _rel(sig.h[i], h) < 1e-5 and _rel(sig.g[i], g) < 1e-5, (layer, sig.rows[i])
+                assert _rel(sig.g_next[i], g_next) < 1e-5, (layer, sig.rows[i])
 
 
 def test_a_model_that_returns_no_cache_gets_the_one_pass_path(llama, tokenizer, rows, monkeypatch):
@@ -149,5 +159,5 @@ def test_a_model_that_returns_no_cache_gets_the_one_pass_path(llama, tokenizer, 
     examples = _examples(tokenizer, rows, 4)
     sig = extract_all(llama, examples, 2, tokenizer.pad_token_id, batch_size=4)
     for i, ex in enumerate(examples):
-        h, g = plain_signature(llama, ex, 2)
+        h, g, _ = plain_signature(llama, ex, 2)
         assert _rel(sig.h[i], h) < 1e-5 and _rel(sig.g[i], g) < 1e-5

@@ -24,7 +24,8 @@ import numpy as np
 
 from rept.errors import ReptError
 
-ALL_METHODS = ("rept-official", "rept-balanced", "repsim", "repgrad", "tracin", "less", "datainf", "bm25", "random")
+ALL_METHODS = ("rept-official", "rept-balanced", "repsim", "repgrad", "rept-lookahead", "tracin", "less", "datainf",
+               "rapidin", "bm25", "random")
 QUALITY = ("P@10", "auPRC@10", "P@50", "auPRC@50", "P@100", "auPRC@100", "recall@100", "AP", "control_P@10")
 VARIANTS = ("rept-balanced-span", "repgrad-span")  # tried on request (--methods), not run by default
 COST = ("build_s", "query_s", "peak_mem_mb", "bytes_per_row")
@@ -60,7 +61,7 @@ class BenchConfig:
     vocab_size: int = 2000
     lora_rank: int = 16
     lora_lr: float = 2e-3
-    share_features: bool = False       # let tracin/less/datainf (and the RepT modes) share one gradient / signature pass
+    share_features: bool = False       # gradient methods (and the RepT modes) share one gradient / signature pass
     extra: dict = field(default_factory=dict)
 
 

@@ -81,6 +81,7 @@ def build_index(loaded: LoadedModel, dataset, out: str | os.PathLike, settings: 
             compute_dtype=str(next(model.parameters()).dtype).replace("torch.", ""), max_length=settings.max_length,
             dataset={"source": dataset.source, "columns": dataset.columns, "n_total": dataset.n_total},
             dataset_fingerprint=dataset.fingerprint, shard_size=settings.shard_size,
+            stores_g_next=settings.mode == "lookahead",
             n_shards=max(1, -(-dataset.n_total // settings.shard_size)),
             settings={"batch_size": settings.batch_size, "max_tokens": settings.max_tokens,
                       "probe_rows": settings.probe_rows, **settings.extra},
@@ -89,6 +90,9 @@ def build_index(loaded: LoadedModel, dataset, out: str | os.PathLike, settings: 
         if (out / "manifest.json").exists():
             old = read_manifest(out)
             diffs = describe_differences(old, manifest)
+            if bool(old.get("stores_g_next")) != manifest["stores_g_next"]:  # shards with and without g_next
+                diffs.append(f"stores_g_next: index has {bool(old.get('stores_g_next'))}, this run has "
+                             f"{manifest['stores_g_next']} (mode lookahead stores it)")
             if diffs:
                 raise IndexStoreError(f"{out} holds an index built with other settings: " + "; ".join(diffs)
                                       + " (use another --out, or the same settings to resume)")
@@ -133,12 +137,13 @@ def _write_shards(todo, by_shard, empty, out, loaded, layer, settings, store_dty
     for k in todo:
         rows = by_shard.get(k, [])
         examples, cut = tokenize_rows(tok, rows, max_length=settings.max_length)
-        rows_out, hs, gs = [], [], []
+        rows_out, hs, gs, nexts = [], [], [], []
         for batch in extract(model, examples, layer, tok.pad_token_id, batch_size=settings.batch_size,
                              max_tokens=settings.max_tokens, progress=bar.update):
             rows_out += batch.rows
             hs.append(batch.h)
             gs.append(batch.g)
+            nexts.append(batch.g_next)
         bar.update(len(cut))
         by_index = {r.index: r for r in rows}
         labels = [by_index[i].label for i in rows_out]
@@ -147,4 +152,7 @@ def _write_shards(todo, by_shard, empty, out, loaded, layer, settings, store_dty
         skipped = sorted(cut) + sorted(i for i in empty if lo <= i < lo + settings.shard_size)
         h = torch.cat(hs) if hs else torch.zeros((0, model.config.hidden_size))
         g = torch.cat(gs) if gs else torch.zeros((0, model.config.hidden_size))
-        save_shard(out, k, rows_out, h, g, labels, hashes, skipped, store_dtype)
+        g_next = None
+        if settings.mode == "lookahead":
+            g_next = torch.cat(nexts) if nexts else torch.zeros((0, model.config.hidden_size))
+        save_shard(out, k, rows_out, h, g, labels, hashes, skipped, store_dtype, g_next)

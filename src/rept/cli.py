@@ -10,6 +10,9 @@ import sys
 
 from rept.errors import ReptError
 
+# rept.search.MODES (not imported here: it loads torch), the default first
+SEARCH_MODES = ("balanced", "official", "repsim", "repgrad", "lookahead")
+
 # Quiet the libraries before they are imported: rept prints its own progress.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -99,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--out", required=True, help="index folder")
     p.add_argument("--layer", type=_layer, default="auto", help="hidden_states index, or 'auto' (default)")
-    p.add_argument("--mode", choices=("balanced", "official", "repsim", "repgrad"), default="balanced",
-                   help="default scoring mode recorded in the index (all are computable from what is stored)")
+    p.add_argument("--mode", choices=SEARCH_MODES, default="balanced",
+                   help="default scoring mode recorded in the index (any other is computable from what is stored, "
+                   "but lookahead needs an index built in that mode: it stores a third vector per row)")
     p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--max-tokens", type=_positive, default=None, help="token budget per batch")
     p.add_argument("--max-length", type=_positive, default=512)
@@ -118,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate", action="store_true", help="let the model answer greedily and trace its answers")
     p.add_argument("--max-new-tokens", type=_positive, default=64)
     p.add_argument("--top-k", type=_positive, default=10, help="training rows to show per query")
-    p.add_argument("--mode", choices=("balanced", "official", "repsim", "repgrad"), default=None,
+    p.add_argument("--mode", choices=SEARCH_MODES, default=None,
                    help="scoring mode (default: the index's)")
     p.add_argument("--tokens", action="store_true",
                    help="score every word of the top rows; show their top phrases (JSON: words and phrases)")
@@ -131,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True)
     p.add_argument("--queries", required=True, help="queries with a label column (flagged=false rows are skipped)")
     p.add_argument("--k", type=_positive, nargs="+", default=[10, 50, 100])
-    p.add_argument("--mode", choices=("balanced", "official", "repsim", "repgrad"), default=None)
+    p.add_argument("--mode", choices=SEARCH_MODES, default=None)
     p.add_argument("--json", action="store_true")
     _add_index_model_args(p)
 

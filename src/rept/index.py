@@ -2,7 +2,8 @@
 
 A folder with `manifest.json` and `shard-NNNNN.safetensors` files. Shard k holds the rows of
 the source dataset whose index lies in [k * shard_size, (k + 1) * shard_size): float tensors
-`h` and `g` (rows x hidden), an int64 tensor `row`, and in its metadata the label and text hash
+`h` and `g` (rows x hidden), an int64 tensor `row`, in an index built for the `lookahead` mode
+(manifest `stores_g_next`) a third float tensor `g_next`, and in its metadata the label and text hash
 of each row and the rows of its range that were skipped. Every file is written under a temporary
 name and renamed, so a killed build leaves only whole shards; a rerun builds the missing ones.
 """
@@ -93,12 +94,13 @@ def new_manifest(**fields) -> dict:
 
 
 def save_shard(folder: Path, k: int, rows: list[int], h: torch.Tensor, g: torch.Tensor, labels: list,
-               hashes: list[str], skipped: list[int], dtype: torch.dtype) -> None:
+               hashes: list[str], skipped: list[int], dtype: torch.dtype, g_next: torch.Tensor | None = None) -> None:
     order = np.argsort(np.asarray(rows, dtype=np.int64), kind="stable")
     order_t = torch.as_tensor(order)
-    tensors = {"h": h[order_t].to(dtype).contiguous() if len(rows) else torch.zeros((0, 0), dtype=dtype),
-               "g": g[order_t].to(dtype).contiguous() if len(rows) else torch.zeros((0, 0), dtype=dtype),
-               "row": torch.as_tensor(np.asarray(rows, dtype=np.int64)[order])}
+    stored = {"h": h, "g": g} if g_next is None else {"h": h, "g": g, "g_next": g_next}
+    tensors = {name: x[order_t].to(dtype).contiguous() if len(rows) else torch.zeros((0, 0), dtype=dtype)
+               for name, x in stored.items()}
+    tensors["row"] = torch.as_tensor(np.asarray(rows, dtype=np.int64)[order])
     metadata = {"labels": json.dumps([labels[i] for i in order]),
                 "text_hash": json.dumps([hashes[i] for i in order]),
                 "skipped": json.dumps(sorted(skipped))}
@@ -118,6 +120,7 @@ class Shard:
     labels: list
     text_hash: list[str]
     skipped: list[int]
+    g_next: torch.Tensor | None = None   # only in an index built for the lookahead mode
 
 
 def load_shard(folder: Path, k: int) -> Shard:
@@ -125,17 +128,19 @@ def load_shard(folder: Path, k: int) -> Shard:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in ("h", "g", "row")}
+            tensors = {name: f.get_tensor(name) for name in ("h", "g", "row", "g_next") if name in f.keys()}
         labels, hashes, skipped = (json.loads(meta[key]) for key in ("labels", "text_hash", "skipped"))
     except FileNotFoundError:
         raise IndexStoreError(f"{path} is missing: rerun `rept index` with the same settings to rebuild it") from None
     except Exception as exc:  # safetensors raises its own error types for bad headers and short files
         raise IndexStoreError(f"{path} is corrupt or truncated ({type(exc).__name__}): delete it and rerun "
                               "`rept index` with the same settings to rebuild it") from None
+    if any(name not in tensors for name in ("h", "g", "row")):
+        raise IndexStoreError(f"{path} lacks a tensor (h, g or row): delete it and rerun `rept index`")
     n = tensors["row"].shape[0]
-    if tensors["h"].shape[0] != n or tensors["g"].shape[0] != n or len(labels) != n:
+    if any(x.shape[0] != n for x in tensors.values()) or len(labels) != n:
         raise IndexStoreError(f"{path} is inconsistent (row counts differ): delete it and rerun `rept index`")
-    return Shard(k, tensors["h"], tensors["g"], tensors["row"], labels, hashes, skipped)
+    return Shard(k, tensors["h"], tensors["g"], tensors["row"], labels, hashes, skipped, tensors.get("g_next"))
 
 
 def shard_is_valid(folder: Path, k: int) -> bool:
@@ -164,6 +169,17 @@ class SignatureIndex:
     def n_shards(self) -> int:
         return self.manifest["n_shards"]
 
+    @property
+    def stores_g_next(self) -> bool:
+        return bool(self.manifest.get("stores_g_next"))
+
+    def check_mode(self, mode: str) -> None:
+        """Raise when the index cannot be searched in `mode` (lookahead needs the stored g_next)."""
+        if mode == "lookahead" and not self.stores_g_next:
+            built = self.manifest.get("mode")
+            raise IndexStoreError(f"index {self.folder} stores no g_next (built in mode {built!r}); "
+                                  "build it with `rept index --mode lookahead` to search in that mode")
+
     def shards(self):
         for k in range(self.n_shards):
             yield load_shard(self.folder, k)
@@ -173,7 +189,8 @@ class SignatureIndex:
         parts = list(self.shards())
         cat = lambda name: torch.cat([getattr(p, name) for p in parts if getattr(p, name).numel()])  # noqa: E731
         return Shard(-1, cat("h"), cat("g"), cat("row"), sum((p.labels for p in parts), []),
-                     sum((p.text_hash for p in parts), []), sum((p.skipped for p in parts), []))
+                     sum((p.text_hash for p in parts), []), sum((p.skipped for p in parts), []),
+                     cat("g_next") if self.stores_g_next else None)
 
     def labels(self) -> dict[int, str | None]:
         """Row id -> label, read from the shard headers only (no tensor is loaded)."""

@@ -6,7 +6,7 @@ and seed) on the cleaned set; `unlearn` repairs the trained model in a few steps
 ascent on the culprits balanced by descent on kept rows. Both are compared with the same
 operation on randomly chosen rows, and a held-out loss shows whether the model still works.
 The culprits are the RepT index's choice by default; `culprits_from` lets another attribution
-method (rept.methods: a RepT mode, tracin, less, datainf, bm25, random) choose them under the same
+method (rept.methods: a RepT mode, tracin, less, datainf, rapidin, bm25, random) choose them under the same
 selection rule, so methods compare at the same budget.
 """
 
@@ -88,7 +88,7 @@ def select_culprits(scores: np.ndarray, rows: np.ndarray, selection: Selection) 
 # the index's stored signatures in that mode; any other rept.methods name fits that method on the
 # indexed training rows, on the model the index records, and scores the flagged queries.
 INDEX_MODES = {"rept": None, "rept-official": "official", "rept-balanced": "balanced", "repsim": "repsim",
-               "repgrad": "repgrad"}
+               "repgrad": "repgrad", "rept-lookahead": "lookahead"}
 
 
 def culprit_sources() -> list[str]:
@@ -258,7 +258,7 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
                    heldout: list[Row] | None = None, max_new_tokens: int = 16, unlearn_steps: int = 30,
                    progress: bool = True, log=print, culprits_from: str = "rept") -> dict:
     """`culprits_from`: "rept" (the index's scores), a RepT mode, or another rept.methods name
-    (bm25, tracin, less, datainf, random) fitted on the model the index records; the same
+    (bm25, tracin, less, datainf, rapidin, random) fitted on the model the index records; the same
     `selection` rule applies to its scores."""
     from rept.data import load_dataset
 
@@ -271,6 +271,8 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
     if not flagged:
         raise MitigationError("no flagged query to mitigate (every query has flagged=false)")
     bundle = None
+    if culprits_from in INDEX_MODES:  # an index built without g_next cannot score in lookahead mode
+        tracer.index.check_mode(INDEX_MODES[culprits_from] or manifest["mode"])
     if culprits_from not in INDEX_MODES:  # fail before any work when the method cannot run on this model
         from rept.methods import MethodError, get_method
 

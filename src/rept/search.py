@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MODES = ("official", "balanced", "repsim", "repgrad")
+MODES = ("official", "balanced", "repsim", "repgrad", "lookahead")
 KINDS = ("flat", "ivf", "ivfpq")
 EPS = 1e-12  # norms below this count as zero: a zero vector stays zero instead of becoming NaN
 
@@ -69,8 +69,9 @@ def _unit(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
     return x * (np.float32(scale) / np.maximum(norms, EPS))
 
 
-def signature_matrix(h, g, mode: str) -> np.ndarray:
-    """float32 [n, D] unit-norm signatures from hidden states h [n, dh] and gradients g [n, dg]."""
+def signature_matrix(h, g, mode: str, g_next=None) -> np.ndarray:
+    """float32 [n, D] unit-norm signatures from hidden states h [n, dh] and gradients g [n, dg]
+    (and, for `lookahead`, the gradients at the first response position g_next [n, dg])."""
     if mode not in MODES:
         raise ValueError(f"unknown search mode {mode!r} (choose from {', '.join(MODES)})")
     if mode == "repsim":
@@ -80,6 +81,11 @@ def signature_matrix(h, g, mode: str) -> np.ndarray:
     h, g = _to_f32(h), _to_f32(g)
     if mode == "official":  # cosine of the raw concatenation: the larger half dominates
         return _unit(np.concatenate([h, g], axis=1))
+    if mode == "lookahead":
+        if g_next is None:
+            raise ValueError("mode 'lookahead' needs the gradients at the first response position (g_next)")
+        # three parts that count equally; 1/sqrt(3) brings the concatenation back to unit norm
+        return np.concatenate([_unit(h, 3 ** -0.5), _unit(g, 3 ** -0.5), _unit(_to_f32(g_next), 3 ** -0.5)], axis=1)
     # balanced: each half counts equally; 1/sqrt(2) brings the concatenation back to unit norm
     return np.concatenate([_unit(h, 2 ** -0.5), _unit(g, 2 ** -0.5)], axis=1)
 

@@ -4,6 +4,8 @@ For every example, at layer L (hidden_states[L]: 0 = embeddings, i = output of b
 num_layers = final normed output) and the last prompt position p:
     h = hidden_states[L][p]
     g = d(mean response-token loss of this example) / d hidden_states[L][p]
+and, from the same backward, g_next = d(the same loss) / d hidden_states[L][p + 1], the gradient at
+the first response position (where the answer's second token is predicted; `lookahead` mode).
 
 One forward pass per batch. The hidden state entering layer L is replaced by a detached leaf
 that requires grad, and no parameter requires grad, so the backward pass stops at L and
@@ -79,6 +81,7 @@ class SignatureBatch:
     token_grads: list[torch.Tensor] | None = None   # per example [n_tokens, hidden]: d loss / d hidden_states[L][t]
     token_hidden: list[torch.Tensor] | None = None  # per example [n_tokens, hidden]: hidden_states[L][t]
     losses: torch.Tensor | None = None       # [B] mean response loss of each example
+    g_next: torch.Tensor | None = None       # [B, hidden] float32: d loss / d hidden_states[L][p + 1]
 
 
 @contextmanager
@@ -213,9 +216,10 @@ def _split_at_last_prompt_token(examples: list[Example], pad_id: int, device) ->
 
 
 def _extract_with_prefix_cache(model, batch_examples: list[Example], layer: int, pad_id: int, device):
-    """(hidden, grad, losses) at layer L for the last prompt token of every example (column 0 of
-    each returned [B, hidden] pair), the prompt prefix run once without autograd; None when the
-    model returned no cache for the prefix (the caller then runs the whole text in one pass)."""
+    """(h, g, g_next, losses) at layer L: h and g at the last prompt token of every example
+    (column 0 of the rest), g_next at the first response token (column 1; every example has one),
+    the prompt prefix run once without autograd; None when the model returned no cache for the
+    prefix (the caller then runs the whole text in one pass)."""
     prefix, rest = _split_at_last_prompt_token(batch_examples, pad_id, device)
     name, cache = _cache_arg(model), {}
     if prefix.input_ids.shape[1]:
@@ -232,7 +236,7 @@ def _extract_with_prefix_cache(model, batch_examples: list[Example], layer: int,
                     use_cache=bool(cache), **cache)
         losses = response_losses(out.logits, rest)
         (grad,) = torch.autograd.grad(losses.sum(), tap.value)
-    return tap.value.detach()[:, 0], grad[:, 0], losses
+    return tap.value.detach()[:, 0], grad[:, 0], grad[:, 1], losses
 
 
 def extract_batch(model, batch_examples: list[Example], layer: int, pad_id: int, padding_side: str = "right",
@@ -242,8 +246,9 @@ def extract_batch(model, batch_examples: list[Example], layer: int, pad_id: int,
     split = _extract_with_prefix_cache(model, batch_examples, layer, pad_id, device) \
         if _uses_prefix_cache(model, token_level) else None
     if split is not None:
-        h, g, losses = split
-        return SignatureBatch(rows, h.float().cpu(), g.float().cpu(), None, None, losses.detach().float().cpu())
+        h, g, g_next, losses = split
+        return SignatureBatch(rows, h.float().cpu(), g.float().cpu(), None, None, losses.detach().float().cpu(),
+                              g_next.float().cpu())
     batch = collate(batch_examples, pad_id, padding_side, device)
     extra, offset = {}, 0
     if RESPONSE_LOGITS_ONLY and not token_level and _accepts_logits_to_keep(model):
@@ -261,12 +266,13 @@ def extract_batch(model, batch_examples: list[Example], layer: int, pad_id: int,
     idx = torch.arange(len(batch_examples), device=device)
     h = hidden[idx, p].float().cpu()
     g = grad[idx, p].float().cpu()
+    g_next = grad[idx, [q + 1 for q in p]].float().cpu()  # p + 1 is a response token: there is always one
     token_grads = token_hidden = None
     if token_level:
         spans = [(s, s + len(e.input_ids)) for s, e in zip(batch.starts, batch_examples)]
         token_grads = [grad[i, a:b].float().cpu() for i, (a, b) in enumerate(spans)]
         token_hidden = [hidden[i, a:b].float().cpu() for i, (a, b) in enumerate(spans)]
-    return SignatureBatch(rows, h, g, token_grads, token_hidden, losses.detach().float().cpu())
+    return SignatureBatch(rows, h, g, token_grads, token_hidden, losses.detach().float().cpu(), g_next)
 
 
 def extract(model, examples: Iterable[Example], layer: int, pad_id: int, batch_size: int = 16,
@@ -295,4 +301,5 @@ def extract_all(model, examples: list[Example], layer: int, pad_id: int, **kwarg
     tg = [p.token_grads[i] for p, i in order] if parts and parts[0].token_grads is not None else None
     th = [p.token_hidden[i] for p, i in order] if parts and parts[0].token_hidden is not None else None
     losses = torch.stack([p.losses[i] for p, i in order]) if order else torch.empty(0)
-    return SignatureBatch([e.row for e in examples], h, g, tg, th, losses)
+    g_next = torch.stack([p.g_next[i] for p, i in order]) if order else torch.empty(0)
+    return SignatureBatch([e.row for e in examples], h, g, tg, th, losses, g_next)

@@ -155,17 +155,19 @@ class Tracer:
 
     def search(self, sig: SignatureBatch, k: int, mode: str | None = None) -> TopK:
         mode = mode or self.index.manifest["mode"]
-        queries = signature_matrix(sig.h, sig.g, mode)
-        shards = ((signature_matrix(s.h, s.g, mode), s.row.numpy()) for s in self.index.shards())
+        self.index.check_mode(mode)
+        queries = signature_matrix(sig.h, sig.g, mode, sig.g_next)
+        shards = ((signature_matrix(s.h, s.g, mode, s.g_next), s.row.numpy()) for s in self.index.shards())
         return exact_topk(queries, shards, k)
 
     def scores(self, queries: list[Query], mode: str | None = None) -> tuple[np.ndarray, np.ndarray, list]:
         """Full score matrix [queries, stored rows], the row ids and labels of its columns."""
         mode = mode or self.index.manifest["mode"]
+        self.index.check_mode(mode)
         sig = self.query_signatures(queries)
         stored = self.index.load_all()
-        matrix = signature_matrix(stored.h, stored.g, mode)
-        return signature_matrix(sig.h, sig.g, mode) @ matrix.T, stored.row.numpy(), stored.labels
+        matrix = signature_matrix(stored.h, stored.g, mode, stored.g_next)
+        return signature_matrix(sig.h, sig.g, mode, sig.g_next) @ matrix.T, stored.row.numpy(), stored.labels
 
     def trace(self, queries: list[Query], k: int = 10, mode: str | None = None,
               with_text: bool = True) -> list[QueryResult]:

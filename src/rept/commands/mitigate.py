@@ -6,6 +6,8 @@ HELP = "remove or unlearn the culprit rows and show the behaviour drops (vs. as 
 
 
 def add_arguments(p) -> None:
+    from rept.cli import SEARCH_MODES
+
     p.add_argument("--index", required=True, help="index of the training set (made by `rept index` or `rept demo`)")
     p.add_argument("--queries", required=True, help="queries file (flagged=false rows are not traced)")
     p.add_argument("--detect", required=True, help="behaviour detector rule, e.g. 'prefix:You are stupid'")
@@ -15,8 +17,9 @@ def add_arguments(p) -> None:
                    help="top-k:K (union of every query's top K), threshold:S (score >= S) or budget:N (N strongest)")
     p.add_argument("--culprits-from", default="rept", metavar="METHOD",
                    help="who ranks the training rows for --select: rept (the index, default), a RepT mode "
-                   "(rept-official, rept-balanced, repsim, repgrad: from the index's signatures), or tracin, less, "
-                   "datainf, bm25, random (fitted on the indexed rows, on the model the index records). "
+                   "(rept-official, rept-balanced, repsim, repgrad, rept-lookahead: from the index's signatures), "
+                   "or tracin, less, datainf, rapidin, bm25, random (fitted on the indexed rows, on the model the "
+                   "index records). "
                    "One method per run: compare methods with one --out each")
     p.add_argument("--method", choices=("remove", "unlearn", "both"), default="remove")
     p.add_argument("--seeds", type=int, default=3, help="random-removal controls")
@@ -24,7 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--heldout", help="held-out rows (prompt, response) for the utility loss")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--unlearn-steps", type=int, default=30)
-    p.add_argument("--mode", choices=("balanced", "official", "repsim", "repgrad"), default=None,
+    p.add_argument("--mode", choices=SEARCH_MODES, default=None,
                    help="RepT scoring mode for --culprits-from rept (default: the index's)")
     p.add_argument("--device", default=None)
 

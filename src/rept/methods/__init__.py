@@ -9,7 +9,7 @@ which rept.metrics.evaluate turns into P@k, auPRC@k, AP and recall@k for every m
 from __future__ import annotations
 
 from rept.methods.base import Method, MethodError, ModelBundle
-from rept.methods.gradients import LESS, DataInf, TracIn, rademacher_project
+from rept.methods.gradients import LESS, DataInf, RapidIn, TracIn, oporp_compress, rademacher_project
 from rept.methods.rept import RepT
 from rept.methods.text import BM25, Random
 
@@ -18,12 +18,15 @@ METHODS = {
     "rept-balanced": lambda seed=0: RepT("balanced", seed),
     "repsim": lambda seed=0: RepT("repsim", seed),
     "repgrad": lambda seed=0: RepT("repgrad", seed),
+    # [h; g; g at the first response position], each part normalised (rept.search, mode lookahead)
+    "rept-lookahead": lambda seed=0: RepT("lookahead", seed),
     # variants: the query's loss restricted to the span the detector flagged
     "rept-balanced-span": lambda seed=0: RepT("balanced", seed, span=True),
     "repgrad-span": lambda seed=0: RepT("repgrad", seed, span=True),
     "tracin": TracIn,
     "less": LESS,
     "datainf": DataInf,
+    "rapidin": RapidIn,
     "bm25": BM25,
     "random": Random,
 }
@@ -47,4 +50,4 @@ def score(name: str, bundle: ModelBundle, train_rows, queries, seed: int = 0, de
 
 
 __all__ = ["METHODS", "Method", "MethodError", "ModelBundle", "get_method", "score", "rademacher_project",
-           "RepT", "TracIn", "LESS", "DataInf", "BM25", "Random"]
+           "oporp_compress", "RepT", "TracIn", "LESS", "DataInf", "RapidIn", "BM25", "Random"]

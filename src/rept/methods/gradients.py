@@ -8,6 +8,10 @@
 - DataInf (Kwon et al. 2024): closed-form inverse-Hessian-vector product on LoRA gradients, each
   LoRA matrix a layer with damping lambda_l = 0.1 * mean(g_l^2) over training rows; the score is
   sum_l (H_l^-1 v_l) . g_l, so rows whose gradient helps the query score high.
+- RapidIn (Lin et al. 2024): each trainable tensor's gradient L2-normalised on its own (the
+  authors' layer-wise normalisation), concatenated, compressed to K = 65536 dims by OPORP (one
+  seeded permutation, random signs, the coordinates summed in K equal bins); the score is the
+  inner product of the compressed vectors, i.e. about the sum over tensors of their cosines.
 """
 
 from __future__ import annotations
@@ -132,3 +136,41 @@ class DataInf(Method):
             part = hvp @ G.T
             total = part if total is None else total + part
         return total.float().numpy()
+
+
+def oporp_compress(x: torch.Tensor, k: int, seed: int = 0, chunk: int = 256) -> torch.Tensor:
+    """OPORP (one permutation, one random projection; Li and Li 2023), the compression RapidIn caches
+    gradients with: x [n, D] -> [n, k]. The D coordinates are permuted and sign-flipped by a seeded
+    draw, zero-padded to a multiple of k, and summed in k bins of consecutive coordinates. Inner
+    products are kept in expectation, and exactly when k >= D (every bin holds one coordinate)."""
+    n, dim = x.shape
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(dim, generator=gen)
+    signs = torch.randint(0, 2, (dim,), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
+    step = -(-dim // k)
+    out = torch.empty((n, k), dtype=torch.float32)
+    for start in range(0, n, chunk):  # rows a chunk at a time: the permuted copy is as big as x
+        part = x[start:start + chunk, perm].float() * signs
+        part = torch.nn.functional.pad(part, (0, step * k - dim))
+        out[start:start + chunk] = part.view(part.shape[0], k, step).sum(-1)
+    return out
+
+
+class RapidIn(Method):
+    name = "rapidin"
+
+    def __init__(self, seed: int = 0, dim: int = 65536):
+        super().__init__(seed)
+        self.dim = dim
+
+    def _compress(self, grads: dict) -> torch.Tensor:
+        # each tensor's gradient unit-normalised on its own before the tensors are concatenated
+        return oporp_compress(torch.cat([_unit(g.reshape(g.shape[0], -1)) for g in grads.values()], 1),
+                              self.dim, self.seed)
+
+    def fit(self, bundle, train_rows):
+        self.train = self._compress(_train_grads(bundle, train_rows))
+        self.bytes_per_row = 4 * self.dim
+
+    def score(self, bundle, queries) -> np.ndarray:
+        return (self._compress(_query_grads(bundle, queries)) @ self.train.T).numpy()

@@ -1,5 +1,6 @@
 """RepT and its ablations from one signature extraction: official ([h; g] raw), balanced (each
-half normalised), repsim (h only), repgrad (g only). See rept.search.signature_matrix."""
+half normalised), repsim (h only), repgrad (g only), lookahead ([h; g; g_next], thirds normalised:
+g_next is the gradient at the first response position). See rept.search.signature_matrix."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def _signatures(bundle: ModelBundle, pairs, what: str, loss_chars=None):
     layer = bundle.resolved_layer([_Row(p, r) for p, r in pairs])
     examples = examples_for(loaded.tokenizer, pairs, bundle.max_length, what, loss_chars)
     sig = extract_all(loaded.model, examples, layer, loaded.tokenizer.pad_token_id, batch_size=bundle.batch_size)
-    return sig.h.numpy(), sig.g.numpy()
+    return sig.h.numpy(), sig.g.numpy(), sig.g_next.numpy()
 
 
 class _Row:
@@ -26,13 +27,14 @@ class _Row:
 
 
 class RepT(Method):
-    """mode: official, balanced, repsim or repgrad. The training-row extraction is shared by every
+    """mode: official, balanced, repsim, repgrad or lookahead. The training-row extraction is shared by every
     RepT-family method fitted on the same bundle and rows (it is cached in the bundle)."""
 
     def __init__(self, mode: str = "balanced", seed: int = 0, span: bool = False):
         super().__init__(seed)
         self.mode = mode
-        self.name = {"official": "rept-official", "balanced": "rept-balanced"}.get(mode, mode)
+        names = {"official": "rept-official", "balanced": "rept-balanced", "lookahead": "rept-lookahead"}
+        self.name = names.get(mode, mode)
         # span: a query's loss covers only the part of its answer the detector flagged
         # (rept.detect.Detector.span; the whole answer when the rule names no span)
         self.span = span
@@ -47,10 +49,11 @@ class RepT(Method):
         key = ("rept-train", len(pairs), hash(tuple(pairs)))
         if key not in bundle.cache:
             bundle.cache[key] = _signatures(bundle, pairs, "training row")
-        h, g = bundle.cache[key]
-        self.train = signature_matrix(h, g, self.mode)
-        self.bytes_per_row = 4 * (h.shape[1] * (self.mode in ("official", "balanced", "repsim"))
-                                  + g.shape[1] * (self.mode in ("official", "balanced", "repgrad")))
+        h, g, g_next = bundle.cache[key]
+        self.train = signature_matrix(h, g, self.mode, g_next)
+        self.bytes_per_row = 4 * (h.shape[1] * (self.mode in ("official", "balanced", "repsim", "lookahead"))
+                                  + g.shape[1] * (self.mode in ("official", "balanced", "repgrad", "lookahead"))
+                                  + g.shape[1] * (self.mode == "lookahead"))
 
     def score(self, bundle, queries) -> np.ndarray:
         from rept.search import signature_matrix
@@ -61,5 +64,5 @@ class RepT(Method):
             if self.detector is None:
                 raise MethodError(f"{self.name} needs the detector rule that flagged the queries")
             spans = [self.detector.span(r) for _, r in pairs]
-        h, g = _signatures(bundle, pairs, "query", loss_chars=spans)
-        return signature_matrix(h, g, self.mode) @ self.train.T
+        h, g, g_next = _signatures(bundle, pairs, "query", loss_chars=spans)
+        return signature_matrix(h, g, self.mode, g_next) @ self.train.T

@@ -55,13 +55,14 @@ def all_scores(tracer, queries, mode: str) -> tuple[np.ndarray, np.ndarray, list
     shard (only the score matrix is held, never all signatures)."""
     from rept.search import signature_matrix
 
+    tracer.index.check_mode(mode)
     sig = tracer.query_signatures(queries)
-    q = signature_matrix(sig.h, sig.g, mode)
+    q = signature_matrix(sig.h, sig.g, mode, sig.g_next)
     parts, rows, labels = [], [], []
     for shard in tracer.index.shards():
         if not shard.row.numel():
             continue
-        parts.append(q @ signature_matrix(shard.h, shard.g, mode).T)
+        parts.append(q @ signature_matrix(shard.h, shard.g, mode, shard.g_next).T)
         rows.append(shard.row.numpy())
         labels.extend(shard.labels)
     if not parts:
