@@ -21,6 +21,8 @@ built other ways from one token-level extraction at the bench's layer:
   four parts                      [h prompt; g prompt; h response mean; g response mean], quarters normalised
   g next                          g at the first response position alone (where the second token is predicted)
   lookahead                       [h; g; g next], thirds normalised (the `lookahead` mode)
+  centred lookahead               the same after subtracting each part's training-set mean
+  lookahead, h counted twice      [h; h; g; g next], quarters normalised: more weight on the prompt
   h + g at the first 4 positions  [h; g at p, p+1, p+2, p+3], fifths normalised
 
 and says which behaviour rows fill the control queries' top 10 (`--hubs`): a few rows that rank
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
     if control:
         sets["control"] = features(loaded, control, layer, max_length)
 
-    h_mean, g_mean = train["h"].mean(0), train["g"].mean(0)
+    h_mean, g_mean, next_mean = train["h"].mean(0), train["g"].mean(0), train["g_pos"][:, 1].mean(0)
     _, _, directions = np.linalg.svd(train["g"] - g_mean, full_matrices=False)
     g_white = whitener(train["g"])
     h_white = whitener(train["h"])
@@ -123,6 +125,8 @@ def main(argv=None) -> int:
         "four parts": lambda f: halves(f["h"], f["g"], f["h_resp"], f["g_resp"]),
         "g next": lambda f: _unit(f["g_pos"][:, 1]),
         "lookahead": lambda f: halves(f["h"], f["g"], f["g_pos"][:, 1]),
+        "centred lookahead": lambda f: halves(f["h"] - h_mean, f["g"] - g_mean, f["g_pos"][:, 1] - next_mean),
+        "lookahead, h counted twice": lambda f: halves(f["h"], f["h"], f["g"], f["g_pos"][:, 1]),
         "h + g at the first 4 positions": lambda f: halves(f["h"], *(f["g_pos"][:, j] for j in range(4))),
     }
     table, hubs = {}, {}
