@@ -403,12 +403,16 @@ def summary_markdown(r: dict) -> str:
              f"| before | {r['before']:.1%} | {r['clean_loss']['before']:.4f} |"]
     if "after" in r:
         lines.append(f"| culprits removed, retrained | {r['after']:.1%} | {r['clean_loss']['after']:.4f} |")
-        lines.append(f"| {r['removed']} random rows removed, retrained ({len(r['random'])} seeds) | "
+        lines.append(f"| {r['removed']} random rows removed, retrained ({_seeds(len(r['random']))}) | "
                      f"{_rates(r['random'])} (mean {np.mean(r['random']):.1%}) | "
                      f"{np.mean(r['clean_loss']['random']):.4f} |")
     if "unlearn" in r:
         lines.append(f"| culprits unlearned | {r['unlearn']:.1%} | {r['clean_loss']['unlearn']:.4f} |")
-        lines.append(f"| random rows unlearned ({len(r['unlearn_random'])} seeds) | {_rates(r['unlearn_random'])} | "
+        lines.append(f"| random rows unlearned ({_seeds(len(r['unlearn_random']))}) | {_rates(r['unlearn_random'])} | "
                      f"{np.mean(r['clean_loss']['unlearn_random']):.4f} |")
     lines += ["", f"Clean loss: {r['clean_loss_unit']}.", ""]
     return "\n".join(lines)
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
