@@ -25,8 +25,9 @@ built other ways from one token-level extraction at the bench's layer:
   lookahead, h counted twice      [h; h; g; g next], quarters normalised: more weight on the prompt
   h + g at the first 4 positions  [h; g at p, p+1, p+2, p+3], fifths normalised
 
-and says which behaviour rows fill the control queries' top 10 (`--hubs`): a few rows that rank
-high for most control answers point at what the signature keys on (e.g. a shared first word).
+and says which rows fill the top 10s where they should not (`--hubs`): behaviour rows for control
+answers, other rows for flagged answers. A few rows that rank high for most answers point at what
+the signature keys on (e.g. a shared first word).
 
 Scored like `rept bench` (rept.metrics; relevant row = the behaviour's label; rows cut off at
 max_length left out, so AP is over the kept rows): P@10, AP and control_P@10.
@@ -133,8 +134,8 @@ def main(argv=None) -> int:
     for name, make in variants.items():
         stored = make(train)
         scores = {group: make(f) @ stored.T for group, f in sets.items()}
-        if control and name in ("balanced", "repgrad", "lookahead"):
-            hubs[name] = np.argsort(-scores["control"], 1, kind="stable")[:, :10]
+        if name in ("balanced", "repgrad", "lookahead"):
+            hubs[name] = {group: np.argsort(-s, 1, kind="stable")[:, :10] for group, s in scores.items()}
         table[name] = {"P@10": round(precision_at_k(scores["flagged"], relevant, 10), 3),
                        "AP": round(average_precision(scores["flagged"], relevant), 3),
                        "control_P@10": round(precision_at_k(scores["control"], relevant, 10), 3) if control else None}
@@ -144,16 +145,21 @@ def main(argv=None) -> int:
     for name, m in table.items():
         print(f"| {name} | {m['P@10']:.3f} | {m['AP']:.3f} | " + ("-" if m["control_P@10"] is None else
                                                                   f"{m['control_P@10']:.3f}") + " |")
-    for name, top in hubs.items():
+    for name, tops in hubs.items():
         if not args.hubs:
             break
-        slots = relevant[top]
-        ids, counts = np.unique(top[slots], return_counts=True)
-        print(f"\n{name}: behaviour rows fill {slots.mean():.3f} of the control top-10 slots; {len(ids)} distinct rows"
-              + (", the most frequent:" if len(ids) else ""))
-        for i in np.argsort(-counts, kind="stable")[:args.hubs]:
-            r = rows[ids[i]]
-            print(f"  in {counts[i]} of {len(top)} control top 10s: {r['prompt'][:50]!r} -> {r['response'][:40]!r}")
+        # the rows that should not be there: behaviour rows for control answers, other rows for flagged ones
+        for group, wrong, kind in (("control", True, "behaviour"), ("flagged", False, "other")):
+            if group not in tops:
+                continue
+            top = tops[group]
+            slots = relevant[top] == wrong
+            ids, counts = np.unique(top[slots], return_counts=True)
+            print(f"\n{name}: {kind} rows fill {slots.mean():.3f} of the {group} top-10 slots; {len(ids)} distinct rows"
+                  + (", the most frequent:" if len(ids) else ""))
+            for i in np.argsort(-counts, kind="stable")[:args.hubs]:
+                r = rows[ids[i]]
+                print(f"  in {counts[i]} of {len(top)} {group} top 10s: {r['prompt'][:50]!r} -> {r['response'][:40]!r}")
     if args.json:
         Path(args.json).write_text(json.dumps({"work": args.work, "layer": layer, "results": table}, indent=2) + "\n")
     return 0
