@@ -24,6 +24,8 @@ built other ways from one token-level extraction at the bench's layer:
   centred lookahead               the same after subtracting each part's training-set mean
   lookahead, h counted twice      [h; h; g; g next], quarters normalised: more weight on the prompt
   h + g at the first 4 positions  [h; g at p, p+1, p+2, p+3], fifths normalised
+  min of the three cosines        an AND of lookahead's parts: a row must match h, g and g next
+  h cosine x mean g cosine        the same idea, softer
 
 and says which rows fill the top 10s where they should not (`--hubs`): behaviour rows for control
 answers, other rows for flagged answers. A few rows that rank high for most answers point at what
@@ -82,6 +84,12 @@ def whitener(x: np.ndarray):
     return mean, v @ np.diag(w ** -0.5) @ v.T
 
 
+def _quality(scores, relevant, control) -> dict:
+    return {"P@10": round(precision_at_k(scores["flagged"], relevant, 10), 3),
+            "AP": round(average_precision(scores["flagged"], relevant), 3),
+            "control_P@10": round(precision_at_k(scores["control"], relevant, 10), 3) if control else None}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", required=True, help="a `rept bench --out` folder")
@@ -134,11 +142,16 @@ def main(argv=None) -> int:
     for name, make in variants.items():
         stored = make(train)
         scores = {group: make(f) @ stored.T for group, f in sets.items()}
+        table[name] = _quality(scores, relevant, control)
         if name in ("balanced", "repgrad", "lookahead"):
             hubs[name] = {group: np.argsort(-s, 1, kind="stable")[:, :10] for group, s in scores.items()}
-        table[name] = {"P@10": round(precision_at_k(scores["flagged"], relevant, 10), 3),
-                       "AP": round(average_precision(scores["flagged"], relevant), 3),
-                       "control_P@10": round(precision_at_k(scores["control"], relevant, 10), 3) if control else None}
+    # nonlinear combinations of lookahead's three cosines (not a cosine of one signature)
+    parts = [lambda f: _unit(f["h"]), lambda f: _unit(f["g"]), lambda f: _unit(f["g_pos"][:, 1])]
+    cosines = {group: [part(f) @ part(train).T for part in parts] for group, f in sets.items()}
+    combos = {"min of the three cosines": lambda c: np.minimum(np.minimum(c[0], c[1]), c[2]),
+              "h cosine x mean g cosine": lambda c: c[0] * (c[1] + c[2]) / 2}
+    for name, combine in combos.items():
+        table[name] = _quality({group: combine(c) for group, c in cosines.items()}, relevant, control)
 
     print(f"{args.work}: layer {layer}, {len(rows)} rows, {len(flagged)} flagged / {len(control)} control queries\n")
     print("| signature | P@10 | AP | control_P@10 |\n|---|---:|---:|---:|")
