@@ -215,3 +215,10 @@ def test_trace_tokens_terminal_phrases(index_dir, capsys):
                  "--top-k", "2", "--tokens", "--token-layer", "1"]) == 0
     out = capsys.readouterr().out
     assert "phrases:" in out and "word scores at layer 1" in " ".join(out.split())
+
+
+def test_cli_mode_choices_are_the_search_modes():
+    from rept.cli import SEARCH_MODES
+    from rept.search import MODES
+
+    assert set(SEARCH_MODES) == set(MODES) and SEARCH_MODES[0] == "balanced"
