@@ -26,6 +26,9 @@ built other ways from one token-level extraction at the bench's layer:
   h + g at the first 4 positions  [h; g at p, p+1, p+2, p+3], fifths normalised
   min of the three cosines        an AND of lookahead's parts: a row must match h, g and g next
   h cosine x mean g cosine        the same idea, softer
+  lookahead, z-scored parts       each part's cosines standardised over the training rows per query
+  balanced, hub-corrected         CSLS: 2 cos - the row's mean cosine to its 10 nearest training rows
+  balanced, first-token loss      g of the loss on the first response token only (rows and queries)
 
 and says which rows fill the top 10s where they should not (`--hubs`): behaviour rows for control
 answers, other rows for flagged answers. A few rows that rank high for most answers point at what
@@ -69,6 +72,15 @@ def features(loaded, pairs, layer: int, max_length: int) -> dict[str, np.ndarray
     }
 
 
+def first_token_g(loaded, pairs, layer: int, max_length: int) -> np.ndarray:
+    """g at the last prompt position of the loss on the first response token alone."""
+    from dataclasses import replace
+
+    examples = [replace(e, loss_span=(e.prompt_len, e.prompt_len + 1))
+                for e in examples_for(loaded.tokenizer, pairs, max_length, "pair")]
+    return extract_all(loaded.model, examples, layer, loaded.tokenizer.pad_token_id, batch_size=16).g.numpy()
+
+
 def halves(*parts):
     """Concatenation of unit-normalised parts, scaled back to unit norm."""
     scale = len(parts) ** -0.5
@@ -104,10 +116,12 @@ def main(argv=None) -> int:
     flagged = [(q.prompt, q.response) for q in queries if q.flagged]
     control = [(q.prompt, q.response) for q in queries if not q.flagged]
 
-    train = features(loaded, [(r["prompt"], r["response"]) for r in rows], layer, max_length)
-    sets = {"flagged": features(loaded, flagged, layer, max_length)}
-    if control:
-        sets["control"] = features(loaded, control, layer, max_length)
+    pairs = {"train": [(r["prompt"], r["response"]) for r in rows], "flagged": flagged, "control": control}
+    feats = {name: features(loaded, p, layer, max_length) for name, p in pairs.items() if p}
+    for name, f in feats.items():
+        f["g_first"] = first_token_g(loaded, pairs[name], layer, max_length)
+    train = feats.pop("train")
+    sets = feats
 
     h_mean, g_mean, next_mean = train["h"].mean(0), train["g"].mean(0), train["g_pos"][:, 1].mean(0)
     _, _, directions = np.linalg.svd(train["g"] - g_mean, full_matrices=False)
@@ -136,6 +150,7 @@ def main(argv=None) -> int:
         "lookahead": lambda f: halves(f["h"], f["g"], f["g_pos"][:, 1]),
         "centred lookahead": lambda f: halves(f["h"] - h_mean, f["g"] - g_mean, f["g_pos"][:, 1] - next_mean),
         "lookahead, h counted twice": lambda f: halves(f["h"], f["h"], f["g"], f["g_pos"][:, 1]),
+        "balanced, first-token loss": lambda f: halves(f["h"], f["g_first"]),
         "h + g at the first 4 positions": lambda f: halves(f["h"], *(f["g_pos"][:, j] for j in range(4))),
     }
     table, hubs = {}, {}
@@ -148,10 +163,19 @@ def main(argv=None) -> int:
     # nonlinear combinations of lookahead's three cosines (not a cosine of one signature)
     parts = [lambda f: _unit(f["h"]), lambda f: _unit(f["g"]), lambda f: _unit(f["g_pos"][:, 1])]
     cosines = {group: [part(f) @ part(train).T for part in parts] for group, f in sets.items()}
+    z = lambda c: (c - c.mean(1, keepdims=True)) / (c.std(1, keepdims=True) + 1e-12)  # noqa: E731
     combos = {"min of the three cosines": lambda c: np.minimum(np.minimum(c[0], c[1]), c[2]),
-              "h cosine x mean g cosine": lambda c: c[0] * (c[1] + c[2]) / 2}
+              "h cosine x mean g cosine": lambda c: c[0] * (c[1] + c[2]) / 2,
+              "lookahead, z-scored parts": lambda c: z(c[0]) + z(c[1]) + z(c[2])}
     for name, combine in combos.items():
         table[name] = _quality({group: combine(c) for group, c in cosines.items()}, relevant, control)
+    # CSLS (cross-domain similarity local scaling): a row close to many training rows is a hub;
+    # its mean cosine to its 10 nearest training rows is taken off its scores
+    stored = halves(train["h"], train["g"])
+    neighbours = np.concatenate([np.sort(stored[i:i + 1024] @ stored.T, 1)[:, -11:-1].mean(1)  # itself left out
+                                 for i in range(0, len(stored), 1024)])
+    table["balanced, hub-corrected"] = _quality(
+        {group: 2 * (halves(f["h"], f["g"]) @ stored.T) - neighbours for group, f in sets.items()}, relevant, control)
 
     print(f"{args.work}: layer {layer}, {len(rows)} rows, {len(flagged)} flagged / {len(control)} control queries\n")
     print("| signature | P@10 | AP | control_P@10 |\n|---|---:|---:|---:|")
