@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", required=True, help="a `rept bench --out` folder")
     p.add_argument("--layer", type=int, default=None, help="RepT layer (default: the bench's)")
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--hubs", type=int, default=5, help="behaviour rows to list from the control top 10s (0: none)")
+    p.add_argument("--hubs", type=int, default=5, help="rows to list: behaviour rows in the control top 10s, other rows in the flagged ones (0: none)")
     args = p.parse_args(argv)
 
     folder = open_bench_folder(args.work, args.layer)
