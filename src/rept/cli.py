@@ -246,12 +246,13 @@ def cmd_trace(args) -> int:
         raise TokenScoreError("--token-layer needs --tokens (it sets the layer of the word scores)")
     tracer = _tracer(args)
     token_layer = resolve_token_layer(tracer, args.token_layer) if args.tokens else None  # checked before any work
+    mode = tracer.index.search_mode(args.mode)  # likewise: before any answer is generated
     queries = _queries_from_args(args, tracer)
-    results = tracer.trace(queries, k=args.top_k, mode=args.mode)
+    results = tracer.trace(queries, k=args.top_k, mode=mode)
     if args.tokens:
         attach_word_scores(tracer, results, layer=token_layer)
     if args.json:
-        out = {"layer": tracer.layer, "mode": args.mode or tracer.index.manifest["mode"]}
+        out = {"layer": tracer.layer, "mode": mode}
         if args.tokens:
             out["token_layer"] = token_layer
         out["queries"] = [r.to_dict() for r in results]

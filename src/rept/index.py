@@ -173,12 +173,15 @@ class SignatureIndex:
     def stores_g_next(self) -> bool:
         return bool(self.manifest.get("stores_g_next"))
 
-    def check_mode(self, mode: str) -> None:
-        """Raise when the index cannot be searched in `mode` (lookahead needs the stored g_next)."""
+    def search_mode(self, mode: str | None = None) -> str:
+        """The mode to score in: `mode`, or the index's default; raises when the index cannot be
+        searched in it (lookahead needs the stored g_next)."""
+        mode = mode or self.manifest["mode"]
         if mode == "lookahead" and not self.stores_g_next:
             built = self.manifest.get("mode")
             raise IndexStoreError(f"index {self.folder} stores no g_next (built in mode {built!r}); "
                                   "build it with `rept index --mode lookahead` to search in that mode")
+        return mode
 
     def shards(self):
         for k in range(self.n_shards):

@@ -135,7 +135,7 @@ def culprit_scores(tracer, flagged, source: str, dataset, seed: int = 0, log=pri
     check_culprit_source(source)
     manifest = tracer.index.manifest
     if source in INDEX_MODES:
-        mode = INDEX_MODES[source] or manifest["mode"]
+        mode = tracer.index.search_mode(INDEX_MODES[source])
         scores, rows, _ = tracer.scores(flagged, mode=mode)
         note = f"RepT index {tracer.index.folder} (mode {mode}, layer {tracer.layer})"
         return np.atleast_2d(scores), np.asarray(rows), note
@@ -271,9 +271,10 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
     if not flagged:
         raise MitigationError("no flagged query to mitigate (every query has flagged=false)")
     bundle = None
-    if culprits_from in INDEX_MODES:  # an index built without g_next cannot score in lookahead mode
-        tracer.index.check_mode(INDEX_MODES[culprits_from] or manifest["mode"])
-    if culprits_from not in INDEX_MODES:  # fail before any work when the method cannot run on this model
+    # fail before any work when the index or the method cannot score on this model
+    if culprits_from in INDEX_MODES:  # e.g. lookahead on an index built without g_next
+        tracer.index.search_mode(INDEX_MODES[culprits_from])
+    else:
         from rept.methods import MethodError, get_method
 
         bundle = method_bundle(tracer)

@@ -90,6 +90,11 @@ def signature_matrix(h, g, mode: str, g_next=None) -> np.ndarray:
     return np.concatenate([_unit(h, 2 ** -0.5), _unit(g, 2 ** -0.5)], axis=1)
 
 
+def signatures_of(part, mode: str) -> np.ndarray:
+    """signature_matrix of anything holding h, g and g_next: a SignatureBatch or an index Shard."""
+    return signature_matrix(part.h, part.g, mode, part.g_next)
+
+
 @dataclass
 class TopK:
     scores: np.ndarray  # float32 [n_queries, k], descending per query

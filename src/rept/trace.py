@@ -15,7 +15,7 @@ from rept.build import model_identity
 from rept.examples import tokenize_pair
 from rept.index import SignatureIndex
 from rept.models import LoadedModel, load_model
-from rept.search import TopK, exact_topk, signature_matrix
+from rept.search import TopK, exact_topk, signatures_of
 from rept.signatures import SignatureBatch, extract_all
 
 
@@ -154,23 +154,20 @@ class Tracer:
                            batch_size=self.batch_size, token_level=token_level)
 
     def search(self, sig: SignatureBatch, k: int, mode: str | None = None) -> TopK:
-        mode = mode or self.index.manifest["mode"]
-        self.index.check_mode(mode)
-        queries = signature_matrix(sig.h, sig.g, mode, sig.g_next)
-        shards = ((signature_matrix(s.h, s.g, mode, s.g_next), s.row.numpy()) for s in self.index.shards())
-        return exact_topk(queries, shards, k)
+        mode = self.index.search_mode(mode)
+        shards = ((signatures_of(s, mode), s.row.numpy()) for s in self.index.shards())
+        return exact_topk(signatures_of(sig, mode), shards, k)
 
     def scores(self, queries: list[Query], mode: str | None = None) -> tuple[np.ndarray, np.ndarray, list]:
         """Full score matrix [queries, stored rows], the row ids and labels of its columns."""
-        mode = mode or self.index.manifest["mode"]
-        self.index.check_mode(mode)
+        mode = self.index.search_mode(mode)
         sig = self.query_signatures(queries)
         stored = self.index.load_all()
-        matrix = signature_matrix(stored.h, stored.g, mode, stored.g_next)
-        return signature_matrix(sig.h, sig.g, mode, sig.g_next) @ matrix.T, stored.row.numpy(), stored.labels
+        return signatures_of(sig, mode) @ signatures_of(stored, mode).T, stored.row.numpy(), stored.labels
 
     def trace(self, queries: list[Query], k: int = 10, mode: str | None = None,
               with_text: bool = True) -> list[QueryResult]:
+        mode = self.index.search_mode(mode)  # before any model work
         sig = self.query_signatures(queries)
         top = self.search(sig, k, mode)
         labels = self.index.labels()

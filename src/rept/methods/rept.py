@@ -51,9 +51,7 @@ class RepT(Method):
             bundle.cache[key] = _signatures(bundle, pairs, "training row")
         h, g, g_next = bundle.cache[key]
         self.train = signature_matrix(h, g, self.mode, g_next)
-        self.bytes_per_row = 4 * (h.shape[1] * (self.mode in ("official", "balanced", "repsim", "lookahead"))
-                                  + g.shape[1] * (self.mode in ("official", "balanced", "repgrad", "lookahead"))
-                                  + g.shape[1] * (self.mode == "lookahead"))
+        self.bytes_per_row = self.train.itemsize * self.train.shape[1]  # the floats each mode keeps per row
 
     def score(self, bundle, queries) -> np.ndarray:
         from rept.search import signature_matrix

@@ -53,16 +53,14 @@ class ReportData:
 def all_scores(tracer, queries, mode: str) -> tuple[np.ndarray, np.ndarray, list]:
     """[n_queries, n_rows] scores of every stored row, the rows' ids and labels, streamed shard by
     shard (only the score matrix is held, never all signatures)."""
-    from rept.search import signature_matrix
+    from rept.search import signatures_of
 
-    tracer.index.check_mode(mode)
-    sig = tracer.query_signatures(queries)
-    q = signature_matrix(sig.h, sig.g, mode, sig.g_next)
+    q = signatures_of(tracer.query_signatures(queries), mode)
     parts, rows, labels = [], [], []
     for shard in tracer.index.shards():
         if not shard.row.numel():
             continue
-        parts.append(q @ signature_matrix(shard.h, shard.g, mode, shard.g_next).T)
+        parts.append(q @ signatures_of(shard, mode).T)
         rows.append(shard.row.numpy())
         labels.extend(shard.labels)
     if not parts:
@@ -87,7 +85,7 @@ def build_report(tracer, queries, k: int = 10, mode: str | None = None, max_quer
         raise ReportError("no query to report on (every query has flagged=false)")
     if max_queries:
         queries = queries[:max_queries]
-    mode = mode or tracer.index.manifest["mode"]
+    mode = tracer.index.search_mode(mode)
     m = tracer.index.manifest
     log = log or (lambda msg: None)
 
