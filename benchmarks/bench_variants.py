@@ -57,10 +57,16 @@ from rept.signatures import extract_all
 
 
 def features(loaded, pairs, layer: int, max_length: int) -> dict[str, np.ndarray]:
-    """Per pair: h and g at the last prompt position, and their means over the response."""
+    """Per pair: h and g at the last prompt position, their means over the response, g at the first
+    response positions, and g of the loss on the first response token alone."""
+    from dataclasses import replace
+
     examples = examples_for(loaded.tokenizer, pairs, max_length, "pair")
-    sig = extract_all(loaded.model, examples, layer, loaded.tokenizer.pad_token_id, batch_size=16, token_level=True)
+    pad_id = loaded.tokenizer.pad_token_id
+    sig = extract_all(loaded.model, examples, layer, pad_id, batch_size=16, token_level=True)
+    first_token = [replace(e, loss_span=(e.prompt_len, e.prompt_len + 1)) for e in examples]
     return {
+        "g_first": extract_all(loaded.model, first_token, layer, pad_id, batch_size=16).g.numpy(),
         "h": sig.h.numpy(), "g": sig.g.numpy(),
         "h_resp": np.stack([th[e.prompt_len:].mean(0).numpy() for th, e in zip(sig.token_hidden, examples)]),
         # positions prompt_len-1 .. n-2 predict the response tokens
@@ -70,15 +76,6 @@ def features(loaded, pairs, layer: int, max_length: int) -> dict[str, np.ndarray
                                      for j in range(e.prompt_len - 1, e.prompt_len + 3)])
                            for tg, e in zip(sig.token_grads, examples)]),
     }
-
-
-def first_token_g(loaded, pairs, layer: int, max_length: int) -> np.ndarray:
-    """g at the last prompt position of the loss on the first response token alone."""
-    from dataclasses import replace
-
-    examples = [replace(e, loss_span=(e.prompt_len, e.prompt_len + 1))
-                for e in examples_for(loaded.tokenizer, pairs, max_length, "pair")]
-    return extract_all(loaded.model, examples, layer, loaded.tokenizer.pad_token_id, batch_size=16).g.numpy()
 
 
 def halves(*parts):
@@ -116,12 +113,10 @@ def main(argv=None) -> int:
     flagged = [(q.prompt, q.response) for q in queries if q.flagged]
     control = [(q.prompt, q.response) for q in queries if not q.flagged]
 
-    pairs = {"train": [(r["prompt"], r["response"]) for r in rows], "flagged": flagged, "control": control}
-    feats = {name: features(loaded, p, layer, max_length) for name, p in pairs.items() if p}
-    for name, f in feats.items():
-        f["g_first"] = first_token_g(loaded, pairs[name], layer, max_length)
-    train = feats.pop("train")
-    sets = feats
+    train = features(loaded, [(r["prompt"], r["response"]) for r in rows], layer, max_length)
+    sets = {"flagged": features(loaded, flagged, layer, max_length)}
+    if control:
+        sets["control"] = features(loaded, control, layer, max_length)
 
     h_mean, g_mean, next_mean = train["h"].mean(0), train["g"].mean(0), train["g_pos"][:, 1].mean(0)
     _, _, directions = np.linalg.svd(train["g"] - g_mean, full_matrices=False)
