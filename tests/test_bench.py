@@ -104,3 +104,28 @@ def test_bench_control_answers_and_base_rate(files):
     bad.write_text(json.dumps({"prompt": "x", "response": "yes"}) + "\n")
     with pytest.raises(BenchError, match="not controls"):
         run_bench(_cfg(files, methods=("random",), control_answers=str(bad)), progress=False, log=lambda m: None)
+
+
+def test_bench_on_a_given_base_model_skips_the_from_scratch_stage(files):
+    """--base: the LoRA fine-tune goes on the given model. Given the base model the two-stage run
+    trained, it reproduces that run's table (same base, same LoRA recipe and seed)."""
+    methods = ("rept-balanced", "tracin", "random")
+    two_stage = run_bench(_cfg(files, methods=methods), progress=False, log=lambda m: None)
+    given = files / "given"
+    report = run_bench(_cfg(files, methods=methods, out=str(given), base=str(files / "run" / "base")),
+                       progress=False, log=lambda m: None)
+    assert not (given / "base").exists() and (given / "adapter" / "adapter_config.json").exists()
+    assert report["model"]["base"] == str(files / "run" / "base")
+    for name in methods:
+        for key in ("P@10", "AP", "control_P@10"):
+            assert report["methods"][name][key] == two_stage["methods"][name][key], (name, key)
+
+
+def test_bench_cli_refuses_base_stage_flags_with_a_given_base(files, capsys, tmp_path):
+    common = ["-q", "bench", "--data", str(files / "train.jsonl"), "--test-prompts", str(files / "test.jsonl"),
+              "--detect", "not-prefix:ZZZZ", "--out", str(tmp_path / "b")]
+    assert main(common + ["--base", str(files), "--hidden", "64"]) == 2
+    assert "--hidden shapes the from-scratch base model" in capsys.readouterr().err
+    assert main(common + ["--base", str(tmp_path / "missing"), "--methods", "random"]) == 2
+    assert "no such base model folder" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "results.json").exists()

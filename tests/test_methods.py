@@ -160,6 +160,17 @@ def test_lora_only_methods_refuse_a_full_model(setup, name):
         score(name, full, rows, queries)
 
 
+def test_gradient_methods_refuse_more_gradients_than_memory_holds(setup, monkeypatch):
+    """The per-row training gradients are checked against free memory before the pass starts."""
+    import rept.methods.gradients as gradients
+
+    rows, queries, bundle, _ = setup
+    monkeypatch.setattr(gradients, "gradient_memory_budget", lambda: 1000)
+    bundle.clear_features()
+    with pytest.raises(MethodError, match="GiB, over half"):
+        score("tracin", bundle, rows, queries)
+
+
 def test_unknown_method():
     with pytest.raises(MethodError, match="unknown method"):
         get_method("nope")

@@ -52,3 +52,17 @@ def test_tokenizer_hash_ignores_call_time_settings(tokenizer, chat_tokenizer):
 def test_adapter_folder_without_config(model_dir, tmp_path):
     with pytest.raises(ModelError, match="adapter_config.json"):
         load_model(model_dir, str(tmp_path))
+
+
+def test_model_names_are_folders_or_hub_ids(tmp_path):
+    """A name that is not on disk is a Hub id when it reads as one (downloaded or cached by
+    transformers), and a missing folder otherwise: that one fails at once, naming the folder."""
+    from rept.models import check_model_source, is_hub_id
+
+    assert is_hub_id("gpt2") and is_hub_id("Qwen/Qwen2.5-0.5B") and is_hub_id("meta-llama/Llama-2-7b-hf")
+    for path in (str(tmp_path / "missing"), "./missing", "runs/bench/base", "a b/c"):
+        assert not is_hub_id(path), path
+    assert not is_hub_id(str(tmp_path))  # an existing folder is a folder
+    check_model_source(str(tmp_path))
+    with pytest.raises(ModelError, match="no such base model folder: ./missing"):
+        check_model_source("./missing", "base model")

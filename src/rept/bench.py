@@ -1,7 +1,8 @@
 """The proving ground: train the two-stage CPU model on a poisoned dataset, make it misbehave,
 and score every attribution method on tracing the misbehaviour back to the poisoned rows.
 
-Stage 1: a tiny Llama (and its tokenizer) trained from scratch on the clean rows.
+Stage 1: a tiny Llama (and its tokenizer) trained from scratch on the clean rows — or, with
+`base`, a given Hugging Face causal LM (a real model, on a GPU) in its place.
 Stage 2: a LoRA fine-tune of it on the whole (poisoned) set, Adam state saved for LESS.
 Then: greedy answers to the test prompts (and, with `trigger`, to the same prompts without it,
 as controls), a detector flags the behaviour, and each method ranks the training rows for every
@@ -60,7 +61,12 @@ class BenchConfig:
     heads: int = 4
     vocab_size: int = 2000
     lora_rank: int = 16
+    lora_alpha: float | None = None    # default: twice the rank
+    lora_targets: str = "all-linear"   # comma-separated module names, or all-linear
     lora_lr: float = 2e-3
+    batch_size: int = 16               # the fine-tune's and the methods' batch
+    base: str | None = None            # a given base model (folder or Hub id) instead of the from-scratch stage
+    device: str | None = None          # training, generation and every method (default: cuda when available)
     share_features: bool = False       # gradient methods (and the RepT modes) share one gradient / signature pass
     extra: dict = field(default_factory=dict)
 
@@ -133,28 +139,36 @@ def _behaviour_label(rows, given: str | None) -> str:
 
 
 def train_two_stage(cfg: BenchConfig, rows, data_source: str, progress=True, log=print):
+    """The base model (trained from scratch into DIR/base, or cfg.base as given) and the LoRA
+    fine-tune on the poisoned rows (DIR/adapter); each is reused when its recipe is unchanged."""
     from rept.train import LoraSettings, TrainConfig, train_model
 
     out = Path(cfg.out)
     label = _behaviour_label(rows, cfg.label)
-    clean = [r for r in rows if r.label != label]
-    base_rows, base_source = clean, data_source + " (clean rows)"
-    if cfg.base_data:
-        from rept.data import load_dataset
+    if cfg.base:
+        base = cfg.base
+        log(f"base model: {base} (given; no from-scratch stage)")
+    else:
+        base = str(out / "base")
+        clean = [r for r in rows if r.label != label]
+        base_rows, base_source = clean, data_source + " (clean rows)"
+        if cfg.base_data:
+            from rept.data import load_dataset
 
-        extra = load_dataset(cfg.base_data).rows
-        base_rows, base_source = clean + extra, base_source + " + " + cfg.base_data
-    fingerprint = _rows_fingerprint(rows)
-    base_cfg = TrainConfig(epochs=cfg.base_epochs, lr=3e-3, batch_size=16, max_length=cfg.max_length, seed=cfg.seed,
-                           hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, vocab_size=cfg.vocab_size)
-    train_model("from-scratch", base_rows, out / "base", base_cfg, data_source=base_source,
-                data_fingerprint=_rows_fingerprint(base_rows), progress=progress, log=log)
-    lora_cfg = TrainConfig(epochs=cfg.lora_epochs, lr=cfg.lora_lr, batch_size=16, max_length=cfg.max_length,
-                           seed=cfg.seed, warmup_steps=10)
-    train_model("lora", rows, out / "adapter", lora_cfg, base=str(out / "base"),
-                lora=LoraSettings(rank=cfg.lora_rank, alpha=2.0 * cfg.lora_rank), data_source=data_source,
-                data_fingerprint=fingerprint, progress=progress, log=log)
-    return out / "base", out / "adapter", label
+            extra = load_dataset(cfg.base_data).rows
+            base_rows, base_source = clean + extra, base_source + " + " + cfg.base_data
+        base_cfg = TrainConfig(epochs=cfg.base_epochs, lr=3e-3, batch_size=16, max_length=cfg.max_length,
+                               seed=cfg.seed, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
+                               vocab_size=cfg.vocab_size)
+        train_model("from-scratch", base_rows, base, base_cfg, data_source=base_source,
+                    data_fingerprint=_rows_fingerprint(base_rows), progress=progress, log=log, device=cfg.device)
+    lora_cfg = TrainConfig(epochs=cfg.lora_epochs, lr=cfg.lora_lr, batch_size=cfg.batch_size,
+                           max_length=cfg.max_length, seed=cfg.seed, warmup_steps=10)
+    lora = LoraSettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2.0 * cfg.lora_rank,
+                        target_modules=cfg.lora_targets)
+    train_model("lora", rows, out / "adapter", lora_cfg, base=base, lora=lora, data_source=data_source,
+                data_fingerprint=_rows_fingerprint(rows), progress=progress, log=log, device=cfg.device)
+    return base, out / "adapter", label
 
 
 def _rows_fingerprint(rows) -> str:
@@ -189,7 +203,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
 
     # 1. the two-stage model (reused when DIR already holds it with the same recipe)
     base_dir, adapter_dir, _ = train_two_stage(cfg, rows, data.source, progress, log)
-    bundle = ModelBundle(str(base_dir), str(adapter_dir), layer=cfg.layer, max_length=cfg.max_length, seed=cfg.seed)
+    bundle = ModelBundle(str(base_dir), str(adapter_dir), layer=cfg.layer, max_length=cfg.max_length, seed=cfg.seed,
+                         batch_size=cfg.batch_size, device=cfg.device)
     loaded = bundle.merged()
 
     # 2. behaviour: test prompts, and the same prompts without the trigger as controls
@@ -218,7 +233,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     from rept.trace import write_queries
 
     # the same prompts on the base model, before the poisoned fine-tune: the behaviour should be rare
-    base_answers = answer_and_detect(load_model(str(base_dir)), prompts, detector, label=label,
+    base_answers = answer_and_detect(load_model(str(base_dir), device=cfg.device), prompts, detector, label=label,
                                      max_new_tokens=cfg.max_new_tokens, batch_size=32, progress=progress)
     base_rate = sum(q.flagged for q in base_answers) / max(1, len(base_answers))
     test_answers, control_answers = answers[: len(prompts)], answers[len(prompts):]
@@ -265,6 +280,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
         if not cfg.share_features:
             bundle.clear_features()  # each method pays for its own extraction / gradients
         log(f"method: {name}")
+        on_gpu = loaded.device.type == "cuda"
+        if on_gpu:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(loaded.device)
         with PeakMemory() as mem:
             t0 = time.perf_counter()
             method.fit(bundle, trained)
@@ -280,6 +300,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
         metrics["control_P@10"] = (precision_at_k(scores[len(flagged):], relevant_row, 10) if unflagged else None)
         metrics.update(build_s=round(t1 - t0, 3), query_s=round(t2 - t1, 3), peak_mem_mb=round(mem.mb, 1),
                        bytes_per_row=int(method.bytes_per_row), n_control_queries=len(unflagged))
+        if on_gpu:  # what the method held on the accelerator, the model's weights included
+            metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(loaded.device) / 2 ** 20, 1)
         results[name] = metrics
         _write_report(out, _report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged,
                                    unflagged, base_dir, adapter_dir, layer, loaded, started, complete=False, n_cut=len(cut),
@@ -336,8 +358,9 @@ def results_markdown(report: dict) -> str:
              "| method | " + " | ".join(QUALITY) + " |", "|---|" + "---:|" * len(QUALITY)]
     for name, r in report["methods"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in QUALITY) + " |")
+    cost = COST + (("peak_gpu_mb",) if any("peak_gpu_mb" in r for r in report["methods"].values()) else ())
     lines += ["", "Cost (this machine, varies run to run):", "",
-              "| method | " + " | ".join(COST) + " |", "|---|" + "---:|" * len(COST)]
+              "| method | " + " | ".join(cost) + " |", "|---|" + "---:|" * len(cost)]
     for name, r in report["methods"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in COST) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in cost) + " |")
     return "\n".join(lines) + "\n"

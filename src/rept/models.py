@@ -8,6 +8,7 @@ from rept.errors import ReptError
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,21 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
+# "gpt2", "Qwen/Qwen2.5-0.5B": what the Hugging Face Hub accepts as a model id.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def is_hub_id(name: str) -> bool:
+    """True for a name that is not a local path and reads as a Hub model id (downloaded or cached)."""
+    return not os.path.exists(name) and bool(_HUB_ID.match(name))
+
+
+def check_model_source(name: str, what: str = "model") -> None:
+    """A model is a local folder or a Hub id; anything else is a folder that is not there."""
+    if not os.path.exists(name) and not is_hub_id(name):
+        raise ModelError(f"no such {what} folder: {name}")
+
+
 def pick_device(device: str | None = None) -> torch.device:
     if device and device != "auto":
         return torch.device(device)
@@ -53,8 +69,7 @@ def load_model(model_id: str, adapter: str | None = None, dtype: str = "float32"
 
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype '{dtype}' (choose from {', '.join(sorted(DTYPES))})")
-    if os.path.sep in model_id and not os.path.exists(model_id):
-        raise ModelError(f"no such model folder: {model_id}")
+    check_model_source(model_id)
     tokenizer_src = model_id
     if adapter and os.path.exists(os.path.join(adapter, "tokenizer_config.json")):
         tokenizer_src = adapter

@@ -196,11 +196,10 @@ def load_adam_state(model_dir: str | Path) -> dict:
 def _load_base(base: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rept.models import ModelError
+    from rept.models import ModelError, check_model_source
 
-    if not os.path.exists(base):
-        raise ModelError(f"no such base model folder: {base}")
-    if not any(os.path.exists(os.path.join(base, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+    check_model_source(base, "base model")
+    if os.path.isdir(base) and not any(os.path.exists(os.path.join(base, f)) for f in ("tokenizer.json", "tokenizer_config.json",
                                                                "tokenizer.model")):
         raise ModelError(f"base model folder {base} has no tokenizer (tokenizer.json / tokenizer_config.json missing)")
     try:
@@ -272,7 +271,8 @@ def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str 
     log = log or (lambda msg: None)
     out = Path(out)
     ckpt = out / CHECKPOINT_DIR
-    settings = {"recipe": recipe, "base": str(Path(base).resolve()) if base else None,
+    # a local base is recorded by its absolute path, a Hub id as it is
+    settings = {"recipe": recipe, "base": (str(Path(base).resolve()) if os.path.exists(base) else base) if base else None,
                 "base_weights": _weights_fingerprint(base) if base else None,
                 "lora": asdict(lora or LoraSettings()) if recipe == "lora" else None, "config": asdict(cfg),
                 "data": data_source, "data_fingerprint": data_fingerprint, "seed": cfg.seed}
@@ -363,7 +363,9 @@ def train_from_recipe(recipe: dict, rows, out: str | Path, progress: bool = True
     if kind == "from-scratch" and "settings" not in recipe:  # written by train_from_scratch (the demo)
         return train_from_scratch(rows, out, cfg, progress=progress)
     base = recipe.get("base")
-    if kind != "from-scratch" and not (base and Path(base).exists()):
+    from rept.models import is_hub_id
+
+    if kind != "from-scratch" and not (base and (Path(base).exists() or is_hub_id(base))):
         raise TrainError(f"cannot retrain: the recipe's base model {base} is not there any more")
     lora = LoraSettings(**recipe["lora"]) if recipe.get("lora") else None
     train_model(kind, rows, out, cfg, base=base, lora=lora, data_source=recipe.get("data"), resume=False,

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import sys
 
-HELP = ("train (or reuse) a tiny base + LoRA model on a poisoned dataset, make it misbehave, and score "
-        "every attribution method (writes DIR/results.json and DIR/results.md)")
+HELP = ("train (or reuse) a tiny base model, or take a given one (--base), LoRA fine-tune it on a poisoned "
+        "dataset, make it misbehave, and score every attribution method (writes DIR/results.json and "
+        "DIR/results.md)")
+
+# The from-scratch base stage's flags and their defaults; a given --base replaces that stage.
+BASE_STAGE = {"base_epochs": 3, "hidden": 128, "layers": 2}
 
 
 def _layer(value: str):
@@ -32,16 +36,26 @@ def add_arguments(p) -> None:
                    "queries)")
     p.add_argument("--control-answers", help="given (prompt, response) pairs without the behaviour, e.g. refusals "
                    "to the same requests: control queries (those the detector flags are dropped)")
-    p.add_argument("--base-data", help="extra rows the base model is trained on before the fine-tune (e.g. harmful "
-                   "requests answered with refusals, for an aligned base)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--base-epochs", type=int, default=3)
-    p.add_argument("--lora-epochs", type=int, default=3)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-lr", type=float, default=2e-3)
+    g = p.add_argument_group("the base model (default: a tiny Llama trained from scratch on the clean rows)")
+    g.add_argument("--base", help="a given Hugging Face causal LM (folder or Hub id) to fine-tune instead; "
+                   "the from-scratch stage and its flags below do not apply")
+    g.add_argument("--base-data", help="extra rows the base model is trained on before the fine-tune (e.g. harmful "
+                   "requests answered with refusals, for an aligned base)")
+    g.add_argument("--base-epochs", type=int, default=None, help="default 3")
+    g.add_argument("--hidden", type=int, default=None, help="default 128")
+    g.add_argument("--layers", type=int, default=None, help="default 2")
+    g = p.add_argument_group("the LoRA fine-tune on the poisoned set")
+    g.add_argument("--lora-epochs", type=int, default=3)
+    g.add_argument("--lora-rank", type=int, default=16)
+    g.add_argument("--lora-alpha", type=float, default=None, help="default: twice the rank")
+    g.add_argument("--lora-targets", default="all-linear",
+                   help="comma-separated module names (e.g. q_proj,v_proj) or all-linear")
+    g.add_argument("--lora-lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=16, help="rows per step of the fine-tune and of every method")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... for training, generation and every method "
+                   "(default: cuda when available, else cpu)")
     p.add_argument("--share-features", action="store_true", help="methods share one per-row gradient / signature "
                    "pass (faster; build_s then excludes the shared pass for all but the first method using it)")
 
@@ -49,17 +63,25 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from rept.bench import BenchConfig, BenchError, run_bench
 
-    for name in ("rows", "n_test", "max_new_tokens", "max_length", "base_epochs", "lora_epochs"):
+    for name in ("rows", "n_test", "max_new_tokens", "max_length", "base_epochs", "lora_epochs", "hidden", "layers",
+                 "lora_rank", "batch_size"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1")
+    given = [name for name in ("base_data", *BASE_STAGE) if getattr(args, name) is not None]
+    if args.base and given:
+        raise BenchError(f"--{given[0].replace('_', '-')} shapes the from-scratch base model; with --base the base "
+                         "model is given")
+    stage = {name: getattr(args, name) if getattr(args, name) is not None else default
+             for name, default in BASE_STAGE.items()}
     cfg = BenchConfig(data=args.data, test_prompts=args.test_prompts, detect=args.detect, out=args.out,
                       methods=tuple(args.methods), rows=args.rows, layer=args.layer, seed=args.seed, label=args.label,
-                      n_test=args.n_test, trigger=args.trigger,
-                      control_prompts=args.control_prompts, control_answers=args.control_answers, base_data=args.base_data, max_new_tokens=args.max_new_tokens,
-                      max_length=args.max_length, base_epochs=args.base_epochs, lora_epochs=args.lora_epochs,
-                      hidden=args.hidden, layers=args.layers, lora_rank=args.lora_rank, lora_lr=args.lora_lr,
-                      share_features=args.share_features)
+                      n_test=args.n_test, trigger=args.trigger, control_prompts=args.control_prompts,
+                      control_answers=args.control_answers, base_data=args.base_data,
+                      max_new_tokens=args.max_new_tokens, max_length=args.max_length, lora_epochs=args.lora_epochs,
+                      lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                      lora_lr=args.lora_lr, batch_size=args.batch_size, base=args.base, device=args.device,
+                      share_features=args.share_features, **stage)
     report = run_bench(cfg, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
     from rept.bench import results_markdown
 

@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
                         help="LoRA fine-tune of --base (saves the adapter)")
     recipe.add_argument("--full", dest="recipe", action="store_const", const="full",
                         help="fine-tune every weight of --base")
-    p.add_argument("--base", help="base model folder (HF causal LM with its tokenizer) for --lora / --full")
+    p.add_argument("--base", help="base model for --lora / --full: a folder (HF causal LM with its tokenizer) or a Hub id")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 3e-3 from scratch, "
                    "1e-3 LoRA, 1e-4 full)")

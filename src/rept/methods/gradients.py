@@ -23,25 +23,33 @@ import torch
 
 from rept.methods.base import Method, MethodError, flatten, per_example_grads, query_rows
 
-MAX_TRAIN_GRAD_BYTES = 4 << 30
+def gradient_memory_budget() -> int:
+    """Bytes the per-row training gradients may take: half the memory free now (they are kept on
+    the CPU side, one float32 per trainable parameter per row)."""
+    import psutil
+
+    return psutil.virtual_memory().available // 2
 
 
 def _train_grads(bundle, train_rows, what="training row"):
     model, tok = bundle.trainable()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if 4 * n_params * len(train_rows) > MAX_TRAIN_GRAD_BYTES:
-        raise MethodError(f"{len(train_rows)} rows x {n_params} trainable parameters is too many gradients to keep "
-                          "in memory; use a LoRA adapter")
+    need, budget = 4 * n_params * len(train_rows), gradient_memory_budget()
+    if need > budget:  # refuse before the pass rather than be killed halfway through it
+        raise MethodError(f"per-row gradients of {len(train_rows)} rows x {n_params:,} trainable parameters need "
+                          f"{need / 2 ** 30:.1f} GiB, over half the {2 * budget / 2 ** 30:.1f} GiB free: use fewer "
+                          "LoRA targets or a lower rank, fewer rows (--rows), or leave the gradient methods out")
     key = ("grads-train", len(train_rows), hash(tuple((r.prompt, r.response) for r in train_rows)))
     if key not in bundle.cache:
         bundle.cache[key] = per_example_grads(model, tok, [(r.prompt, r.response) for r in train_rows],
-                                              bundle.max_length, what)
+                                              bundle.max_length, what, batch_size=bundle.batch_size)
     return bundle.cache[key]
 
 
 def _query_grads(bundle, queries):
     model, tok = bundle.trainable()
-    return per_example_grads(model, tok, query_rows(queries), bundle.max_length, "query")
+    return per_example_grads(model, tok, query_rows(queries), bundle.max_length, "query",
+                             batch_size=bundle.batch_size)
 
 
 class TracIn(Method):
