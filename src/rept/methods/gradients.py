@@ -23,6 +23,7 @@ import torch
 
 from rept.methods.base import Method, MethodError, flatten, per_example_grads, query_rows
 
+
 def gradient_memory_budget() -> int:
     """Bytes the per-row training gradients may take: half the memory free now (they are kept on
     the CPU side, one float32 per trainable parameter per row)."""
