@@ -329,7 +329,9 @@ def main(argv=None):
     report, rows, queries = load_work(work, args.rows)
     label = report["behaviour"]["label"]
     max_length = int(report["config"]["max_length"])
-    bundle = ModelBundle(str(work / "base"), str(work / "adapter"), layer=report["model"]["layer"],
+    from bench_folder import base_model
+
+    bundle = ModelBundle(base_model(work, report), str(work / "adapter"), layer=report["model"]["layer"],
                          max_length=max_length, seed=int(report["config"].get("seed", 0)), device="cpu")
     _, tokenizer = bundle.trainable()
 

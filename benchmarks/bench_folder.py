@@ -18,7 +18,7 @@ from rept.trace import Query, load_queries, traceable_queries
 @dataclass
 class BenchFolder:
     report: dict             # DIR/results.json
-    bundle: ModelBundle      # DIR/base + DIR/adapter at the chosen layer
+    bundle: ModelBundle      # the base model + DIR/adapter at the chosen layer
     layer: int
     max_length: int
     rows: list[dict]         # training rows with a response token within max_length (the others were
@@ -30,12 +30,17 @@ class BenchFolder:
         return tokenize_pair(self.bundle.merged().tokenizer, prompt, response, max_length=self.max_length) is not None
 
 
+def base_model(work: Path, report: dict) -> str:
+    """DIR/base when the bench trained it, else the base model the bench was given (--base)."""
+    return str(work / "base") if (work / "base").is_dir() else report["model"]["base"]
+
+
 def open_bench_folder(work: str | Path, layer: int | None = None) -> BenchFolder:
     work = Path(work)
     report = json.loads((work / "results.json").read_text())
     max_length = report["config"]["max_length"]
     layer = layer if layer is not None else report["model"]["layer"]
-    bundle = ModelBundle(str(work / "base"), str(work / "adapter"), layer=layer, max_length=max_length)
+    bundle = ModelBundle(base_model(work, report), str(work / "adapter"), layer=layer, max_length=max_length)
     folder = BenchFolder(report, bundle, layer, max_length, [], np.zeros(0, bool), [])
     rows = [json.loads(line) for line in (work / "train_rows.jsonl").read_text().splitlines()]
     folder.rows = [r for r in rows if folder.fits(r["prompt"], r["response"])]
