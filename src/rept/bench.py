@@ -204,7 +204,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     # 1. the two-stage model (reused when DIR already holds it with the same recipe)
     base_dir, adapter_dir, _ = train_two_stage(cfg, rows, data.source, progress, log)
     bundle = ModelBundle(str(base_dir), str(adapter_dir), layer=cfg.layer, max_length=cfg.max_length, seed=cfg.seed,
-                         batch_size=cfg.batch_size, device=cfg.device)
+                         batch_size=cfg.batch_size, device=cfg.device, progress=progress)
     loaded = bundle.merged()
 
     # 2. behaviour: test prompts, and the same prompts without the trigger as controls

@@ -113,14 +113,14 @@ def model_paths(manifest: dict) -> tuple[str, str | None]:
     return model, adapter
 
 
-def method_bundle(tracer, seed: int = 0):
+def method_bundle(tracer, seed: int = 0, progress: bool = False):
     """rept.methods.ModelBundle on the model the index records (same layer and max_length)."""
     from rept.methods import ModelBundle
 
     manifest = tracer.index.manifest
     model, adapter = model_paths(manifest)
     return ModelBundle(model, adapter, layer=tracer.layer, max_length=manifest["max_length"],
-                       device=str(tracer.loaded.device), seed=seed)
+                       device=str(tracer.loaded.device), seed=seed, progress=progress)
 
 
 def culprit_scores(tracer, flagged, source: str, dataset, seed: int = 0, log=print,
@@ -277,7 +277,7 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
     else:
         from rept.methods import MethodError, get_method
 
-        bundle = method_bundle(tracer)
+        bundle = method_bundle(tracer, progress=progress)
         try:
             get_method(culprits_from).check(bundle)
         except MethodError as exc:

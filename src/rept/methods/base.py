@@ -32,6 +32,7 @@ class ModelBundle:
     batch_size: int = 16
     device: str | None = None
     seed: int = 0
+    progress: bool = False   # progress bars on the per-row passes (signatures, gradients)
     cache: dict = field(default_factory=dict, repr=False)
 
     def merged(self):
@@ -114,6 +115,11 @@ class Method:
         raise NotImplementedError
 
 
+def plural(what: str) -> str:
+    """Plural of a row kind, for progress bar labels: training row -> training rows, query -> queries."""
+    return what[:-1] + "ies" if what.endswith("y") else what + "s"
+
+
 def query_rows(queries):
     """Queries (rept.trace.Query or rows) as (prompt, response) pairs."""
     return [(q.prompt, q.response) for q in queries]
@@ -156,7 +162,7 @@ def per_example_grads(model, tokenizer, pairs, max_length: int, what: str = "row
         return _per_example_grads_loop(model, tokenizer, pairs, max_length, what, progress)
     examples = examples_for(tokenizer, pairs, max_length, what)
     out = {n: torch.empty((len(examples), *p.shape), dtype=torch.float32) for n, p in named}
-    bar = tqdm(total=len(examples), desc=f"gradients ({what}s)", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(examples), desc=f"gradients ({plural(what)})", disable=not progress, dynamic_ncols=True)
     try:
         for k, chunk in enumerate(length_sorted_batches(examples, batch_size)):
             grads = _batch_grads(model, tokenizer.pad_token_id, chunk, named, owners, check=k == 0)
@@ -185,7 +191,7 @@ def _per_example_grads_loop(model, tokenizer, pairs, max_length: int, what: str 
     examples = examples_for(tokenizer, pairs, max_length, what)
     out = {n: torch.empty((len(examples), *p.shape), dtype=torch.float32) for n, p in named}
     params = [p for _, p in named]
-    for i, ex in enumerate(tqdm(examples, desc=f"gradients ({what}s)", disable=not progress, dynamic_ncols=True)):
+    for i, ex in enumerate(tqdm(examples, desc=f"gradients ({plural(what)})", disable=not progress, dynamic_ncols=True)):
         batch = collate([ex], tokenizer.pad_token_id, "right", device)
         with torch.enable_grad():
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,

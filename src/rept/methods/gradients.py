@@ -43,13 +43,14 @@ def _train_grads(bundle, train_rows, what="training row"):
     key = ("grads-train", len(train_rows), hash(tuple((r.prompt, r.response) for r in train_rows)))
     if key not in bundle.cache:
         bundle.cache[key] = per_example_grads(model, tok, [(r.prompt, r.response) for r in train_rows],
-                                              bundle.max_length, what, batch_size=bundle.batch_size)
+                                              bundle.max_length, what, progress=bundle.progress,
+                                              batch_size=bundle.batch_size)
     return bundle.cache[key]
 
 
 def _query_grads(bundle, queries):
     model, tok = bundle.trainable()
-    return per_example_grads(model, tok, query_rows(queries), bundle.max_length, "query",
+    return per_example_grads(model, tok, query_rows(queries), bundle.max_length, "query", progress=bundle.progress,
                              batch_size=bundle.batch_size)
 
 

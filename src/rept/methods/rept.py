@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rept.methods.base import Method, MethodError, ModelBundle, examples_for, query_rows
+from rept.methods.base import Method, MethodError, ModelBundle, examples_for, plural, query_rows
 
 
 def _signatures(bundle: ModelBundle, pairs, what: str, loss_chars=None):
@@ -17,7 +17,12 @@ def _signatures(bundle: ModelBundle, pairs, what: str, loss_chars=None):
     loaded = bundle.merged()
     layer = bundle.resolved_layer([_Row(p, r) for p, r in pairs])
     examples = examples_for(loaded.tokenizer, pairs, bundle.max_length, what, loss_chars)
-    sig = extract_all(loaded.model, examples, layer, loaded.tokenizer.pad_token_id, batch_size=bundle.batch_size)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(examples), desc=f"signatures ({plural(what)})", disable=not bundle.progress,
+              dynamic_ncols=True) as bar:
+        sig = extract_all(loaded.model, examples, layer, loaded.tokenizer.pad_token_id, batch_size=bundle.batch_size,
+                          progress=bar.update)
     return sig.h.numpy(), sig.g.numpy(), sig.g_next.numpy()
 
 
