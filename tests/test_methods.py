@@ -161,13 +161,17 @@ def test_lora_only_methods_refuse_a_full_model(setup, name):
 
 
 def test_gradient_methods_refuse_more_gradients_than_memory_holds(setup, monkeypatch):
-    """The per-row training gradients are checked against free memory before the pass starts."""
-    import rept.methods.gradients as gradients
-
+    """The full per-row training gradients (tracin, datainf) are checked against the memory budget
+    before the pass starts; $REPT_GRAD_MEMORY sets the budget, and a bad value is named."""
     rows, queries, bundle, _ = setup
-    monkeypatch.setattr(gradients, "gradient_memory_budget", lambda: 1000)
     bundle.clear_features()
-    with pytest.raises(MethodError, match="GiB, over half"):
+    monkeypatch.setenv("REPT_GRAD_MEMORY", "0.000001")
+    for name in ("tracin", "datainf"):
+        with pytest.raises(MethodError, match=r"GiB, over the 0\.0 GiB budget"):
+            score(name, bundle, rows, queries)
+    assert score("rapidin", bundle, rows, queries).shape == (len(queries), len(rows))  # chunks of one batch
+    monkeypatch.setenv("REPT_GRAD_MEMORY", "lots")
+    with pytest.raises(MethodError, match="REPT_GRAD_MEMORY='lots'"):
         score("tracin", bundle, rows, queries)
 
 
@@ -214,13 +218,13 @@ def _rel_err(new, old):
 def _count_loop_calls(monkeypatch):
     from rept.methods import base
 
-    calls, loop = [], base._per_example_grads_loop
+    calls, loop = [], base._grads_one_at_a_time
 
     def counted(*args, **kwargs):
         calls.append(1)
         return loop(*args, **kwargs)
 
-    monkeypatch.setattr(base, "_per_example_grads_loop", counted)
+    monkeypatch.setattr(base, "_grads_one_at_a_time", counted)
     return calls
 
 
@@ -286,3 +290,33 @@ def test_per_example_grads_fall_back_when_a_weight_is_used_outside_its_linear(to
     calls = _count_loop_calls(monkeypatch)
     got = per_example_grads(model, tokenizer, pairs, 96, batch_size=2)
     assert calls and _rel_err(got, ref) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["less", "rapidin"])
+def test_projected_methods_give_the_same_scores_in_chunks(setup, name, monkeypatch):
+    """LESS and RapidIn keep only projections, so they take the gradients a few rows at a time when
+    every row's gradient would not fit: the scores are those of the one-piece computation."""
+    import rept.methods.gradients as gradients
+
+    rows, queries, bundle, _ = setup
+    bundle.clear_features()
+    whole = score(name, bundle, rows, queries)
+    model, _ = bundle.trainable()
+    row_bytes = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # chunks of 4 rows (grad_chunks takes a quarter of the budget) made of batches of 2, nothing shared
+    monkeypatch.setattr(gradients, "gradient_memory_budget", lambda: 4 * 4 * row_bytes)
+    monkeypatch.setattr(bundle, "batch_size", 2)
+    bundle.clear_features()
+    seen = []
+    chunks = gradients.grad_chunks
+
+    def counted(*args, **kwargs):
+        for rows_, grads in chunks(*args, **kwargs):
+            seen.append(len(rows_))
+            yield rows_, grads
+
+    monkeypatch.setattr(gradients, "grad_chunks", counted)
+    chunked = score(name, bundle, rows, queries)
+    assert max(seen) == 4 and sum(seen) == len(rows) + len(queries)
+    assert not any(isinstance(k, tuple) for k in bundle.cache)  # no full gradient kept
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)  # batches of 2 instead of 16

@@ -143,7 +143,21 @@ def examples_for(tokenizer, pairs, max_length: int, what: str, loss_chars=None):
 def per_example_grads(model, tokenizer, pairs, max_length: int, what: str = "row", progress: bool = False,
                       batch_size: int = 16):
     """Gradient of each example's mean response-token loss w.r.t. the trainable parameters:
-    ({name: [n, *shape]} float32 on CPU, names in model order, rows in input order).
+    ({name: [n, *shape]} float32 on CPU, names in model order, rows in input order). The batches
+    of `iter_per_example_grads` gathered in one place."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    out = {n: torch.empty((len(pairs), *p.shape), dtype=torch.float32) for n, p in named}
+    for rows, grads in iter_per_example_grads(model, tokenizer, pairs, max_length, what, progress, batch_size):
+        for n, _ in named:
+            out[n][rows] = grads[n].cpu()
+    return out
+
+
+def iter_per_example_grads(model, tokenizer, pairs, max_length: int, what: str = "row", progress: bool = False,
+                           batch_size: int = 16):
+    """Per-example gradients a batch at a time, for callers that keep less than every row's gradient:
+    yields (positions in `pairs` [b], {name: [b, *shape]} float32 on the model's device). A row may
+    come twice (after a fallback, below); the later gradient is the same one.
 
     Rows go through the model in length-sorted batches. When every trainable parameter is the
     weight or bias of a plain `nn.Linear` (LoRA's lora_A / lora_B), each row's own gradient is
@@ -158,49 +172,46 @@ def per_example_grads(model, tokenizer, pairs, max_length: int, what: str = "row
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     owners = _linear_owners(model, [p for _, p in named]) if named else None
-    if owners is None or batch_size < 1:
-        return _per_example_grads_loop(model, tokenizer, pairs, max_length, what, progress)
     examples = examples_for(tokenizer, pairs, max_length, what)
-    out = {n: torch.empty((len(examples), *p.shape), dtype=torch.float32) for n, p in named}
     bar = tqdm(total=len(examples), desc=f"gradients ({plural(what)})", disable=not progress, dynamic_ncols=True)
     try:
-        for k, chunk in enumerate(length_sorted_batches(examples, batch_size)):
-            grads = _batch_grads(model, tokenizer.pad_token_id, chunk, named, owners, check=k == 0)
-            if grads is None:  # some trainable weight is used outside its Linear's forward
-                bar.close()
-                return _per_example_grads_loop(model, tokenizer, pairs, max_length, what, progress)
-            rows = torch.tensor([e.row for e in chunk])
-            for n, _ in named:
-                out[n][rows] = grads[n].cpu()
-            bar.update(len(chunk))
+        if owners is not None and batch_size >= 1:
+            for k, chunk in enumerate(length_sorted_batches(examples, batch_size)):
+                grads = _batch_grads(model, tokenizer.pad_token_id, chunk, named, owners, check=k == 0)
+                if grads is None:  # some trainable weight is used outside its Linear's forward
+                    bar.reset()
+                    break
+                yield torch.tensor([e.row for e in chunk]), grads
+                bar.update(len(chunk))
+            else:
+                return
+        yield from _grads_one_at_a_time(model, tokenizer.pad_token_id, examples, named, bar)
     finally:
         bar.close()
-    return out
 
 
-def _per_example_grads_loop(model, tokenizer, pairs, max_length: int, what: str = "row", progress: bool = False):
-    """`per_example_grads` by its definition, one row per forward and backward pass: the
+def _grads_one_at_a_time(model, pad_id, examples, named, bar):
+    """Per-example gradients by their definition, one row per forward and backward pass: the
     reference for the batched path and its fallback for models whose trainable parameters are not
     all nn.Linear weights."""
-    from tqdm.auto import tqdm
-
     from rept.signatures import collate, response_losses
 
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     device = next(model.parameters()).device
-    examples = examples_for(tokenizer, pairs, max_length, what)
-    out = {n: torch.empty((len(examples), *p.shape), dtype=torch.float32) for n, p in named}
     params = [p for _, p in named]
-    for i, ex in enumerate(tqdm(examples, desc=f"gradients ({plural(what)})", disable=not progress, dynamic_ncols=True)):
-        batch = collate([ex], tokenizer.pad_token_id, "right", device)
+    for ex in examples:
+        batch = collate([ex], pad_id, "right", device)
         with torch.enable_grad():
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                            position_ids=batch.position_ids, use_cache=False).logits
             loss = response_losses(logits, batch)[0]
             grads = torch.autograd.grad(loss, params)
-        for (n, _), gr in zip(named, grads):
-            out[n][i] = gr.float().cpu()
-    return out
+        yield torch.tensor([ex.row]), {n: g.float()[None] for (n, _), g in zip(named, grads)}
+        bar.update(1)
+
+
+def _per_example_grads_loop(model, tokenizer, pairs, max_length: int, what: str = "row", progress: bool = False):
+    """`per_example_grads` one row at a time (the reference the tests compare the batched path with)."""
+    return per_example_grads(model, tokenizer, pairs, max_length, what, progress, batch_size=0)
 
 
 def _linear_owners(model, params):

@@ -12,6 +12,11 @@
   authors' layer-wise normalisation), concatenated, compressed to K = 65536 dims by OPORP (one
   seeded permutation, random signs, the coordinates summed in K equal bins); the score is the
   inner product of the compressed vectors, i.e. about the sum over tensors of their cosines.
+
+TracIn and DataInf need every training row's full gradient at once and keep it in memory (refused
+before the pass when that is over half the free memory). LESS and RapidIn keep only each row's
+projection: they take the gradients in chunks that fit (`grad_chunks`), so they run on any number
+of rows of any model, with the same figures as in one piece.
 """
 
 from __future__ import annotations
@@ -21,31 +26,90 @@ import math
 import numpy as np
 import torch
 
-from rept.methods.base import Method, MethodError, flatten, per_example_grads, query_rows
+from rept.methods.base import Method, MethodError, flatten, iter_per_example_grads, per_example_grads, query_rows
+
+
+GRAD_MEMORY_ENV = "REPT_GRAD_MEMORY"
 
 
 def gradient_memory_budget() -> int:
-    """Bytes the per-row training gradients may take: half the memory free now (they are kept on
-    the CPU side, one float32 per trainable parameter per row)."""
+    """Bytes the per-row gradients may take (kept on the CPU side, one float32 per trainable
+    parameter per row): $REPT_GRAD_MEMORY GiB when set (a cap on a shared machine), else half the
+    memory free now."""
+    import os
+
     import psutil
 
+    given = os.environ.get(GRAD_MEMORY_ENV)
+    if given:
+        try:
+            gib = float(given)
+        except ValueError:
+            gib = -1.0
+        if gib <= 0:
+            raise MethodError(f"{GRAD_MEMORY_ENV}={given!r}: give the gradient memory budget in GiB, e.g. 8")
+        return int(gib * 2 ** 30)
     return psutil.virtual_memory().available // 2
+
+
+def _train_key(train_rows) -> tuple:
+    return ("grads-train", len(train_rows), hash(tuple((r.prompt, r.response) for r in train_rows)))
 
 
 def _train_grads(bundle, train_rows, what="training row"):
     model, tok = bundle.trainable()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     need, budget = 4 * n_params * len(train_rows), gradient_memory_budget()
-    if need > budget:  # refuse before the pass rather than be killed halfway through it
+    key = _train_key(train_rows)
+    if need > budget and key not in bundle.cache:  # refuse before the pass rather than be killed halfway
         raise MethodError(f"per-row gradients of {len(train_rows)} rows x {n_params:,} trainable parameters need "
-                          f"{need / 2 ** 30:.1f} GiB, over half the {2 * budget / 2 ** 30:.1f} GiB free: use fewer "
-                          "LoRA targets or a lower rank, fewer rows (--rows), or leave the gradient methods out")
-    key = ("grads-train", len(train_rows), hash(tuple((r.prompt, r.response) for r in train_rows)))
+                          f"{need / 2 ** 30:.1f} GiB, over the {budget / 2 ** 30:.1f} GiB budget (half the free memory, "
+                          f"or ${GRAD_MEMORY_ENV}): use fewer "
+                          "LoRA targets or a lower rank, fewer rows (--rows), or leave tracin and datainf out "
+                          "(less and rapidin keep only projections)")
+    return _every_row(bundle, [(r.prompt, r.response) for r in train_rows], what, key)
+
+
+def _every_row(bundle, pairs, what: str, key) -> dict:
+    """Every row's gradient at once, kept in the bundle under `key` for the next method."""
     if key not in bundle.cache:
-        bundle.cache[key] = per_example_grads(model, tok, [(r.prompt, r.response) for r in train_rows],
-                                              bundle.max_length, what, progress=bundle.progress,
+        model, tok = bundle.trainable()
+        bundle.cache[key] = per_example_grads(model, tok, pairs, bundle.max_length, what, progress=bundle.progress,
                                               batch_size=bundle.batch_size)
     return bundle.cache[key]
+
+
+def grad_chunks(bundle, pairs, what: str, cache_key=None, budget: int | None = None):
+    """Per-row gradients of `pairs` in chunks of whole rows: yields (positions [c], {name: [c, *shape]}
+    float32 on CPU). A chunk holds at most `budget` bytes of gradients (default: a quarter of the
+    gradient memory budget) or one batch, whichever is more, so only one chunk is in memory at a time. With a
+    `cache_key`, rows that fit in one chunk are computed in one piece and kept in the bundle for the
+    next method (`--share-features`), and a bundle that holds them already is sliced."""
+    model, tok = bundle.trainable()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    row_bytes = 4 * sum(p.numel() for _, p in named)
+    rows_per_chunk = max(1, (budget if budget is not None else gradient_memory_budget() // 4) // max(1, row_bytes))
+    if cache_key is not None and (cache_key in bundle.cache or len(pairs) <= rows_per_chunk):
+        full = _every_row(bundle, pairs, what, cache_key)
+        for start in range(0, len(pairs), rows_per_chunk):
+            stop = min(start + rows_per_chunk, len(pairs))
+            yield torch.arange(start, stop), {n: g[start:stop] for n, g in full.items()}
+        return
+    pending, size = [], 0
+
+    def gathered():
+        rows = torch.cat([r for r, _ in pending])
+        return rows, {n: torch.cat([g[n].cpu() for _, g in pending]) for n, _ in named}
+
+    for rows, grads in iter_per_example_grads(model, tok, pairs, bundle.max_length, what, bundle.progress,
+                                              bundle.batch_size):
+        if pending and size + len(rows) > rows_per_chunk:
+            yield gathered()
+            pending, size = [], 0
+        pending.append((rows, grads))
+        size += len(rows)
+    if pending:
+        yield gathered()
 
 
 def _query_grads(bundle, queries):
@@ -97,23 +161,28 @@ class LESS(Method):
 
         self.check(bundle)
         adam = load_adam_state(bundle.adapter)
-        grads = _train_grads(bundle, train_rows)
-        missing = [n for n in grads if n not in adam["exp_avg"]]
+        model, _ = bundle.trainable()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in adam["exp_avg"]]
         if missing:
             raise MethodError(f"the Adam state in {bundle.adapter} lacks {len(missing)} trainable parameters "
                               f"(e.g. {missing[0]}); was the adapter trained by `rept train --lora`?")
         b1, b2 = adam["betas"]
         eps = 1e-8  # as in the LESS code
-        pre = {}
-        for name, g in grads.items():
-            m = b1 * adam["exp_avg"][name] + (1 - b1) * g
-            v = b2 * adam["exp_avg_sq"][name] + (1 - b2) * g * g
-            pre[name] = m / torch.sqrt(v + eps)
-        self.train = _unit(rademacher_project(flatten(pre), self.dim, self.seed))
+        self.train = torch.empty((len(train_rows), self.dim), dtype=torch.float32)
+        pairs = [(r.prompt, r.response) for r in train_rows]
+        for rows, grads in grad_chunks(bundle, pairs, "training row", _train_key(train_rows)):
+            pre = {}
+            for name, g in grads.items():
+                m = b1 * adam["exp_avg"][name] + (1 - b1) * g
+                v = b2 * adam["exp_avg_sq"][name] + (1 - b2) * g * g
+                pre[name] = m / torch.sqrt(v + eps)
+            self.train[rows] = _unit(rademacher_project(flatten(pre), self.dim, self.seed))
         self.bytes_per_row = 4 * self.dim
 
     def score(self, bundle, queries) -> np.ndarray:
-        q = _unit(rademacher_project(flatten(_query_grads(bundle, queries)), self.dim, self.seed))
+        q = torch.empty((len(queries), self.dim), dtype=torch.float32)
+        for rows, grads in grad_chunks(bundle, query_rows(queries), "query"):
+            q[rows] = _unit(rademacher_project(flatten(grads), self.dim, self.seed))
         return (q @ self.train.T).numpy()
 
 
@@ -178,9 +247,16 @@ class RapidIn(Method):
         return oporp_compress(torch.cat([_unit(g.reshape(g.shape[0], -1)) for g in grads.values()], 1),
                               self.dim, self.seed)
 
+    def _compress_all(self, bundle, pairs, what, cache_key=None) -> torch.Tensor:
+        out = torch.empty((len(pairs), self.dim), dtype=torch.float32)
+        for rows, grads in grad_chunks(bundle, pairs, what, cache_key):
+            out[rows] = self._compress(grads)
+        return out
+
     def fit(self, bundle, train_rows):
-        self.train = self._compress(_train_grads(bundle, train_rows))
+        self.train = self._compress_all(bundle, [(r.prompt, r.response) for r in train_rows], "training row",
+                                        _train_key(train_rows))
         self.bytes_per_row = 4 * self.dim
 
     def score(self, bundle, queries) -> np.ndarray:
-        return (self._compress(_query_grads(bundle, queries)) @ self.train.T).numpy()
+        return (self._compress_all(bundle, query_rows(queries), "query") @ self.train.T).numpy()
