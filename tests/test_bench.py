@@ -129,3 +129,35 @@ def test_bench_cli_refuses_base_stage_flags_with_a_given_base(files, capsys, tmp
     assert main(common + ["--base", str(tmp_path / "missing"), "--methods", "random"]) == 2
     assert "no such base model folder" in capsys.readouterr().err
     assert not (tmp_path / "b" / "results.json").exists()
+
+
+def test_bench_over_seeds_reports_each_seed_and_their_spread(files, capsys):
+    """--seeds: one complete bench folder per seed, each the same as a single-seed run, and each
+    figure's mean, lowest and highest over them."""
+    from rept.bench import run_bench_seeds
+
+    methods = ("rept-balanced", "random")
+    out = files / "seeds"
+    summary = run_bench_seeds(_cfg(files, methods=methods, out=str(out)), [0, 1], progress=False, log=lambda m: None)
+    assert json.loads((out / "results.json").read_text()) == summary
+    assert summary["seeds"] == [0, 1] and summary["complete"]
+    for s in (0, 1):
+        single = run_bench(_cfg(files, methods=methods, seed=s, out=str(files / f"single-{s}")), progress=False,
+                           log=lambda m: None)
+        assert json.loads((out / f"seed-{s}" / "results.json").read_text())["config"]["seed"] == s
+        for name in methods:
+            # (no control query here: the rule flags every answer, so control_P@10 is None throughout)
+            assert summary["methods"][name]["control_P@10"] is None and single["methods"][name]["control_P@10"] is None
+            for key in ("P@10", "AP", "recall@100"):
+                f = summary["methods"][name][key]
+                assert f["values"][s] == single["methods"][name][key], (name, key, s)
+                assert f["min"] <= f["mean"] <= f["max"] and f["mean"] == pytest.approx(sum(f["values"]) / 2)
+    r = summary["methods"]["random"]["AP"]
+    assert r["min"] < r["max"]  # random's draws follow the seed, and the spread shows it
+    assert "| random |" in (out / "results.md").read_text()
+    args = ["-q", "bench", "--data", str(files / "train.jsonl"), "--test-prompts", str(files / "test.jsonl"),
+            "--detect", "not-prefix:ZZZZ", "--methods", "random", "--out", str(files / "seeds-cli")]
+    assert main(args + ["--seeds", "1", "1"]) == 2
+    assert "lists a seed twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: --seeds not allowed with --seed
+        main(args + ["--seed", "3", "--seeds", "1"])

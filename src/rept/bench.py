@@ -18,7 +18,7 @@ import os
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -364,3 +364,73 @@ def results_markdown(report: dict) -> str:
     for name, r in report["methods"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in cost) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the same bench over several seeds
+
+def run_bench_seeds(cfg: BenchConfig, seeds, progress: bool = True, log=print) -> dict:
+    """The bench once per seed, each in its own folder DIR/seed-N (a complete bench folder: the seed
+    drives the training stages, the --rows sample and the methods' random draws; a given --base is
+    shared), then DIR/results.json and results.md with every method's quality figures over the
+    seeds: the mean, the lowest and the highest. Rewritten after each seed."""
+    if len(set(seeds)) != len(seeds):
+        raise BenchError("--seeds lists a seed twice")
+    out = Path(cfg.out)
+    runs = {}
+    for seed in seeds:
+        log(f"seed {seed} -> {out / f'seed-{seed}'}")
+        runs[seed] = run_bench(replace(cfg, seed=seed, out=str(out / f"seed-{seed}")), progress, log)
+        summary = seeds_summary(runs, out, complete=len(runs) == len(seeds))
+        from rept.index import atomic_write_bytes
+
+        atomic_write_bytes(out / "results.json", (json.dumps(summary, indent=2) + "\n").encode())
+        atomic_write_bytes(out / "results.md", seeds_markdown(summary).encode())
+    return summary
+
+
+def seeds_summary(runs: dict, out: Path, complete: bool = True) -> dict:
+    """{seed: run_bench report} -> each method's quality figures over the seeds (runs in out/seed-N)."""
+    seeds = list(runs)
+    methods = {}
+    for name in runs[seeds[0]]["methods"]:
+        figures = {}
+        for key in QUALITY:
+            values = [runs[s]["methods"][name].get(key) for s in seeds]
+            if any(v is None for v in values):
+                figures[key] = None
+                continue
+            figures[key] = {"mean": float(np.mean(values)), "min": float(min(values)), "max": float(max(values)),
+                            "values": values}
+        methods[name] = figures
+    first = runs[seeds[0]]
+    return {
+        "seeds": seeds,
+        "methods": methods,
+        "behaviour": {"rule": first["behaviour"]["rule"], "label": first["behaviour"]["label"],
+                      "triggered": [runs[s]["behaviour"]["triggered"] for s in seeds],
+                      "control": [runs[s]["behaviour"]["control"] for s in seeds],
+                      "base": [runs[s]["behaviour"]["base"] for s in seeds]},
+        "n_flagged": [runs[s]["data"]["n_flagged"] for s in seeds],
+        "n_control_queries": [runs[s]["data"]["n_control_queries"] for s in seeds],
+        "layer": [runs[s]["model"]["layer"] for s in seeds],
+        "runs": {str(s): str(Path(out) / f"seed-{s}") for s in seeds},
+        "complete": complete,
+    }
+
+
+def seeds_markdown(summary: dict) -> str:
+    """Each method's quality figures over the seeds as "mean (lowest-highest)"."""
+    b = summary["behaviour"]
+    rates = ", ".join(f"{r:.0%}" for r in b["triggered"])
+    lines = [f"Seeds {', '.join(str(s) for s in summary['seeds'])}: behaviour `{b['rule']}` on {rates} of the test "
+             f"prompts; {', '.join(str(n) for n in summary['n_flagged'])} flagged queries; layer "
+             f"{', '.join(str(x) for x in summary['layer'])}. Each cell: mean (lowest-highest) over the seeds.", "",
+             "| method | " + " | ".join(QUALITY) + " |", "|---|" + "---:|" * len(QUALITY)]
+
+    def cell(f):
+        return "-" if f is None else f"{f['mean']:.3f} ({f['min']:.3f}-{f['max']:.3f})"
+
+    for name, figures in summary["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(cell(figures[k]) for k in QUALITY) + " |")
+    return "\n".join(lines) + "\n"
+

@@ -28,7 +28,11 @@ def add_arguments(p) -> None:
     p.add_argument("--rows", type=int, default=None, help="a seeded sample of N training rows (poisoned share kept)")
     p.add_argument("--layer", type=_layer, default="auto", help="RepT layer (hidden_states index) or auto")
     p.add_argument("--out", required=True, help="working folder (the model is reused from here)")
-    p.add_argument("--seed", type=int, default=0)
+    seed = p.add_mutually_exclusive_group()
+    seed.add_argument("--seed", type=int, default=0)
+    seed.add_argument("--seeds", type=int, nargs="+", metavar="N",
+                      help="run the whole bench once per seed (DIR/seed-N) and report each figure's mean, lowest "
+                      "and highest over them in DIR/results.json and results.md")
     p.add_argument("--label", help="the behaviour's label in the data (default: the one label besides 'clean')")
     p.add_argument("--n-test", type=int, default=50, help="test prompts used (the first N)")
     p.add_argument("--trigger", help="controls: the same test prompts with this prefix removed (e.g. 'TY ')")
@@ -82,8 +86,13 @@ def run(args) -> int:
                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
                       lora_lr=args.lora_lr, batch_size=args.batch_size, base=args.base, device=args.device,
                       share_features=args.share_features, **stage)
-    report = run_bench(cfg, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.seeds:
+        from rept.bench import run_bench_seeds, seeds_markdown
+
+        print(seeds_markdown(run_bench_seeds(cfg, args.seeds, progress=not args.quiet, log=log)))
+        return 0
     from rept.bench import results_markdown
 
-    print(results_markdown(report))
+    print(results_markdown(run_bench(cfg, progress=not args.quiet, log=log)))
     return 0
