@@ -158,6 +158,6 @@ def test_bench_over_seeds_reports_each_seed_and_their_spread(files, capsys):
     args = ["-q", "bench", "--data", str(files / "train.jsonl"), "--test-prompts", str(files / "test.jsonl"),
             "--detect", "not-prefix:ZZZZ", "--methods", "random", "--out", str(files / "seeds-cli")]
     assert main(args + ["--seeds", "1", "1"]) == 2
-    assert "lists a seed twice" in capsys.readouterr().err
+    assert "each once" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: --seeds not allowed with --seed
         main(args + ["--seed", "3", "--seeds", "1"])

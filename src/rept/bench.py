@@ -373,8 +373,8 @@ def run_bench_seeds(cfg: BenchConfig, seeds, progress: bool = True, log=print) -
     drives the training stages, the --rows sample and the methods' random draws; a given --base is
     shared), then DIR/results.json and results.md with every method's quality figures over the
     seeds: the mean, the lowest and the highest. Rewritten after each seed."""
-    if len(set(seeds)) != len(seeds):
-        raise BenchError("--seeds lists a seed twice")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise BenchError("--seeds needs one or more seeds, each once")
     out = Path(cfg.out)
     runs = {}
     for seed in seeds:

@@ -14,7 +14,8 @@
   inner product of the compressed vectors, i.e. about the sum over tensors of their cosines.
 
 TracIn and DataInf need every training row's full gradient at once and keep it in memory (refused
-before the pass when that is over half the free memory). LESS and RapidIn keep only each row's
+before the pass when that is over the gradient memory budget: half the free memory, or
+$REPT_GRAD_MEMORY GiB). LESS and RapidIn keep only each row's
 projection: they take the gradients in chunks that fit (`grad_chunks`), so they run on any number
 of rows of any model, with the same figures as in one piece.
 """
@@ -79,16 +80,16 @@ def _every_row(bundle, pairs, what: str, key) -> dict:
     return bundle.cache[key]
 
 
-def grad_chunks(bundle, pairs, what: str, cache_key=None, budget: int | None = None):
+def grad_chunks(bundle, pairs, what: str, cache_key=None):
     """Per-row gradients of `pairs` in chunks of whole rows: yields (positions [c], {name: [c, *shape]}
-    float32 on CPU). A chunk holds at most `budget` bytes of gradients (default: a quarter of the
-    gradient memory budget) or one batch, whichever is more, so only one chunk is in memory at a time. With a
-    `cache_key`, rows that fit in one chunk are computed in one piece and kept in the bundle for the
-    next method (`--share-features`), and a bundle that holds them already is sliced."""
+    float32 on CPU). A chunk holds at most a quarter of the gradient memory budget or one batch,
+    whichever is more, so only one chunk is in memory at a time. With a `cache_key`, rows that fit
+    in one chunk are computed in one piece and kept in the bundle for the next method
+    (`--share-features`), and a bundle that holds them already is sliced."""
     model, tok = bundle.trainable()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     row_bytes = 4 * sum(p.numel() for _, p in named)
-    rows_per_chunk = max(1, (budget if budget is not None else gradient_memory_budget() // 4) // max(1, row_bytes))
+    rows_per_chunk = max(1, gradient_memory_budget() // 4 // max(1, row_bytes))
     if cache_key is not None and (cache_key in bundle.cache or len(pairs) <= rows_per_chunk):
         full = _every_row(bundle, pairs, what, cache_key)
         for start in range(0, len(pairs), rows_per_chunk):
