@@ -161,3 +161,13 @@ def test_bench_over_seeds_reports_each_seed_and_their_spread(files, capsys):
     assert "each once" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: --seeds not allowed with --seed
         main(args + ["--seed", "3", "--seeds", "1"])
+
+
+def test_bench_checks_the_gradient_memory_setting_before_any_work(files, monkeypatch):
+    from rept.errors import ReptError
+
+    monkeypatch.setenv("REPT_GRAD_MEMORY", "-2")
+    out = files / "bad-memory"
+    with pytest.raises(ReptError, match="REPT_GRAD_MEMORY='-2'"):
+        run_bench(_cfg(files, methods=("less",), out=str(out)), progress=False, log=lambda m: None)
+    assert not out.exists()
