@@ -159,8 +159,9 @@ def test_bench_over_seeds_reports_each_seed_and_their_spread(files, capsys):
             "--detect", "not-prefix:ZZZZ", "--methods", "random", "--out", str(files / "seeds-cli")]
     assert main(args + ["--seeds", "1", "1"]) == 2
     assert "each once" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # argparse: --seeds not allowed with --seed
-        main(args + ["--seed", "3", "--seeds", "1"])
+    for seed in ("0", "3"):  # argparse: --seeds not allowed with --seed, the default value included
+        with pytest.raises(SystemExit):
+            main(args + ["--seed", seed, "--seeds", "1"])
 
 
 def test_bench_checks_the_gradient_memory_setting_before_any_work(files, monkeypatch):

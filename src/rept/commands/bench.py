@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
     p.add_argument("--layer", type=_layer, default="auto", help="RepT layer (hidden_states index) or auto")
     p.add_argument("--out", required=True, help="working folder (the model is reused from here)")
     seed = p.add_mutually_exclusive_group()
-    seed.add_argument("--seed", type=int, default=0)
+    seed.add_argument("--seed", type=int, default=None, help="default 0")  # None: argparse then sees --seed 0 too
     seed.add_argument("--seeds", type=int, nargs="+", metavar="N",
                       help="run the whole bench once per seed (DIR/seed-N) and report each figure's mean, lowest "
                       "and highest over them in DIR/results.json and results.md")
@@ -79,7 +79,7 @@ def run(args) -> int:
     stage = {name: getattr(args, name) if getattr(args, name) is not None else default
              for name, default in BASE_STAGE.items()}
     cfg = BenchConfig(data=args.data, test_prompts=args.test_prompts, detect=args.detect, out=args.out,
-                      methods=tuple(args.methods), rows=args.rows, layer=args.layer, seed=args.seed, label=args.label,
+                      methods=tuple(args.methods), rows=args.rows, layer=args.layer, seed=args.seed or 0, label=args.label,
                       n_test=args.n_test, trigger=args.trigger, control_prompts=args.control_prompts,
                       control_answers=args.control_answers, base_data=args.base_data,
                       max_new_tokens=args.max_new_tokens, max_length=args.max_length, lora_epochs=args.lora_epochs,
