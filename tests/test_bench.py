@@ -172,3 +172,28 @@ def test_bench_checks_the_gradient_memory_setting_before_any_work(files, monkeyp
     with pytest.raises(ReptError, match="REPT_GRAD_MEMORY='-2'"):
         run_bench(_cfg(files, methods=("less",), out=str(out)), progress=False, log=lambda m: None)
     assert not out.exists()
+
+
+def test_bench_over_seeds_goes_on_past_a_seed_that_stops(files, monkeypatch):
+    """A seed whose model did not learn the behaviour is recorded with its error; the others are
+    summarised. When every seed stops, the error is raised."""
+    import rept.bench as bench
+
+    real = bench.run_bench
+
+    def run(cfg, progress=True, log=print):
+        if cfg.seed == 1:
+            raise BenchError("the detector 'x' fired on none of the 3 answers")
+        return real(cfg, progress, log)
+
+    monkeypatch.setattr(bench, "run_bench", run)
+    out = files / "seeds-stop"
+    summary = bench.run_bench_seeds(_cfg(files, methods=("random",), out=str(out)), [0, 1], progress=False,
+                                    log=lambda m: None)
+    assert summary["seeds"] == [0] and summary["complete"] and "fired on none" in summary["failed"]["1"]
+    alone = real(_cfg(files, methods=("random",), out=str(files / "seed0")), progress=False, log=lambda m: None)
+    assert summary["methods"]["random"]["P@10"]["values"] == [alone["methods"]["random"]["P@10"]]
+    assert "Seed 1 is not in the figures" in (out / "results.md").read_text()
+    with pytest.raises(BenchError, match="fired on none"):
+        bench.run_bench_seeds(_cfg(files, methods=("random",), out=str(files / "seeds-none")), [1], progress=False,
+                              log=lambda m: None)

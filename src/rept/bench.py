@@ -376,24 +376,35 @@ def run_bench_seeds(cfg: BenchConfig, seeds, progress: bool = True, log=print) -
     """The bench once per seed, each in its own folder DIR/seed-N (a complete bench folder: the seed
     drives the training stages, the --rows sample and the methods' random draws; a given --base is
     shared), then DIR/results.json and results.md with every method's quality figures over the
-    seeds: the mean, the lowest and the highest. Rewritten after each seed."""
+    seeds: the mean, the lowest and the highest. Rewritten after each seed. A seed whose run stops
+    (e.g. its model did not learn the behaviour) is recorded with its error and the others go on;
+    when every seed stops, the first error is raised."""
+    from rept.index import atomic_write_bytes
+
     if not seeds or len(set(seeds)) != len(seeds):
         raise BenchError("--seeds needs one or more seeds, each once")
     out = Path(cfg.out)
-    runs = {}
-    for seed in seeds:
+    runs, failed, summary = {}, {}, None
+    for done, seed in enumerate(seeds, 1):
         log(f"seed {seed} -> {out / f'seed-{seed}'}")
-        runs[seed] = run_bench(replace(cfg, seed=seed, out=str(out / f"seed-{seed}")), progress, log)
-        summary = seeds_summary(runs, out, complete=len(runs) == len(seeds))
-        from rept.index import atomic_write_bytes
-
-        atomic_write_bytes(out / "results.json", (json.dumps(summary, indent=2) + "\n").encode())
-        atomic_write_bytes(out / "results.md", seeds_markdown(summary).encode())
+        try:
+            runs[seed] = run_bench(replace(cfg, seed=seed, out=str(out / f"seed-{seed}")), progress, log)
+        except ReptError as exc:
+            if not runs and len(failed) + 1 == len(seeds):
+                raise
+            failed[seed] = str(exc)
+            log(f"seed {seed} stopped: {exc}")
+        if runs:
+            summary = seeds_summary(runs, out, complete=done == len(seeds), failed=failed)
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out / "results.json", (json.dumps(summary, indent=2) + "\n").encode())
+            atomic_write_bytes(out / "results.md", seeds_markdown(summary).encode())
     return summary
 
 
-def seeds_summary(runs: dict, out: Path, complete: bool = True) -> dict:
-    """{seed: run_bench report} -> each method's quality figures over the seeds (runs in out/seed-N)."""
+def seeds_summary(runs: dict, out: Path, complete: bool = True, failed: dict | None = None) -> dict:
+    """{seed: run_bench report} -> each method's quality figures over the seeds (runs in out/seed-N);
+    `failed`: {seed: error} for the seeds whose run stopped (not in the figures)."""
     seeds = list(runs)
     methods = {}
     for name in runs[seeds[0]]["methods"]:
@@ -418,6 +429,7 @@ def seeds_summary(runs: dict, out: Path, complete: bool = True) -> dict:
         "n_control_queries": [runs[s]["data"]["n_control_queries"] for s in seeds],
         "layer": [runs[s]["model"]["layer"] for s in seeds],
         "runs": {str(s): str(Path(out) / f"seed-{s}") for s in seeds},
+        "failed": {str(s): error for s, error in (failed or {}).items()},
         "complete": complete,
     }
 
@@ -436,5 +448,7 @@ def seeds_markdown(summary: dict) -> str:
 
     for name, figures in summary["methods"].items():
         lines.append(f"| {name} | " + " | ".join(cell(figures[k]) for k in QUALITY) + " |")
+    if summary.get("failed"):
+        lines += [""] + [f"Seed {s} is not in the figures: {error}" for s, error in summary["failed"].items()]
     return "\n".join(lines) + "\n"
 
