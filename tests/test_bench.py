@@ -116,6 +116,7 @@ def test_bench_on_a_given_base_model_skips_the_from_scratch_stage(files):
                        progress=False, log=lambda m: None)
     assert not (given / "base").exists() and (given / "adapter" / "adapter_config.json").exists()
     assert report["model"]["base"] == str(files / "run" / "base")
+    assert f"Base model: {files / 'run' / 'base'} (given)." in (given / "results.md").read_text()
     for name in methods:
         for key in ("P@10", "AP", "control_P@10"):
             assert report["methods"][name][key] == two_stage["methods"][name][key], (name, key)

@@ -358,7 +358,8 @@ def results_markdown(report: dict) -> str:
              f"{m['num_layers']}; behaviour `{b['rule']}` on {b['triggered']:.0%} of {d['n_test']} test prompts"
              + (f" ({b['base']:.0%} on the base model before the fine-tune)" if b.get("base") is not None else "")
              + (f", {b['control']:.0%} of controls" if b["control"] is not None else "")
-             + f"; {d['n_flagged']} flagged queries, {d['n_control_queries']} control queries.", "",
+             + f"; {d['n_flagged']} flagged queries, {d['n_control_queries']} control queries."
+             + (f" Base model: {m['base']} (given)." if report["config"].get("base") else ""), "",
              "| method | " + " | ".join(QUALITY) + " |", "|---|" + "---:|" * len(QUALITY)]
     for name, r in report["methods"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in QUALITY) + " |")
