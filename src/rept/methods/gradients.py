@@ -13,11 +13,12 @@
   seeded permutation, random signs, the coordinates summed in K equal bins); the score is the
   inner product of the compressed vectors, i.e. about the sum over tensors of their cosines.
 
-TracIn and DataInf need every training row's full gradient at once and keep it in memory (refused
-before the pass when that is over the gradient memory budget: half the free memory, or
-$REPT_GRAD_MEMORY GiB). LESS and RapidIn keep only each row's
-projection: they take the gradients in chunks that fit (`grad_chunks`), so they run on any number
-of rows of any model, with the same figures as in one piece.
+DataInf needs every training row's full gradient at once and keeps it in memory (refused before
+the pass when that is over the gradient memory budget: half the free memory, or $REPT_GRAD_MEMORY
+GiB). LESS and RapidIn keep only each row's projection, and TracIn, when the full gradients do not
+fit, scores the training rows' gradients against the queries' as they come: all three take the
+gradients in chunks that fit (`grad_chunks`), so they run on any number of rows of any model,
+with the same figures as in one piece.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def _train_grads(bundle, train_rows, what="training row"):
         raise MethodError(f"per-row gradients of {len(train_rows)} rows x {n_params:,} trainable parameters need "
                           f"{need / 2 ** 30:.1f} GiB, over the {budget / 2 ** 30:.1f} GiB budget (half the free memory, "
                           f"or ${GRAD_MEMORY_ENV}): use fewer "
-                          "LoRA targets or a lower rank, fewer rows (--rows), or leave tracin and datainf out "
-                          "(less and rapidin keep only projections)")
+                          "LoRA targets or a lower rank, fewer rows (--rows), or leave datainf out "
+                          "(tracin, less and rapidin take the gradients in chunks)")
     return _every_row(bundle, [(r.prompt, r.response) for r in train_rows], what, key)
 
 
@@ -119,15 +120,36 @@ def _query_grads(bundle, queries):
                              batch_size=bundle.batch_size)
 
 
+def _fits(bundle, n_rows: int, key=None) -> bool:
+    """Whether n_rows full gradients fit the gradient memory budget (or are held already)."""
+    model, _ = bundle.trainable()
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (key is not None and key in bundle.cache) or 4 * n_params * n_rows <= gradient_memory_budget()
+
+
 class TracIn(Method):
+    """Dot products of full gradients. When every training row's gradient does not fit in memory,
+    fit keeps nothing and score streams the training gradients past the queries' (which must fit)."""
+
     name = "tracin"
 
     def fit(self, bundle, train_rows):
-        self.train = flatten(_train_grads(bundle, train_rows))
-        self.bytes_per_row = 4 * self.train.shape[1]
+        self.key = _train_key(train_rows)
+        self.pairs = [(r.prompt, r.response) for r in train_rows]
+        self.train = flatten(_train_grads(bundle, train_rows)) if _fits(bundle, len(train_rows), self.key) else None
+        self.bytes_per_row = 4 * self.train.shape[1] if self.train is not None else 0
 
     def score(self, bundle, queries) -> np.ndarray:
-        return (flatten(_query_grads(bundle, queries)) @ self.train.T).numpy()
+        if self.train is None and not _fits(bundle, len(queries)):
+            raise MethodError(f"tracin: the gradients of {len(queries)} queries do not fit the gradient memory "
+                              f"budget either (${GRAD_MEMORY_ENV}); trace fewer queries at a time")
+        q = flatten(_query_grads(bundle, queries))
+        if self.train is not None:
+            return (q @ self.train.T).numpy()
+        out = torch.empty((len(queries), len(self.pairs)), dtype=torch.float32)
+        for rows, grads in grad_chunks(bundle, self.pairs, "training row", self.key):
+            out[:, rows] = q @ flatten(grads).T
+        return out.numpy()
 
 
 def rademacher_project(x: torch.Tensor, dim: int = 8192, seed: int = 0, block: int = 1024) -> torch.Tensor:
