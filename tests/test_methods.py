@@ -161,8 +161,9 @@ def test_lora_only_methods_refuse_a_full_model(setup, name):
 
 
 def test_gradient_methods_refuse_more_gradients_than_memory_holds(setup, monkeypatch):
-    """The full per-row training gradients (tracin, datainf) are checked against the memory budget
-    before the pass starts; $REPT_GRAD_MEMORY sets the budget, and a bad value is named."""
+    """DataInf's full per-row training gradients are checked against the memory budget before the
+    pass starts; TracIn, which can take the training rows in chunks, still needs the queries' whole;
+    $REPT_GRAD_MEMORY sets the budget, and a bad value is named."""
     rows, queries, bundle, _ = setup
     bundle.clear_features()
     monkeypatch.setenv("REPT_GRAD_MEMORY", "0.000001")
