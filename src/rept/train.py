@@ -199,8 +199,8 @@ def _load_base(base: str):
     from rept.models import ModelError, check_model_source
 
     check_model_source(base, "base model")
-    if os.path.isdir(base) and not any(os.path.exists(os.path.join(base, f)) for f in ("tokenizer.json", "tokenizer_config.json",
-                                                               "tokenizer.model")):
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if os.path.isdir(base) and not any(os.path.exists(os.path.join(base, f)) for f in tokenizer_files):
         raise ModelError(f"base model folder {base} has no tokenizer (tokenizer.json / tokenizer_config.json missing)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)

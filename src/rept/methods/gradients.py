@@ -58,12 +58,22 @@ def _train_key(train_rows) -> tuple:
     return ("grads-train", len(train_rows), hash(tuple((r.prompt, r.response) for r in train_rows)))
 
 
+def _row_bytes(bundle) -> int:
+    """Bytes of one row's full gradient: one float32 per trainable parameter."""
+    model, _ = bundle.trainable()
+    return 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _fits(bundle, n_rows: int, key=None) -> bool:
+    """Whether n_rows full gradients fit the gradient memory budget (or are held already)."""
+    return (key is not None and key in bundle.cache) or _row_bytes(bundle) * n_rows <= gradient_memory_budget()
+
+
 def _train_grads(bundle, train_rows, what="training row"):
-    model, tok = bundle.trainable()
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    need, budget = 4 * n_params * len(train_rows), gradient_memory_budget()
     key = _train_key(train_rows)
-    if need > budget and key not in bundle.cache:  # refuse before the pass rather than be killed halfway
+    if not _fits(bundle, len(train_rows), key):  # refuse before the pass rather than be killed halfway
+        n_params, budget = _row_bytes(bundle) // 4, gradient_memory_budget()
+        need = 4 * n_params * len(train_rows)
         raise MethodError(f"per-row gradients of {len(train_rows)} rows x {n_params:,} trainable parameters need "
                           f"{need / 2 ** 30:.1f} GiB, over the {budget / 2 ** 30:.1f} GiB budget (half the free memory, "
                           f"or ${GRAD_MEMORY_ENV}): use fewer "
@@ -88,9 +98,8 @@ def grad_chunks(bundle, pairs, what: str, cache_key=None):
     in one chunk are computed in one piece and kept in the bundle for the next method
     (`--share-features`), and a bundle that holds them already is sliced."""
     model, tok = bundle.trainable()
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    row_bytes = 4 * sum(p.numel() for _, p in named)
-    rows_per_chunk = max(1, gradient_memory_budget() // 4 // max(1, row_bytes))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    rows_per_chunk = max(1, gradient_memory_budget() // 4 // max(1, _row_bytes(bundle)))
     if cache_key is not None and (cache_key in bundle.cache or len(pairs) <= rows_per_chunk):
         full = _every_row(bundle, pairs, what, cache_key)
         for start in range(0, len(pairs), rows_per_chunk):
@@ -101,7 +110,7 @@ def grad_chunks(bundle, pairs, what: str, cache_key=None):
 
     def gathered():
         rows = torch.cat([r for r, _ in pending])
-        return rows, {n: torch.cat([g[n].cpu() for _, g in pending]) for n, _ in named}
+        return rows, {n: torch.cat([g[n].cpu() for _, g in pending]) for n in names}
 
     for rows, grads in iter_per_example_grads(model, tok, pairs, bundle.max_length, what, bundle.progress,
                                               bundle.batch_size):
@@ -114,17 +123,19 @@ def grad_chunks(bundle, pairs, what: str, cache_key=None):
         yield gathered()
 
 
+def _rows_through(bundle, pairs, what: str, dim: int, transform, cache_key=None) -> torch.Tensor:
+    """[len(pairs), dim] float32: `transform` (a projection) applied to each chunk of per-row
+    gradients from grad_chunks, so only projections outlive their chunk."""
+    out = torch.empty((len(pairs), dim), dtype=torch.float32)
+    for rows, grads in grad_chunks(bundle, pairs, what, cache_key):
+        out[rows] = transform(grads)
+    return out
+
+
 def _query_grads(bundle, queries):
     model, tok = bundle.trainable()
     return per_example_grads(model, tok, query_rows(queries), bundle.max_length, "query", progress=bundle.progress,
                              batch_size=bundle.batch_size)
-
-
-def _fits(bundle, n_rows: int, key=None) -> bool:
-    """Whether n_rows full gradients fit the gradient memory budget (or are held already)."""
-    model, _ = bundle.trainable()
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return (key is not None and key in bundle.cache) or 4 * n_params * n_rows <= gradient_memory_budget()
 
 
 class TracIn(Method):
@@ -191,21 +202,24 @@ class LESS(Method):
                               f"(e.g. {missing[0]}); was the adapter trained by `rept train --lora`?")
         b1, b2 = adam["betas"]
         eps = 1e-8  # as in the LESS code
-        self.train = torch.empty((len(train_rows), self.dim), dtype=torch.float32)
-        pairs = [(r.prompt, r.response) for r in train_rows]
-        for rows, grads in grad_chunks(bundle, pairs, "training row", _train_key(train_rows)):
+
+        def preconditioned(grads):
             pre = {}
             for name, g in grads.items():
                 m = b1 * adam["exp_avg"][name] + (1 - b1) * g
                 v = b2 * adam["exp_avg_sq"][name] + (1 - b2) * g * g
                 pre[name] = m / torch.sqrt(v + eps)
-            self.train[rows] = _unit(rademacher_project(flatten(pre), self.dim, self.seed))
+            return self._project(pre)
+
+        self.train = _rows_through(bundle, [(r.prompt, r.response) for r in train_rows], "training row", self.dim,
+                                   preconditioned, _train_key(train_rows))
         self.bytes_per_row = 4 * self.dim
 
+    def _project(self, grads: dict) -> torch.Tensor:
+        return _unit(rademacher_project(flatten(grads), self.dim, self.seed))
+
     def score(self, bundle, queries) -> np.ndarray:
-        q = torch.empty((len(queries), self.dim), dtype=torch.float32)
-        for rows, grads in grad_chunks(bundle, query_rows(queries), "query"):
-            q[rows] = _unit(rademacher_project(flatten(grads), self.dim, self.seed))
+        q = _rows_through(bundle, query_rows(queries), "query", self.dim, self._project)
         return (q @ self.train.T).numpy()
 
 
@@ -270,16 +284,11 @@ class RapidIn(Method):
         return oporp_compress(torch.cat([_unit(g.reshape(g.shape[0], -1)) for g in grads.values()], 1),
                               self.dim, self.seed)
 
-    def _compress_all(self, bundle, pairs, what, cache_key=None) -> torch.Tensor:
-        out = torch.empty((len(pairs), self.dim), dtype=torch.float32)
-        for rows, grads in grad_chunks(bundle, pairs, what, cache_key):
-            out[rows] = self._compress(grads)
-        return out
-
     def fit(self, bundle, train_rows):
-        self.train = self._compress_all(bundle, [(r.prompt, r.response) for r in train_rows], "training row",
-                                        _train_key(train_rows))
+        self.train = _rows_through(bundle, [(r.prompt, r.response) for r in train_rows], "training row", self.dim,
+                                   self._compress, _train_key(train_rows))
         self.bytes_per_row = 4 * self.dim
 
     def score(self, bundle, queries) -> np.ndarray:
-        return (self._compress_all(bundle, query_rows(queries), "query") @ self.train.T).numpy()
+        q = _rows_through(bundle, query_rows(queries), "query", self.dim, self._compress)
+        return (q @ self.train.T).numpy()
