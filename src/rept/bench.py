@@ -68,6 +68,7 @@ class BenchConfig:
     base: str | None = None            # a given base model (folder or Hub id) instead of the from-scratch stage
     device: str | None = None          # training, generation and every method (default: cuda when available)
     share_features: bool = False       # gradient methods (and the RepT modes) share one gradient / signature pass
+    save_indexes: bool = False         # each method's fitted state -> DIR/indexes/NAME, for `rept trace` / `rept eval`
     extra: dict = field(default_factory=dict)
 
 
@@ -184,6 +185,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     from rept.data import load_dataset, load_prompts, write_rows
     from rept.detect import Detector
     from rept.methods import ModelBundle, get_method
+    from rept.methods.store import check_existing, save_method
     from rept.metrics import evaluate, precision_at_k
 
     detector = Detector(cfg.detect)
@@ -283,6 +285,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
             method.detector = detector
         if not cfg.share_features:
             bundle.clear_features()  # each method pays for its own extraction / gradients
+        index_dir = out / "indexes" / name
+        keep_index = cfg.save_indexes and not check_existing(index_dir, method, bundle, trained, data)
         log(f"method: {name}")
         on_gpu = loaded.device.type == "cuda"
         if on_gpu:
@@ -307,6 +311,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
         if on_gpu:  # what the method held on the accelerator, the model's weights included
             metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(loaded.device) / 2 ** 20, 1)
         results[name] = metrics
+        if keep_index:  # after the timing: writing the index is not the method's cost
+            log(f"saving {name}'s index -> {index_dir}")
+            save_method(method, bundle, trained, index_dir, dataset=data)
         _write_report(out, _report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged,
                                    unflagged, base_dir, adapter_dir, layer, loaded, started, complete=False, n_cut=len(cut),
                                    base_rate=base_rate))

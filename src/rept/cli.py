@@ -12,6 +12,8 @@ from rept.errors import ReptError
 
 # rept.search.MODES (not imported here: it loads torch), the default first
 SEARCH_MODES = ("balanced", "official", "repsim", "repgrad", "lookahead")
+# what `rept index --method` stores besides RepT signatures (rept.methods, not imported here either)
+INDEX_METHODS = ("rept", "tracin", "less", "datainf", "rapidin", "bm25", "random")
 
 # Quiet the libraries before they are imported: rept prints its own progress.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -66,12 +68,22 @@ def _add_index_model_args(p):
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 
 
-def _tracer(args):
-    """A Tracer over --index with the index's own model, or the one given (checked against the index)."""
+def _tracer(args, methods: bool = True):
+    """A Tracer over --index with the index's own model, or the one given (checked against the index);
+    with `methods`, a MethodTracer when the index holds a baseline's state (`rept index --method`)."""
     from rept.index import SignatureIndex
+    from rept.methods.store import MethodIndex, is_method_index
     from rept.models import load_model
-    from rept.trace import Tracer
+    from rept.trace import MethodTracer, Tracer
 
+    if methods and is_method_index(args.index):
+        index = MethodIndex(args.index)
+        given = [flag for flag, value in (("--mode", args.mode), ("--tokens", getattr(args, "tokens", False)),
+                                          ("--dtype", args.dtype)) if value]
+        if given:
+            raise MethodTracer.error(index, given)
+        return MethodTracer(index, model=args.model, adapter=args.adapter, device=args.device,
+                            progress=not args.quiet)
     index = SignatureIndex(args.index)
     m = index.manifest
     loaded = load_model(args.model or m["model"]["id"], args.adapter or m.get("adapter"),
@@ -101,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_data_args(p)
     p.add_argument("--out", required=True, help="index folder")
+    p.add_argument("--method", choices=INDEX_METHODS, default="rept",
+                   help="rept (default): RepT signatures; or a baseline's train-side state (gradients, projections, "
+                   "BM25's inverted index) for `rept trace` and `rept eval` to score queries with")
     p.add_argument("--layer", type=_layer, default="auto", help="hidden_states index, or 'auto' (default)")
     p.add_argument("--mode", choices=SEARCH_MODES, default="balanced",
                    help="default scoring mode recorded in the index (any other is computable from what is stored, "
@@ -207,6 +222,8 @@ def cmd_layers(args) -> int:
 def cmd_index(args) -> int:
     from rept.build import IndexSettings, build_index
 
+    if args.method != "rept":
+        return _index_method(args)
     loaded, data = _load(args), _dataset(args)
     settings = IndexSettings(layer=args.layer, mode=args.mode, batch_size=args.batch_size, max_tokens=args.max_tokens,
                              max_length=args.max_length, store_dtype=args.store_dtype, shard_size=args.shard_size,
@@ -219,6 +236,21 @@ def cmd_index(args) -> int:
         print(f"indexed {manifest['rows']} rows at layer {manifest['layer']} -> {args.out} "
               f"(skipped: {len(manifest['skipped_empty'])} empty, {len(manifest['skipped_truncated'])} cut off by "
               f"--max-length {manifest['max_length']})")
+    return 0
+
+
+def _index_method(args) -> int:
+    """`rept index --method NAME`: fit a baseline on the training rows and store its state."""
+    from rept.methods import ModelBundle
+    from rept.methods.base import MethodError
+    from rept.methods.store import TEXT_METHODS, build_method_index
+
+    if args.dtype != "float32" and args.method not in TEXT_METHODS:
+        raise MethodError(f"{args.method} takes float32 gradients: leave out --dtype {args.dtype}")
+    bundle = ModelBundle(args.model, args.adapter, max_length=args.max_length, batch_size=args.batch_size,
+                         device=args.device, progress=not args.quiet)
+    build_method_index(args.method, bundle, _dataset(args), args.out, shard_size=args.shard_size,
+                       store_dtype=args.store_dtype, log=print)
     return 0
 
 
@@ -246,13 +278,15 @@ def cmd_trace(args) -> int:
         raise TokenScoreError("--token-layer needs --tokens (it sets the layer of the word scores)")
     tracer = _tracer(args)
     token_layer = resolve_token_layer(tracer, args.token_layer) if args.tokens else None  # checked before any work
-    mode = tracer.index.search_mode(args.mode)  # likewise: before any answer is generated
+    mode = tracer.search_mode(args.mode)  # likewise: before any answer is generated
     queries = _queries_from_args(args, tracer)
     results = tracer.trace(queries, k=args.top_k, mode=mode)
     if args.tokens:
         attach_word_scores(tracer, results, layer=token_layer)
     if args.json:
         out = {"layer": tracer.layer, "mode": mode}
+        if hasattr(tracer, "method"):
+            out["method"] = tracer.method.name
         if args.tokens:
             out["token_layer"] = token_layer
         out["queries"] = [r.to_dict() for r in results]

@@ -157,6 +157,9 @@ class SignatureIndex:
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
+        if self.manifest.get("kind") == "method":  # rept.methods.store: a baseline's state, not signatures
+            raise IndexStoreError(f"{self.folder} holds {self.manifest.get('method')} state (`rept index --method`), "
+                                  "not RepT signatures: only `rept trace` and `rept eval` read it")
         if not self.manifest.get("complete"):
             raise IndexStoreError(f"{self.folder} is incomplete: rerun the same `rept index` command to finish it")
         self._dataset = None

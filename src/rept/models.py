@@ -94,7 +94,11 @@ def attach_adapter(model, adapter: str, merge: bool = True, trainable: bool = Fa
 
     if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
         raise ModelError(f"no PEFT adapter in {adapter} (adapter_config.json missing)")
-    model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    import warnings
+
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question when trainable; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     # Merging is exact and makes the forward pass as cheap as the base model's.
     return model.merge_and_unload() if merge else model
 

@@ -101,7 +101,7 @@ class TopK:
     rows: np.ndarray    # int64 [n_queries, k], row ids; ties broken by lower row id (-1: no result)
 
 
-def _sort_topk(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def sort_topk(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The first k of each query by (score descending, row ascending)."""
     order = np.lexsort((rows, -scores), axis=1)[:, :k]
     return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
@@ -175,7 +175,7 @@ def exact_topk(queries: np.ndarray, shards: Iterable[tuple[np.ndarray, np.ndarra
             # the one matrix product for this (query batch, shard)
             s = _blockwise_scores(q[sl], mat) if blockwise else q[sl] @ mat.T
             idx = _shard_topk(s, rows, k)
-            new_s[sl], new_r[sl] = _sort_topk(np.concatenate([top_s[sl], np.take_along_axis(s, idx, 1)], 1),
+            new_s[sl], new_r[sl] = sort_topk(np.concatenate([top_s[sl], np.take_along_axis(s, idx, 1)], 1),
                                               np.concatenate([top_r[sl], rows[idx]], 1), width)
         top_s, top_r = new_s, new_r
     return TopK(top_s, top_r)
@@ -285,7 +285,7 @@ class FaissIndex:
         scores, ids = self.index.search(q, min(k, self.index.ntotal), params=params)
         rows = np.where(ids >= 0, self.rows[ids], -1)
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
-        return TopK(*_sort_topk(scores, rows, k))  # same tie-break as exact_topk
+        return TopK(*sort_topk(scores, rows, k))  # same tie-break as exact_topk
 
     def save(self, path: str | os.PathLike) -> None:
         """A folder with index.faiss, rows.npy and meta.json."""

@@ -15,7 +15,7 @@ from rept.build import model_identity
 from rept.examples import tokenize_pair
 from rept.index import SignatureIndex
 from rept.models import LoadedModel, load_model
-from rept.search import TopK, exact_topk, signatures_of
+from rept.search import TopK, sort_topk, exact_topk, signatures_of
 from rept.signatures import SignatureBatch, extract_all
 
 
@@ -165,29 +165,81 @@ class Tracer:
         stored = self.index.load_all()
         return signatures_of(sig, mode) @ signatures_of(stored, mode).T, stored.row.numpy(), stored.labels
 
+    def search_mode(self, mode: str | None = None) -> str:
+        return self.index.search_mode(mode)
+
     def trace(self, queries: list[Query], k: int = 10, mode: str | None = None,
               with_text: bool = True) -> list[QueryResult]:
         mode = self.index.search_mode(mode)  # before any model work
         sig = self.query_signatures(queries)
         top = self.search(sig, k, mode)
-        labels = self.index.labels()
-        data = self.index.dataset() if with_text else None
-        rows_by_index = {r.index: r for r in data.rows} if data else {}
-        results = []
-        for qi, q in enumerate(queries):
-            hits = []
-            for score, row in zip(top.scores[qi], top.rows[qi]):
-                src = rows_by_index.get(int(row))
-                hits.append(Hit(int(row), float(score), labels.get(int(row)),
-                                src.prompt if src else "", src.response if src else ""))
-            results.append(QueryResult(q, hits))
-        return results
+        return _results(queries, top, self.index.labels(), self.index.dataset() if with_text else None)
 
     def generate(self, prompts: list[str], max_new_tokens: int = 64, progress: bool = False) -> list[str]:
         from rept.generate import generate
 
         return generate(self.loaded, prompts, max_new_tokens=max_new_tokens, batch_size=self.batch_size,
                         progress=progress)
+
+
+def _results(queries: list[Query], top: TopK, labels: dict, data) -> list[QueryResult]:
+    """Each query's top rows as hits, with their label and (when `data` is given) their text."""
+    rows_by_index = {r.index: r for r in data.rows} if data else {}
+    results = []
+    for qi, q in enumerate(queries):
+        hits = []
+        for score, row in zip(top.scores[qi], top.rows[qi]):
+            src = rows_by_index.get(int(row))
+            hits.append(Hit(int(row), float(score), labels.get(int(row)),
+                            src.prompt if src else "", src.response if src else ""))
+        results.append(QueryResult(q, hits))
+    return results
+
+
+class MethodTracer:
+    """Ranks training rows for queries with a baseline method's stored state (a method index,
+    `rept index --method`): the method scores every stored row, and the top k are shown."""
+
+    def __init__(self, index, model: str | None = None, adapter: str | None = None, device: str | None = None,
+                 batch_size: int = 16, progress: bool = False):
+        from rept.methods.store import MethodIndex
+
+        self.index = index if isinstance(index, MethodIndex) else MethodIndex(index)
+        self.bundle = self.index.bundle(model, adapter, device=device, batch_size=batch_size, progress=progress)
+        self.method = self.index.open_method(self.bundle)
+        self.rows, self.labels = self.index.rows_and_labels()
+
+    @staticmethod
+    def error(index, flags: list[str]) -> QueryError:
+        return QueryError(f"index {index.folder} holds {index.method_name} state, not RepT signatures: "
+                          f"{', '.join(flags)} need{'s' if len(flags) == 1 else ''} a signature index "
+                          "(`rept index` without --method)")
+
+    @property
+    def layer(self) -> int | None:
+        return self.index.manifest.get("layer")
+
+    def search_mode(self, mode: str | None = None) -> None:
+        if mode:
+            raise self.error(self.index, ["--mode"])
+        return None
+
+    def scores(self, queries: list[Query], mode: str | None = None) -> tuple[np.ndarray, np.ndarray, list]:
+        """Full score matrix [queries, stored rows], the row ids and labels of its columns."""
+        self.search_mode(mode)
+        return np.asarray(self.method.score(self.bundle, queries), dtype=np.float32), self.rows, self.labels
+
+    def trace(self, queries: list[Query], k: int = 10, mode: str | None = None,
+              with_text: bool = True) -> list[QueryResult]:
+        scores, rows, labels = self.scores(queries, mode)
+        top = TopK(*sort_topk(scores, np.broadcast_to(rows, scores.shape), k))  # ties: the lower row id first
+        return _results(queries, top, dict(zip(rows.tolist(), labels)), self.index.dataset() if with_text else None)
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 64, progress: bool = False) -> list[str]:
+        from rept.generate import generate
+
+        return generate(self.bundle.merged(), prompts, max_new_tokens=max_new_tokens,
+                        batch_size=self.bundle.batch_size, progress=progress)
 
 
 def relevance(labels: list, queries: list[Query]) -> np.ndarray:

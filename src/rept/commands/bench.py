@@ -62,6 +62,8 @@ def add_arguments(p) -> None:
                    "(default: cuda when available, else cpu)")
     p.add_argument("--share-features", action="store_true", help="methods share one per-row gradient / signature "
                    "pass (faster; build_s then excludes the shared pass for all but the first method using it)")
+    p.add_argument("--save-indexes", action="store_true", help="keep each method's fitted state in DIR/indexes/NAME "
+                   "(the index contract), for `rept trace --index` and `rept eval --index` to query again")
 
 
 def run(args) -> int:
@@ -85,7 +87,7 @@ def run(args) -> int:
                       max_new_tokens=args.max_new_tokens, max_length=args.max_length, lora_epochs=args.lora_epochs,
                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
                       lora_lr=args.lora_lr, batch_size=args.batch_size, base=args.base, device=args.device,
-                      share_features=args.share_features, **stage)
+                      share_features=args.share_features, save_indexes=args.save_indexes, **stage)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     if args.seeds:
         from rept.bench import run_bench_seeds, seeds_markdown

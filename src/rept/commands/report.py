@@ -33,7 +33,7 @@ def run(args) -> int:
     from rept.trace import load_queries
 
     queries = load_queries(args.queries)
-    tracer = _tracer(args)
+    tracer = _tracer(args, methods=False)  # word heat maps need RepT signatures
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     data = write_report(tracer, queries, args.out, k=args.top_k, mode=args.mode, max_queries=args.max_queries, log=log,
                         token_layer=args.token_layer, mitigations=args.mitigation)

@@ -114,6 +114,25 @@ class Method:
     def score(self, bundle: ModelBundle, queries) -> np.ndarray:
         raise NotImplementedError
 
+    # Persisting the fitted state (rept.methods.store): what a method keeps per training row goes
+    # into the index's shards, and `restore` takes it back instead of fitting.
+
+    def settings(self, bundle: ModelBundle) -> dict:
+        """What, besides the per-row state, decides the scores (JSON): recorded in the manifest and
+        set on the method again when the index is opened."""
+        return {"seed": self.seed}
+
+    def state_chunks(self, bundle: ModelBundle):
+        """The fitted per-row state: yields (positions [c], {name: tensor [c, ...]})."""
+        return iter(())
+
+    def save_files(self, folder) -> None:
+        """State that is not per row, written beside the shards (BM25's inverted index)."""
+
+    def restore(self, stored, bundle: ModelBundle) -> None:
+        """Take the state back from an opened rept.methods.store.MethodIndex instead of fitting."""
+        raise NotImplementedError(f"{self.name} cannot be restored from an index")
+
 
 def plural(what: str) -> str:
     """Plural of a row kind, for progress bar labels: training row -> training rows, query -> queries."""

@@ -72,14 +72,18 @@ def _fits(bundle, n_rows: int, key=None) -> bool:
 def _train_grads(bundle, train_rows, what="training row"):
     key = _train_key(train_rows)
     if not _fits(bundle, len(train_rows), key):  # refuse before the pass rather than be killed halfway
-        n_params, budget = _row_bytes(bundle) // 4, gradient_memory_budget()
-        need = 4 * n_params * len(train_rows)
-        raise MethodError(f"per-row gradients of {len(train_rows)} rows x {n_params:,} trainable parameters need "
-                          f"{need / 2 ** 30:.1f} GiB, over the {budget / 2 ** 30:.1f} GiB budget (half the free memory, "
-                          f"or ${GRAD_MEMORY_ENV}): use fewer "
-                          "LoRA targets or a lower rank, fewer rows (--rows), or leave datainf out "
-                          "(tracin, less and rapidin take the gradients in chunks)")
+        _refuse_every_row(bundle, len(train_rows))
     return _every_row(bundle, [(r.prompt, r.response) for r in train_rows], what, key)
+
+
+def _refuse_every_row(bundle, n_rows: int):
+    n_params, budget = _row_bytes(bundle) // 4, gradient_memory_budget()
+    need = 4 * n_params * n_rows
+    raise MethodError(f"per-row gradients of {n_rows} rows x {n_params:,} trainable parameters need "
+                      f"{need / 2 ** 30:.1f} GiB, over the {budget / 2 ** 30:.1f} GiB budget (half the free memory, "
+                      f"or ${GRAD_MEMORY_ENV}): use fewer "
+                      "LoRA targets or a lower rank, fewer rows (--rows), or leave datainf out "
+                      "(tracin, less and rapidin take the gradients in chunks)")
 
 
 def _every_row(bundle, pairs, what: str, key) -> dict:
@@ -147,8 +151,19 @@ class TracIn(Method):
     def fit(self, bundle, train_rows):
         self.key = _train_key(train_rows)
         self.pairs = [(r.prompt, r.response) for r in train_rows]
+        self.n_rows, self.stored = len(train_rows), None
         self.train = flatten(_train_grads(bundle, train_rows)) if _fits(bundle, len(train_rows), self.key) else None
         self.bytes_per_row = 4 * self.train.shape[1] if self.train is not None else 0
+
+    def _train_chunks(self, bundle):
+        """(positions, [c, P] gradients) of the training rows, when they are not held whole: from
+        the index on disk when restored from one, else computed again."""
+        if self.stored is not None:
+            for rows, tensors in self.stored.chunks():
+                yield rows, tensors["grad"]
+            return
+        for rows, grads in grad_chunks(bundle, self.pairs, "training row", self.key):
+            yield rows, flatten(grads)
 
     def score(self, bundle, queries) -> np.ndarray:
         if self.train is None and not _fits(bundle, len(queries)):
@@ -157,10 +172,23 @@ class TracIn(Method):
         q = flatten(_query_grads(bundle, queries))
         if self.train is not None:
             return (q @ self.train.T).numpy()
-        out = torch.empty((len(queries), len(self.pairs)), dtype=torch.float32)
-        for rows, grads in grad_chunks(bundle, self.pairs, "training row", self.key):
-            out[:, rows] = q @ flatten(grads).T
+        out = torch.empty((len(queries), self.n_rows), dtype=torch.float32)
+        for rows, grads in self._train_chunks(bundle):
+            out[:, rows] = q @ grads.T
         return out.numpy()
+
+    def state_chunks(self, bundle):
+        if self.train is not None:
+            yield torch.arange(len(self.train)), {"grad": self.train}
+        else:
+            for rows, grads in self._train_chunks(bundle):
+                yield rows, {"grad": grads}
+
+    def restore(self, stored, bundle) -> None:
+        # the training gradients are read from disk whole when they fit, else shard by shard at score time
+        self.n_rows, self.stored = stored.n_rows, stored
+        self.train = stored.load_all()["grad"] if _fits(bundle, stored.n_rows) else None
+        self.bytes_per_row = 4 * self.train.shape[1] if self.train is not None else 0
 
 
 def rademacher_project(x: torch.Tensor, dim: int = 8192, seed: int = 0, block: int = 1024) -> torch.Tensor:
@@ -222,6 +250,17 @@ class LESS(Method):
         q = _rows_through(bundle, query_rows(queries), "query", self.dim, self._project)
         return (q @ self.train.T).numpy()
 
+    def settings(self, bundle) -> dict:
+        return {"seed": self.seed, "dim": self.dim}
+
+    def state_chunks(self, bundle):
+        yield torch.arange(len(self.train)), {"projection": self.train}
+
+    def restore(self, stored, bundle) -> None:
+        self.dim = stored.manifest["method_settings"]["dim"]
+        self.train = stored.load_all()["projection"]
+        self.bytes_per_row = 4 * self.dim
+
 
 class DataInf(Method):
     name = "datainf"
@@ -234,12 +273,29 @@ class DataInf(Method):
     def fit(self, bundle, train_rows):
         self.check(bundle)
         grads = _train_grads(bundle, train_rows)
-        self.train = {n: g.reshape(g.shape[0], -1).double() for n, g in grads.items() if "lora_" in n}
+        self._keep({n: g.reshape(g.shape[0], -1) for n, g in grads.items() if "lora_" in n})
+
+    def _keep(self, grads: dict) -> None:
+        """Hold the LoRA matrices' per-row gradients (float32 [n, d] each) and their damping terms."""
+        self.train = {n: g.double() for n, g in grads.items()}
         if not self.train:
             raise MethodError("DataInf found no LoRA weights among the trainable parameters")
         self.lam = {n: self.damping_scale * float((g ** 2).mean()) for n, g in self.train.items()}
         self.sq = {n: (g ** 2).sum(1) for n, g in self.train.items()}
         self.bytes_per_row = 4 * sum(g.shape[1] for g in self.train.values())
+
+    def settings(self, bundle) -> dict:
+        return {"seed": self.seed, "damping_scale": self.damping_scale}
+
+    def state_chunks(self, bundle):
+        # one tensor per LoRA matrix, stored as the float32 gradients they were computed as
+        yield torch.arange(len(next(iter(self.train.values())))), {n: g.float() for n, g in self.train.items()}
+
+    def restore(self, stored, bundle) -> None:
+        self.damping_scale = stored.manifest["method_settings"]["damping_scale"]
+        if not _fits(bundle, stored.n_rows):
+            _refuse_every_row(bundle, stored.n_rows)  # the same one-line refusal as at fit time
+        self._keep(stored.load_all())
 
     def score(self, bundle, queries) -> np.ndarray:
         qg = _query_grads(bundle, queries)
@@ -292,3 +348,14 @@ class RapidIn(Method):
     def score(self, bundle, queries) -> np.ndarray:
         q = _rows_through(bundle, query_rows(queries), "query", self.dim, self._compress)
         return (q @ self.train.T).numpy()
+
+    def settings(self, bundle) -> dict:
+        return {"seed": self.seed, "dim": self.dim}
+
+    def state_chunks(self, bundle):
+        yield torch.arange(len(self.train)), {"compressed": self.train}
+
+    def restore(self, stored, bundle) -> None:
+        self.dim = stored.manifest["method_settings"]["dim"]
+        self.train = stored.load_all()["compressed"]
+        self.bytes_per_row = 4 * self.dim

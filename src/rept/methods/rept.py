@@ -69,3 +69,23 @@ class RepT(Method):
             spans = [self.detector.span(r) for _, r in pairs]
         h, g, g_next = _signatures(bundle, pairs, "query", loss_chars=spans)
         return signature_matrix(h, g, self.mode, g_next) @ self.train.T
+
+    def settings(self, bundle) -> dict:
+        # the layer the signatures were taken at, and the rule a -span variant cuts query losses with
+        return {"seed": self.seed, "layer": bundle.cache.get("layer"),
+                "detect": self.detector.rule if self.span and self.detector is not None else None}
+
+    def state_chunks(self, bundle):
+        import torch
+
+        yield torch.arange(len(self.train)), {"signature": torch.from_numpy(self.train)}
+
+    def restore(self, stored, bundle) -> None:
+        settings = stored.manifest["method_settings"]
+        bundle.cache["layer"] = settings["layer"]
+        if settings.get("detect"):
+            from rept.detect import Detector
+
+            self.detector = Detector(settings["detect"])
+        self.train = stored.load_all()["signature"].numpy()
+        self.bytes_per_row = self.train.itemsize * self.train.shape[1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from rept.methods.base import Method
@@ -33,12 +35,25 @@ class BM25(Method):
                               show_progress=False)
         return np.stack([self.retriever.get_scores(t) if t else np.zeros(self.n) for t in toks]).astype(np.float32)
 
+    def save_files(self, folder) -> None:
+        self.retriever.save(str(Path(folder) / "bm25"), show_progress=False)
+
+    def restore(self, stored, bundle) -> None:
+        import bm25s
+
+        self.n = stored.n_rows
+        self.retriever = bm25s.BM25.load(str(stored.folder / "bm25"), show_progress=False)
+        self.bytes_per_row = int(sum(getattr(v, "nbytes", 0) for v in self.retriever.scores.values()) / max(1, self.n))
+
 
 class Random(Method):
     name = "random"
 
     def fit(self, bundle, train_rows):
         self.n = len(train_rows)
+
+    def restore(self, stored, bundle) -> None:
+        self.n = stored.n_rows
 
     def score(self, bundle, queries) -> np.ndarray:
         return np.random.default_rng(self.seed).random((len(queries), self.n)).astype(np.float32)

@@ -1,0 +1,277 @@
+"""A fitted attribution method's train-side state on disk: the method index.
+
+The same layout as the signature index (rept.index): a folder with `manifest.json` and
+`shard-NNNNN.safetensors` files, each shard holding an int64 tensor `row` (the row's index in the
+source dataset), the method's per-row tensors (TracIn's gradients, LESS's projections, ...), and
+the rows' labels and text hashes in its metadata. Two things differ: a shard also holds an int64
+`position` (the row's column in the method's score matrix), because a method that streams its
+state writes rows in the order it computes them; and the manifest names the method (`method`,
+`method_settings`), so that `rept trace` and `rept eval` open the method and score queries with it.
+
+The folder is written whole under a temporary name and renamed at the end: a killed write leaves
+no half index, and an existing folder is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rept.index import (IndexStoreError, describe_differences, new_manifest, read_manifest, shard_path, text_hash,
+                        write_manifest)
+from rept.methods.base import Method, ModelBundle
+
+KIND = "method"
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# Methods that look at no model: their index is not tied to one.
+TEXT_METHODS = ("bm25", "random")
+IDENTITY_KEYS = ("method", "method_settings", "model_config_hash", "model_weights_hash", "adapter_hash",
+                 "tokenizer_hash", "template", "layer", "max_length", "dataset_fingerprint", "rows_fingerprint")
+
+
+def is_method_index(folder) -> bool:
+    """Whether `folder` holds a method index (and not a RepT signature index)."""
+    path = Path(folder) / "manifest.json"
+    if not path.exists():
+        return False
+    try:
+        return json.loads(path.read_text()).get("kind") == KIND
+    except json.JSONDecodeError:
+        return False
+
+
+def rows_fingerprint(train_rows) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for r in train_rows:
+        digest.update(json.dumps([r.index, r.prompt, r.response]).encode())
+    return digest.hexdigest()
+
+
+def method_manifest(method: Method, bundle: ModelBundle, train_rows, dataset=None) -> dict:
+    """The manifest fields that say what a method index holds and what it was computed with."""
+    from rept.build import model_identity
+
+    uses_model = method.name not in TEXT_METHODS
+    fields = dict(kind=KIND, method=method.name, method_settings=method.settings(bundle),
+                  model={"id": str(Path(bundle.model).resolve()) if Path(bundle.model).is_dir() else bundle.model},
+                  adapter=str(Path(bundle.adapter).resolve()) if bundle.adapter else None,
+                  layer=method.settings(bundle).get("layer"), max_length=bundle.max_length,
+                  rows=len(train_rows), rows_fingerprint=rows_fingerprint(train_rows))
+    if uses_model:
+        fields.update(model_identity(bundle.merged()))
+    if dataset is not None:
+        fields.update(dataset={"source": dataset.source, "columns": dataset.columns, "n_total": dataset.n_total},
+                      dataset_fingerprint=dataset.fingerprint)
+    return fields
+
+
+def save_method(method: Method, bundle: ModelBundle, train_rows, out, dataset=None, shard_size: int = 1024,
+                store_dtype: str = "float32", extra: dict | None = None) -> dict:
+    """Write fitted `method`'s state for `train_rows` (the rows it was fitted on, in its score
+    matrix's column order) to the new folder `out`; returns the manifest. `dataset` (rept.data.Dataset,
+    optional) is where `rept trace` reads the rows' text from."""
+    out = Path(out)
+    if out.exists():
+        raise IndexStoreError(f"{out} exists: give a new folder for the {method.name} index")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    manifest = new_manifest(**method_manifest(method, bundle, train_rows, dataset), dtype=store_dtype,
+                            shard_size=shard_size, settings=extra or {})
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the index is an ordinary folder
+    try:
+        dtype = STORE_DTYPES[store_dtype]
+        labels = [r.label for r in train_rows]
+        hashes = [text_hash(r.prompt, r.response) for r in train_rows]
+        index = np.asarray([r.index for r in train_rows], dtype=np.int64)
+        k, names = 0, set()
+        # a method with no per-row state (BM25, random) still gets shards of row ids and labels
+        chunks = method.state_chunks(bundle) if method.name not in TEXT_METHODS else \
+            iter([(torch.arange(len(train_rows)), {})])
+        for positions, tensors in chunks:
+            for start in range(0, len(positions), shard_size):
+                part = torch.as_tensor(positions[start:start + shard_size]).long()
+                order = torch.argsort(part)
+                part = part[order]
+                stored = {n: t[start:start + shard_size][order].to(dtype).contiguous() for n, t in tensors.items()}
+                stored.update(position=part, row=torch.as_tensor(index[part.numpy()]))
+                meta = {"labels": json.dumps([labels[i] for i in part.tolist()]),
+                        "text_hash": json.dumps([hashes[i] for i in part.tolist()])}
+                save_file(stored, str(shard_path(tmp, k)), metadata=meta)
+                names |= set(tensors)
+                k += 1
+        method.save_files(tmp)
+        manifest.update(n_shards=k, tensors=sorted(names), bytes_per_row=int(method.bytes_per_row), complete=True)
+        write_manifest(tmp, manifest)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+class MethodIndex:
+    """A method index opened for reading."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        if self.manifest.get("kind") != KIND:
+            raise IndexStoreError(f"{self.folder} is a RepT signature index, not a method index")
+        self._dataset = None
+
+    @property
+    def method_name(self) -> str:
+        return self.manifest["method"]
+
+    @property
+    def n_rows(self) -> int:
+        return self.manifest["rows"]
+
+    def _read(self, k: int, tensors: bool = True):
+        path = shard_path(self.folder, k)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                names = [n for n in f.keys() if tensors or n in ("position", "row")]
+                out = {n: f.get_tensor(n) for n in names}
+            labels = json.loads(meta["labels"])
+        except FileNotFoundError:
+            raise IndexStoreError(f"{path} is missing: the index is incomplete; build it again") from None
+        except Exception as exc:  # safetensors raises its own error types for bad headers and short files
+            raise IndexStoreError(f"{path} is corrupt or truncated ({type(exc).__name__}): build the index again") \
+                from None
+        if "position" not in out or "row" not in out or len(labels) != out["position"].shape[0]:
+            raise IndexStoreError(f"{path} is inconsistent (no position or row tensor, or counts differ): "
+                                  "build the index again")
+        return out, labels
+
+    def chunks(self):
+        """(positions [c], {name: float32 tensor [c, ...]}) shard by shard: only one shard in memory."""
+        for k in range(self.manifest["n_shards"]):
+            tensors, _ = self._read(k)
+            positions, _ = tensors.pop("position"), tensors.pop("row")
+            yield positions, {n: t.float() for n, t in tensors.items()}
+
+    def load_all(self) -> dict[str, torch.Tensor]:
+        """Every per-row tensor, rows in score-matrix column order."""
+        out = {}
+        for positions, tensors in self.chunks():
+            for n, t in tensors.items():
+                if n not in out:
+                    out[n] = torch.empty((self.n_rows, *t.shape[1:]), dtype=torch.float32)
+                out[n][positions] = t
+        return out
+
+    def rows_and_labels(self) -> tuple[np.ndarray, list]:
+        """Each score-matrix column's dataset row index and label (no per-row tensor is loaded)."""
+        rows = np.full(self.n_rows, -1, dtype=np.int64)
+        labels = [None] * self.n_rows
+        for k in range(self.manifest["n_shards"]):
+            tensors, shard_labels = self._read(k, tensors=False)
+            positions = tensors["position"].numpy()
+            rows[positions] = tensors["row"].numpy()
+            for p, label in zip(positions.tolist(), shard_labels):
+                labels[p] = label
+        if self.manifest["n_shards"] and (rows < 0).any():
+            raise IndexStoreError(f"{self.folder}: {int((rows < 0).sum())} rows are in no shard; build the index again")
+        return rows, labels
+
+    def bundle(self, model: str | None = None, adapter: str | None = None, device: str | None = None,
+               batch_size: int = 16, progress: bool = False) -> ModelBundle:
+        m = self.manifest
+        layer = m.get("layer")
+        return ModelBundle(model or m["model"]["id"], adapter or m.get("adapter"), layer="auto" if layer is None
+                           else layer, max_length=m["max_length"], batch_size=batch_size, device=device,
+                           seed=m["method_settings"].get("seed", 0), progress=progress)
+
+    def check_model(self, bundle: ModelBundle) -> None:
+        """Raise when the bundle's model differs from the one the index was computed with."""
+        if self.method_name in TEXT_METHODS:
+            return
+        from rept.build import model_identity
+
+        diffs = describe_differences(self.manifest, model_identity(bundle.merged()))
+        if diffs:
+            raise IndexStoreError(f"index {self.folder} does not match: " + "; ".join(diffs))
+
+    def open_method(self, bundle: ModelBundle) -> Method:
+        """The fitted method, ready to score queries with `bundle` (checked against the index)."""
+        from rept.methods import get_method
+
+        self.check_model(bundle)
+        method = get_method(self.method_name, seed=self.manifest["method_settings"].get("seed", 0))
+        method.restore(self, bundle)
+        return method
+
+    def dataset(self):
+        """The source dataset, checked against the stored fingerprint (for the rows' text)."""
+        if self._dataset is None:
+            from rept.data import load_dataset
+
+            info = self.manifest.get("dataset")
+            if not info:
+                raise IndexStoreError(f"index {self.folder} records no dataset; it is needed to show row text")
+            if not os.path.exists(info["source"]):
+                raise IndexStoreError(f"the index's dataset {info['source']} is gone; it is needed to show row text")
+            cols = info["columns"]
+            ds = load_dataset(info["source"], cols.get("prompt"), cols.get("response"), cols.get("label"))
+            if ds.fingerprint != self.manifest["dataset_fingerprint"]:
+                raise IndexStoreError(f"the dataset at {info['source']} changed since the index was built")
+            self._dataset = ds
+        return self._dataset
+
+
+def check_existing(out, method: Method, bundle: ModelBundle, train_rows, dataset=None) -> bool:
+    """True when `out` already holds this method's complete index for these rows and this model
+    (nothing to do); False when `out` does not exist. Anything else there is an error that names
+    what differs, and nothing is overwritten."""
+    out = Path(out)
+    if not out.exists():
+        return False
+    if not is_method_index(out):
+        raise IndexStoreError(f"{out} exists and is not a method index: give a new folder")
+    have = read_manifest(out)
+    want = method_manifest(method, bundle, train_rows, dataset)
+    diffs = describe_differences(have, want, IDENTITY_KEYS)
+    if diffs:
+        raise IndexStoreError(f"{out} holds an index built with other settings: " + "; ".join(diffs)
+                              + " (use another --out)")
+    return bool(have.get("complete"))
+
+
+def build_method_index(name: str, bundle: ModelBundle, dataset, out, shard_size: int = 1024,
+                       store_dtype: str = "float32", seed: int = 0, log=print) -> dict:
+    """Fit method `name` on every row of `dataset` (rept.data.Dataset) that keeps a response token
+    within the bundle's max_length, and write its index to `out`; returns the manifest. When `out`
+    already holds the same index, nothing is done."""
+    from rept.examples import tokenize_rows
+    from rept.methods import get_method
+
+    method = get_method(name, seed=seed)
+    method.check(bundle)  # a LoRA-only method on a full model fails here, before any work
+    rows, cut = dataset.rows, []
+    if name not in TEXT_METHODS:  # rows with no response token within max_length have no gradient
+        _, cut = tokenize_rows(bundle.merged().tokenizer, rows, max_length=bundle.max_length)
+        rows = [r for r in rows if r.index not in set(cut)]
+    if check_existing(out, method, bundle, rows, dataset):
+        log(f"{out} already holds this {name} index: nothing to do")
+        return read_manifest(Path(out))
+    method.fit(bundle, rows)
+    manifest = save_method(method, bundle, rows, out, dataset=dataset, shard_size=shard_size, store_dtype=store_dtype,
+                           extra={"batch_size": bundle.batch_size, "skipped_empty": dataset.skipped_empty,
+                                  "skipped_truncated": sorted(cut)})
+    log(f"{name}: stored {manifest['rows']} rows -> {out} ({manifest['bytes_per_row']} bytes per row; skipped: "
+        f"{len(dataset.skipped_empty)} empty, {len(cut)} cut off by max_length {bundle.max_length})")
+    return manifest
