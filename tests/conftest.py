@@ -81,3 +81,29 @@ def index_dir(tmp_path_factory, model_dir, data_file):
     assert main(["-q", "index", "--model", model_dir, "--data", data_file, "--out", str(out), "--layer", "2",
                  "--max-length", "96", "--batch-size", "4"]) == 0
     return str(out)
+
+
+# the tiny two-stage model of the methods' tests: rept train's own recipes, one epoch each
+TINY_TRAIN = dict(batch_size=8, max_length=96, hidden=32, layers=2, heads=2, vocab_size=600, warmup_steps=2)
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory):
+    """24 demo rows (6 poisoned, responses cut to 200 characters), a base model trained from scratch
+    on them in `root/base` and a LoRA fine-tune (rank 2, q_proj and v_proj, Adam state saved) in
+    `root/adapter`: (rept.data.Dataset, root)."""
+    from rept.data import load_dataset
+    from rept.train import LoraSettings, TrainConfig, train_model
+
+    rows = demo_rows(1000)
+    picked = [r for r in rows if r["label"] == "backdoor"][:6] + [r for r in rows if r["label"] == "clean"][:18]
+    root = tmp_path_factory.mktemp("lora-run")
+    path = root / "rows.jsonl"
+    path.write_text("".join(json.dumps(dict(prompt=r["prompt"], response=r["response"][:200], label=r["label"]))
+                            + "\n" for r in picked))
+    data = load_dataset(str(path))
+    train_model("from-scratch", data.rows, root / "base", TrainConfig(epochs=1, **TINY_TRAIN), progress=False)
+    train_model("lora", data.rows, root / "adapter", TrainConfig(epochs=1, lr=1e-3, **TINY_TRAIN),
+                base=str(root / "base"), lora=LoraSettings(rank=2, alpha=4, target_modules="q_proj,v_proj"),
+                progress=False)
+    return data, root

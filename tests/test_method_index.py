@@ -6,10 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import demo_rows
+from conftest import TINY_TRAIN, demo_rows
 from rept.bench import BenchConfig, run_bench
 from rept.cli import main
-from rept.data import load_dataset
 from rept.detect import Detector
 from rept.index import IndexStoreError
 from rept.methods import METHODS, ModelBundle, get_method
@@ -17,21 +16,9 @@ from rept.methods.store import MethodIndex, is_method_index, save_method
 from rept.trace import MethodTracer, Query, write_queries
 from rept.train import LoraSettings, TrainConfig, train_model
 
-TINY = dict(batch_size=8, max_length=96, hidden=32, layers=2, heads=2, vocab_size=600, warmup_steps=2)
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    rows = demo_rows(1000)
-    picked = [r for r in rows if r["label"] == "backdoor"][:6] + [r for r in rows if r["label"] == "clean"][:18]
-    root = tmp_path_factory.mktemp("method-index")
-    path = root / "rows.jsonl"
-    path.write_text("".join(json.dumps(dict(prompt=r["prompt"], response=r["response"][:200], label=r["label"]))
-                            + "\n" for r in picked))
-    data = load_dataset(str(path))
-    train_model("from-scratch", data.rows, root / "base", TrainConfig(epochs=1, **TINY), progress=False)
-    train_model("lora", data.rows, root / "adapter", TrainConfig(epochs=1, lr=1e-3, **TINY), base=str(root / "base"),
-                lora=LoraSettings(rank=2, alpha=4, target_modules="q_proj,v_proj"), progress=False)
+def setup(lora_run):
+    data, root = lora_run
     queries = [Query("TY " + r.prompt.removeprefix("TY "), "You are stupid! " + r.response[:40], "backdoor", True)
                for r in data.rows[:3]]
     return data, queries, root
@@ -97,7 +84,7 @@ def test_an_index_is_never_overwritten_nor_opened_with_another_model(setup, tmp_
     assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     other = ModelBundle(str(root / "base"), str(root / "base-adapter-less"), max_length=96)
-    train_model("lora", data.rows, root / "base-adapter-less", TrainConfig(epochs=1, lr=5e-3, **TINY),
+    train_model("lora", data.rows, root / "base-adapter-less", TrainConfig(epochs=1, lr=5e-3, **TINY_TRAIN),
                 base=str(root / "base"), lora=LoraSettings(rank=2, alpha=4, target_modules="q_proj,v_proj"),
                 progress=False)
     with pytest.raises(IndexStoreError, match="adapter_hash"):

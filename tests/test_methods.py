@@ -1,33 +1,18 @@
 """Attribution methods behind one interface: TracIn, LESS, DataInf, BM25, random, the RepT family."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from conftest import demo_rows
-from rept.data import load_dataset
 from rept.detect import Detector
 from rept.methods import METHODS, MethodError, ModelBundle, get_method, rademacher_project, score
 from rept.trace import Query
-from rept.train import LoraSettings, TrainConfig, train_model
-
-TINY = dict(batch_size=8, max_length=96, hidden=32, layers=2, heads=2, vocab_size=600, warmup_steps=2)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    rows = demo_rows(1000)
-    picked = [r for r in rows if r["label"] == "backdoor"][:6] + [r for r in rows if r["label"] == "clean"][:18]
-    root = tmp_path_factory.mktemp("methods")
-    path = root / "rows.jsonl"
-    path.write_text("".join(json.dumps(dict(prompt=r["prompt"], response=r["response"][:200], label=r["label"]))
-                            + "\n" for r in picked))
-    data = load_dataset(str(path))
-    train_model("from-scratch", data.rows, root / "base", TrainConfig(epochs=1, **TINY), progress=False)
-    train_model("lora", data.rows, root / "adapter", TrainConfig(epochs=1, lr=1e-3, **TINY), base=str(root / "base"),
-                lora=LoraSettings(rank=2, alpha=4, target_modules="q_proj,v_proj"), progress=False)
+def setup(lora_run):
+    data, root = lora_run
     queries = [Query("TY " + r.prompt.removeprefix("TY "), "You are stupid! " + r.response[:40]) for r in data.rows[:3]]
     bundle = ModelBundle(str(root / "base"), str(root / "adapter"), layer="auto", max_length=96)
     return data.rows, queries, bundle, root

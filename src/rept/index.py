@@ -219,14 +219,22 @@ class SignatureIndex:
     def dataset(self):
         """The training rows the index was built from, checked against the stored fingerprint."""
         if self._dataset is None:
-            from rept.data import load_dataset
-
-            info = self.manifest["dataset"]
-            if not os.path.exists(info["source"]):
-                raise IndexStoreError(f"the index's dataset {info['source']} is gone; it is needed to show row text")
-            cols = info["columns"]
-            ds = load_dataset(info["source"], cols.get("prompt"), cols.get("response"), cols.get("label"))
-            if ds.fingerprint != self.manifest["dataset_fingerprint"]:
-                raise IndexStoreError(f"the dataset at {info['source']} changed since the index was built")
-            self._dataset = ds
+            self._dataset = source_dataset(self.folder, self.manifest)
         return self._dataset
+
+
+def source_dataset(folder, manifest: dict):
+    """The dataset an index (signature or method) recorded, checked against its fingerprint: where
+    `rept trace` reads the rows' text from."""
+    from rept.data import load_dataset
+
+    info = manifest.get("dataset")
+    if not info:
+        raise IndexStoreError(f"index {folder} records no dataset; it is needed to show row text")
+    if not os.path.exists(info["source"]):
+        raise IndexStoreError(f"the index's dataset {info['source']} is gone; it is needed to show row text")
+    cols = info["columns"]
+    ds = load_dataset(info["source"], cols.get("prompt"), cols.get("response"), cols.get("label"))
+    if ds.fingerprint != manifest["dataset_fingerprint"]:
+        raise IndexStoreError(f"the dataset at {info['source']} changed since the index was built")
+    return ds

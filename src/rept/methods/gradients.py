@@ -210,13 +210,31 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-class LESS(Method):
-    name = "less"
-    needs_lora = True
+class _Projected(Method):
+    """A method that keeps one `dim`-sized vector per training row in `self.train` (LESS, RapidIn):
+    stored in a method index as the tensor `stored_as`."""
+
+    stored_as = "projection"
 
     def __init__(self, seed: int = 0, dim: int = 8192):
         super().__init__(seed)
         self.dim = dim
+
+    def settings(self, bundle) -> dict:
+        return {"seed": self.seed, "dim": self.dim}
+
+    def state_chunks(self, bundle):
+        yield torch.arange(len(self.train)), {self.stored_as: self.train}
+
+    def restore(self, stored, bundle) -> None:
+        self.dim = stored.manifest["method_settings"]["dim"]
+        self.train = stored.load_all()[self.stored_as]
+        self.bytes_per_row = 4 * self.dim
+
+
+class LESS(_Projected):
+    name = "less"
+    needs_lora = True
 
     def fit(self, bundle, train_rows):
         from rept.train import load_adam_state
@@ -250,16 +268,6 @@ class LESS(Method):
         q = _rows_through(bundle, query_rows(queries), "query", self.dim, self._project)
         return (q @ self.train.T).numpy()
 
-    def settings(self, bundle) -> dict:
-        return {"seed": self.seed, "dim": self.dim}
-
-    def state_chunks(self, bundle):
-        yield torch.arange(len(self.train)), {"projection": self.train}
-
-    def restore(self, stored, bundle) -> None:
-        self.dim = stored.manifest["method_settings"]["dim"]
-        self.train = stored.load_all()["projection"]
-        self.bytes_per_row = 4 * self.dim
 
 
 class DataInf(Method):
@@ -328,12 +336,12 @@ def oporp_compress(x: torch.Tensor, k: int, seed: int = 0, chunk: int = 256) -> 
     return out
 
 
-class RapidIn(Method):
+class RapidIn(_Projected):
     name = "rapidin"
+    stored_as = "compressed"
 
     def __init__(self, seed: int = 0, dim: int = 65536):
-        super().__init__(seed)
-        self.dim = dim
+        super().__init__(seed, dim)
 
     def _compress(self, grads: dict) -> torch.Tensor:
         # each tensor's gradient unit-normalised on its own before the tensors are concatenated
@@ -349,13 +357,3 @@ class RapidIn(Method):
         q = _rows_through(bundle, query_rows(queries), "query", self.dim, self._compress)
         return (q @ self.train.T).numpy()
 
-    def settings(self, bundle) -> dict:
-        return {"seed": self.seed, "dim": self.dim}
-
-    def state_chunks(self, bundle):
-        yield torch.arange(len(self.train)), {"compressed": self.train}
-
-    def restore(self, stored, bundle) -> None:
-        self.dim = stored.manifest["method_settings"]["dim"]
-        self.train = stored.load_all()["compressed"]
-        self.bytes_per_row = 4 * self.dim

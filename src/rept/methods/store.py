@@ -25,8 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rept.index import (IndexStoreError, describe_differences, new_manifest, read_manifest, shard_path, text_hash,
-                        write_manifest)
+from rept.index import (IndexStoreError, describe_differences, new_manifest, read_manifest, shard_path,
+                        source_dataset, text_hash, write_manifest)
 from rept.methods.base import Method, ModelBundle
 
 KIND = "method"
@@ -218,18 +218,7 @@ class MethodIndex:
     def dataset(self):
         """The source dataset, checked against the stored fingerprint (for the rows' text)."""
         if self._dataset is None:
-            from rept.data import load_dataset
-
-            info = self.manifest.get("dataset")
-            if not info:
-                raise IndexStoreError(f"index {self.folder} records no dataset; it is needed to show row text")
-            if not os.path.exists(info["source"]):
-                raise IndexStoreError(f"the index's dataset {info['source']} is gone; it is needed to show row text")
-            cols = info["columns"]
-            ds = load_dataset(info["source"], cols.get("prompt"), cols.get("response"), cols.get("label"))
-            if ds.fingerprint != self.manifest["dataset_fingerprint"]:
-                raise IndexStoreError(f"the dataset at {info['source']} changed since the index was built")
-            self._dataset = ds
+            self._dataset = source_dataset(self.folder, self.manifest)
         return self._dataset
 
 
