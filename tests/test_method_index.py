@@ -140,7 +140,6 @@ def test_cli_refusals(setup, tmp_path, capsys):
     assert MethodIndex(tmp_path / "bm25").method_name == "bm25"
 
 
-@pytest.mark.slow
 def test_bench_saves_each_methods_index(setup, tmp_path):
     """`rept bench --save-indexes`: each index, opened again, reproduces the bench's figures."""
     from rept.metrics import precision_at_k
