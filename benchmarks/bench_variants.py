@@ -29,6 +29,8 @@ built other ways from one token-level extraction at the bench's layer:
   lookahead, z-scored parts       each part's cosines standardised over the training rows per query
   balanced, hub-corrected         CSLS: 2 cos - the row's mean cosine to its 10 nearest training rows
   balanced, first-token loss      g of the loss on the first response token only (rows and queries)
+  with --also-layer N: lookahead's parts at layer N too (both layers' six parts; h at the bench's
+  layer with g and g next at both; h with g next at both; g and g next at both, no h)
 
 and says which rows fill the top 10s where they should not (`--hubs`): behaviour rows for control
 answers, other rows for flagged answers. A few rows that rank high for most answers point at what
@@ -78,6 +80,13 @@ def features(loaded, pairs, layer: int, max_length: int) -> dict[str, np.ndarray
     }
 
 
+def second_layer(loaded, pairs, layer: int, max_length: int) -> dict[str, np.ndarray]:
+    """h, g and g next (the lookahead mode's parts) at another layer."""
+    examples = examples_for(loaded.tokenizer, pairs, max_length, "pair")
+    sig = extract_all(loaded.model, examples, layer, loaded.tokenizer.pad_token_id, batch_size=16)
+    return {"h2": sig.h.numpy(), "g2": sig.g.numpy(), "g_next2": sig.g_next.numpy()}
+
+
 def halves(*parts):
     """Concatenation of unit-normalised parts, scaled back to unit norm."""
     scale = len(parts) ** -0.5
@@ -105,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--layer", type=int, default=None, help="RepT layer (default: the bench's)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--hubs", type=int, default=5, help="rows to list: behaviour rows in the control top 10s, other rows in the flagged ones (0: none)")
+    p.add_argument("--also-layer", type=int, default=None, metavar="N",
+                   help="also score lookahead's parts taken at layer N as well as the bench's (two-layer signatures)")
     args = p.parse_args(argv)
 
     folder = open_bench_folder(args.work, args.layer)
@@ -117,6 +128,11 @@ def main(argv=None) -> int:
     sets = {"flagged": features(loaded, flagged, layer, max_length)}
     if control:
         sets["control"] = features(loaded, control, layer, max_length)
+
+    if args.also_layer is not None:  # lookahead's three parts at a second layer, under keys h2, g2, g_next2
+        for f, pairs in [(train, [(r["prompt"], r["response"]) for r in rows]), (sets["flagged"], flagged)] + \
+                ([(sets["control"], control)] if control else []):
+            f.update(second_layer(loaded, pairs, args.also_layer, max_length))
 
     h_mean, g_mean, next_mean = train["h"].mean(0), train["g"].mean(0), train["g_pos"][:, 1].mean(0)
     _, _, directions = np.linalg.svd(train["g"] - g_mean, full_matrices=False)
@@ -148,6 +164,18 @@ def main(argv=None) -> int:
         "balanced, first-token loss": lambda f: halves(f["h"], f["g_first"]),
         "h + g at the first 4 positions": lambda f: halves(f["h"], *(f["g_pos"][:, j] for j in range(4))),
     }
+    if args.also_layer is not None:
+        n = args.also_layer
+        variants.update({
+            f"lookahead at layers {layer} and {n}": lambda f: halves(f["h"], f["g"], f["g_pos"][:, 1],
+                                                                     f["h2"], f["g2"], f["g_next2"]),
+            f"h at {layer}, g and g next at {layer} and {n}": lambda f: halves(f["h"], f["g"], f["g_pos"][:, 1],
+                                                                           f["g2"], f["g_next2"]),
+            f"h at {layer}, g next at {layer} and {n}": lambda f: halves(f["h"], f["g"], f["g_pos"][:, 1],
+                                                                     f["g_next2"]),
+            f"g and g next at {layer} and {n} (no h)": lambda f: halves(f["g"], f["g_pos"][:, 1], f["g2"],
+                                                                       f["g_next2"]),
+        })
     table, hubs = {}, {}
     for name, make in variants.items():
         stored = make(train)
