@@ -138,6 +138,10 @@ def test_cli_refusals(setup, tmp_path, capsys):
     assert main(["-q", "index", "--method", "random", *model, "--out", str(tmp_path / "bm25")]) == 2
     assert "method: index has 'bm25', this run has 'random'" in capsys.readouterr().err
     assert MethodIndex(tmp_path / "bm25").method_name == "bm25"
+    # RepT's own settings are refused rather than ignored
+    assert main(["-q", "index", "--method", "less", *model, "--out", str(tmp_path / "less"), "--layer", "1"]) == 2
+    assert "--layer sets up RepT signatures, not the less index: leave it out" in capsys.readouterr().err
+    assert not (tmp_path / "less").exists()
 
 
 def test_bench_saves_each_methods_index(setup, tmp_path):

@@ -247,6 +247,12 @@ def _index_method(args) -> int:
 
     if args.dtype != "float32" and args.method not in TEXT_METHODS:
         raise MethodError(f"{args.method} takes float32 gradients: leave out --dtype {args.dtype}")
+    rept_only = [flag for flag, value, default in (("--layer", args.layer, "auto"), ("--mode", args.mode, "balanced"),
+                                                   ("--max-tokens", args.max_tokens, None),
+                                                   ("--probe-rows", args.probe_rows, 64)) if value != default]
+    if rept_only:
+        raise MethodError(f"{', '.join(rept_only)} set{'s' if len(rept_only) == 1 else ''} up RepT signatures, "
+                          f"not the {args.method} index: leave {'it' if len(rept_only) == 1 else 'them'} out")
     bundle = ModelBundle(args.model, args.adapter, max_length=args.max_length, batch_size=args.batch_size,
                          device=args.device, progress=not args.quiet)
     build_method_index(args.method, bundle, _dataset(args), args.out, shard_size=args.shard_size,

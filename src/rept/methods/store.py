@@ -61,13 +61,13 @@ def method_manifest(method: Method, bundle: ModelBundle, train_rows, dataset=Non
     """The manifest fields that say what a method index holds and what it was computed with."""
     from rept.build import model_identity
 
-    uses_model = method.name not in TEXT_METHODS
-    fields = dict(kind=KIND, method=method.name, method_settings=method.settings(bundle),
+    settings = method.settings(bundle)
+    fields = dict(kind=KIND, method=method.name, method_settings=settings,
                   model={"id": str(Path(bundle.model).resolve()) if Path(bundle.model).is_dir() else bundle.model},
                   adapter=str(Path(bundle.adapter).resolve()) if bundle.adapter else None,
-                  layer=method.settings(bundle).get("layer"), max_length=bundle.max_length,
+                  layer=settings.get("layer"), max_length=bundle.max_length,
                   rows=len(train_rows), rows_fingerprint=rows_fingerprint(train_rows))
-    if uses_model:
+    if method.name not in TEXT_METHODS:
         fields.update(model_identity(bundle.merged()))
     if dataset is not None:
         fields.update(dataset={"source": dataset.source, "columns": dataset.columns, "n_total": dataset.n_total},
@@ -96,10 +96,7 @@ def save_method(method: Method, bundle: ModelBundle, train_rows, out, dataset=No
         hashes = [text_hash(r.prompt, r.response) for r in train_rows]
         index = np.asarray([r.index for r in train_rows], dtype=np.int64)
         k, names = 0, set()
-        # a method with no per-row state (BM25, random) still gets shards of row ids and labels
-        chunks = method.state_chunks(bundle) if method.name not in TEXT_METHODS else \
-            iter([(torch.arange(len(train_rows)), {})])
-        for positions, tensors in chunks:
+        for positions, tensors in _with_rows(method.state_chunks(bundle), len(train_rows)):
             for start in range(0, len(positions), shard_size):
                 part = torch.as_tensor(positions[start:start + shard_size]).long()
                 order = torch.argsort(part)
@@ -119,6 +116,17 @@ def save_method(method: Method, bundle: ModelBundle, train_rows, out, dataset=No
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _with_rows(chunks, n_rows: int):
+    """The method's state chunks; for a method with no per-row state (BM25, random), one chunk of
+    every row with no tensor, so that its shards still hold the row ids and labels."""
+    empty = True
+    for chunk in chunks:
+        empty = False
+        yield chunk
+    if empty:
+        yield torch.arange(n_rows), {}
 
 
 class MethodIndex:
