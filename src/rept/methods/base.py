@@ -126,6 +126,10 @@ class Method:
         """The fitted per-row state: yields (positions [c], {name: tensor [c, ...]})."""
         return iter(())
 
+    def state_floats_per_row(self, bundle: ModelBundle) -> int:
+        """Floats of per-row state an index of this method stores per row (for the disk check)."""
+        return self.bytes_per_row // 4
+
     def save_files(self, folder) -> None:
         """State that is not per row, written beside the shards (BM25's inverted index)."""
 

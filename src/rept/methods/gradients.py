@@ -177,6 +177,9 @@ class TracIn(Method):
             out[:, rows] = q @ grads.T
         return out.numpy()
 
+    def state_floats_per_row(self, bundle) -> int:
+        return _row_bytes(bundle) // 4  # kept in memory or not, an index stores every gradient
+
     def state_chunks(self, bundle):
         if self.train is not None:
             yield torch.arange(len(self.train)), {"grad": self.train}

@@ -86,16 +86,22 @@ def save_method(method: Method, bundle: ModelBundle, train_rows, out, dataset=No
     out.parent.mkdir(parents=True, exist_ok=True)
     manifest = new_manifest(**method_manifest(method, bundle, train_rows, dataset), dtype=store_dtype,
                             shard_size=shard_size, settings=extra or {})
+    dtype = STORE_DTYPES[store_dtype]
+    need = len(train_rows) * method.state_floats_per_row(bundle) * dtype.itemsize
+    free = shutil.disk_usage(out.parent).free
+    if need > 0.95 * free:  # refuse before writing rather than fill the disk halfway
+        raise IndexStoreError(f"the {method.name} index of {len(train_rows)} rows needs {_size(need)}, and "
+                              f"{out.parent} has {_size(free)} free: write it elsewhere, or use fewer rows"
+                              + (" or --store-dtype float16" if store_dtype == "float32" else ""))
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the index is an ordinary folder
     try:
-        dtype = STORE_DTYPES[store_dtype]
         labels = [r.label for r in train_rows]
         hashes = [text_hash(r.prompt, r.response) for r in train_rows]
         index = np.asarray([r.index for r in train_rows], dtype=np.int64)
-        k, names = 0, set()
+        k, names, stored_bytes = 0, set(), 0
         for positions, tensors in _with_rows(method.state_chunks(bundle), len(train_rows)):
             for start in range(0, len(positions), shard_size):
                 part = torch.as_tensor(positions[start:start + shard_size]).long()
@@ -107,15 +113,22 @@ def save_method(method: Method, bundle: ModelBundle, train_rows, out, dataset=No
                         "text_hash": json.dumps([hashes[i] for i in part.tolist()])}
                 save_file(stored, str(shard_path(tmp, k)), metadata=meta)
                 names |= set(tensors)
+                stored_bytes += sum(t.nbytes for n, t in stored.items() if n in tensors)
                 k += 1
         method.save_files(tmp)
-        manifest.update(n_shards=k, tensors=sorted(names), bytes_per_row=int(method.bytes_per_row), complete=True)
+        disk = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        manifest.update(n_shards=k, tensors=sorted(names), bytes_per_row=stored_bytes // max(1, len(train_rows)),
+                        disk_bytes=disk, complete=True)
         write_manifest(tmp, manifest)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _size(n: int) -> str:
+    return f"{n / 2 ** 30:.1f} GB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MB"
 
 
 def _with_rows(chunks, n_rows: int):
@@ -269,6 +282,6 @@ def build_method_index(name: str, bundle: ModelBundle, dataset, out, shard_size:
     manifest = save_method(method, bundle, rows, out, dataset=dataset, shard_size=shard_size, store_dtype=store_dtype,
                            extra={"batch_size": bundle.batch_size, "skipped_empty": dataset.skipped_empty,
                                   "skipped_truncated": sorted(cut)})
-    log(f"{name}: stored {manifest['rows']} rows -> {out} ({manifest['bytes_per_row']} bytes per row; skipped: "
+    log(f"{name}: stored {manifest['rows']} rows -> {out} ({_size(manifest['disk_bytes'])}; skipped: "
         f"{len(dataset.skipped_empty)} empty, {len(cut)} cut off by max_length {bundle.max_length})")
     return manifest
