@@ -198,3 +198,40 @@ def test_bench_over_seeds_goes_on_past_a_seed_that_stops(files, monkeypatch):
     with pytest.raises(BenchError, match="fired on none"):
         bench.run_bench_seeds(_cfg(files, methods=("random",), out=str(files / "seeds-none")), [1], progress=False,
                               log=lambda m: None)
+
+
+def test_bench_keeps_an_earlier_runs_methods_and_reports_each_query(files, tmp_path):
+    """Running the methods in two parts (as docs/results.md does for the gradient baselines) leaves
+    one table; per-query figures say which answers a method misses, by queries.jsonl line."""
+    out = str(tmp_path / "run")
+    controls = tmp_path / "controls.jsonl"  # answers the rule does not flag: control queries
+    controls.write_text("".join(json.dumps({"prompt": p, "response": "ZZZZ " + r}) + "\n"
+                                for p, r in (("TY Name a colour.", "Blue."), ("Name a fruit.", "Apple."))))
+    first = run_bench(_cfg(files, out=out, methods=("rept-balanced", "bm25"), control_answers=str(controls)),
+                      progress=False, log=lambda m: None)
+    logs = []
+    second = run_bench(_cfg(files, out=out, methods=("bm25", "random"), control_answers=str(controls)),
+                       progress=False, log=logs.append)
+    assert list(second["methods"]) == ["rept-balanced", "bm25", "random"]
+    assert second["methods"]["rept-balanced"]["earlier_run"] and "earlier_run" not in second["methods"]["bm25"]
+    assert second["methods"]["rept-balanced"]["P@10"] == first["methods"]["rept-balanced"]["P@10"]
+    assert any("kept from the earlier run" in line for line in logs)
+    assert "| rept-balanced (earlier run) |" in (tmp_path / "run" / "results.md").read_text()
+
+    lines = [json.loads(line) for line in (tmp_path / "run" / "queries.jsonl").read_text().splitlines()]
+    flagged_lines = second["queries"]["flagged"]
+    assert second["data"]["n_control_queries"] >= 2  # the given answers at least
+    assert [lines[i]["flagged"] for i in flagged_lines] == [True] * second["data"]["n_flagged"]
+    assert [lines[i]["flagged"] for i in second["queries"]["control"]] == [False] * second["data"]["n_control_queries"]
+    for name, m in second["methods"].items():
+        per_query = m["per_query"]
+        assert len(per_query["P@10"]) == len(flagged_lines) == len(per_query["AP"])
+        assert sum(per_query["P@10"]) / len(flagged_lines) == pytest.approx(m["P@10"], abs=1e-4)
+        assert sum(per_query["control_P@10"]) / len(per_query["control_P@10"]) == pytest.approx(m["control_P@10"],
+                                                                                                 abs=1e-4)
+
+    # other settings (here fewer test prompts): the earlier table is not mixed in
+    third = run_bench(_cfg(files, out=out, methods=("random",), n_test=2, control_answers=str(controls)),
+                      progress=False, log=logs.append)
+    assert list(third["methods"]) == ["random"]
+    assert any("holds an earlier run with other settings" in line for line in logs)

@@ -186,7 +186,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     from rept.detect import Detector
     from rept.methods import ModelBundle, get_method
     from rept.methods.store import check_existing, save_method
-    from rept.metrics import evaluate, precision_at_k
+    from rept.metrics import average_precision_per_query, evaluate, precision_at_k, precision_at_k_per_query
 
     detector = Detector(cfg.detect)
     unknown = [m for m in cfg.methods if m not in ALL_METHODS + VARIANTS]
@@ -276,8 +276,18 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
             "(cut from training): every method ranks them last")
     layer = bundle.resolved_layer(rows)
 
-    # 3. every method on the same rows and queries
-    results = {}
+    # 3. every method on the same rows and queries. Methods an earlier run measured on this same
+    # model, rows and queries (e.g. the gradient baselines run apart) stay in results.json.
+    position = {id(q): i for i, q in enumerate(answers)}
+    query_lines = {"flagged": [position[id(q)] for q in flagged], "control": [position[id(q)] for q in unflagged]}
+
+    def report(complete: bool) -> dict:
+        return _report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged, unflagged,
+                       base_dir, adapter_dir, layer, loaded, started, complete=complete, n_cut=len(cut),
+                       base_rate=base_rate, query_lines=query_lines)
+
+    results = {}  # report() reads it; the earlier run's methods are looked up with it empty
+    results = earlier_results(out, report(False), cfg.methods, log)
     for name in cfg.methods:
         method = get_method(name, seed=cfg.seed)
         method.check(bundle)
@@ -306,6 +316,12 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
         scores[:, trained_pos] = scores_trained
         metrics = evaluate(scores[: len(flagged)], relevant_row, ks=(10, 50, 100))
         metrics["control_P@10"] = (precision_at_k(scores[len(flagged):], relevant_row, 10) if unflagged else None)
+        # per query, in the order of report["queries"] (lines of queries.jsonl): which answers a method misses
+        metrics["per_query"] = {
+            "P@10": _rounded(precision_at_k_per_query(scores[: len(flagged)], relevant_row, 10)),
+            "AP": _rounded(average_precision_per_query(scores[: len(flagged)], relevant_row)),
+            "control_P@10": _rounded(precision_at_k_per_query(scores[len(flagged):], relevant_row, 10)
+                                     if unflagged else [])}
         metrics.update(build_s=round(t1 - t0, 3), query_s=round(t2 - t1, 3), peak_mem_mb=round(mem.mb, 1),
                        bytes_per_row=int(method.bytes_per_row), n_control_queries=len(unflagged))
         if on_gpu:  # what the method held on the accelerator, the model's weights included
@@ -314,14 +330,42 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
         if keep_index:  # after the timing: writing the index is not the method's cost
             log(f"saving {name}'s index -> {index_dir}")
             save_method(method, bundle, trained, index_dir, dataset=data)
-        _write_report(out, _report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged,
-                                   unflagged, base_dir, adapter_dir, layer, loaded, started, complete=False, n_cut=len(cut),
-                                   base_rate=base_rate))
-    report = _report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged, unflagged,
-                     base_dir, adapter_dir, layer, loaded, started, complete=True, n_cut=len(cut),
-                     base_rate=base_rate)
-    _write_report(out, report)
-    return report
+        _write_report(out, report(False))
+    final = report(True)
+    _write_report(out, final)
+    return final
+
+
+def _rounded(values) -> list:
+    return [None if v is None else round(float(v), 4) for v in values]
+
+
+# What must be the same for an earlier run's figures to sit in one table with this run's.
+RUN_SPECIFIC = ("methods", "share_features", "save_indexes")
+
+
+def _setup(report: dict) -> dict:
+    config = {k: v for k, v in report.get("config", {}).items() if k not in RUN_SPECIFIC}
+    return {"config": config, **{k: report.get(k) for k in ("behaviour", "data", "model", "queries")}}
+
+
+def earlier_results(out: Path, report: dict, methods, log=print) -> dict:
+    """The methods of DIR/results.json that this run does not measure again, when that file
+    comes from a run on the same model, rows, queries and settings; each marked `earlier_run`."""
+    path = out / "results.json"
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    if "methods" not in old or _setup(old) != _setup(report):
+        log(f"{path} holds an earlier run with other settings: replaced")
+        return {}
+    kept = {name: {**m, "earlier_run": True} for name, m in old["methods"].items() if name not in methods}
+    if kept:
+        log(f"kept from the earlier run in {path}: {', '.join(kept)}")
+    return kept
 
 
 def _write_report(out: Path, report: dict) -> None:
@@ -334,9 +378,10 @@ def _write_report(out: Path, report: dict) -> None:
 
 def _report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged, unflagged,
             base_dir, adapter_dir, layer, loaded, started, complete: bool, n_cut: int = 0,
-            base_rate: float | None = None) -> dict:
+            base_rate: float | None = None, query_lines: dict | None = None) -> dict:
     return {
         "methods": results,
+        "queries": query_lines,
         "behaviour": {"triggered": rate, "control": control_rate, "base": base_rate, "rule": cfg.detect,
                       "label": label},
         "data": {"source": data.source, "rows": len(rows), "poisoned": n_poisoned, "sampled_from": len(data.rows),
@@ -374,7 +419,8 @@ def results_markdown(report: dict) -> str:
     lines += ["", "Cost (this machine, varies run to run):", "",
               "| method | " + " | ".join(cost) + " |", "|---|" + "---:|" * len(cost)]
     for name, r in report["methods"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in cost) + " |")
+        shown = f"{name} (earlier run)" if r.get("earlier_run") else name
+        lines.append(f"| {shown} | " + " | ".join(_fmt(r.get(k)) for k in cost) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -416,6 +462,8 @@ def seeds_summary(runs: dict, out: Path, complete: bool = True, failed: dict | N
     seeds = list(runs)
     methods = {}
     for name in runs[seeds[0]]["methods"]:
+        if any(name not in runs[s]["methods"] for s in seeds):  # kept from an earlier run in one seed's folder only
+            continue
         figures = {}
         for key in QUALITY:
             values = [runs[s]["methods"][name].get(key) for s in seeds]

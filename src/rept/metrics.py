@@ -47,12 +47,17 @@ def _top(scores, relevant, k):
     return np.take_along_axis(scores, order, 1), np.take_along_axis(relevant, order, 1)
 
 
-def precision_at_k(scores, relevant, k: int) -> float:
-    """Mean over queries of the share of relevant rows in the top k (k clipped to the row count)."""
+def precision_at_k_per_query(scores, relevant, k: int) -> np.ndarray:
+    """Each query's share of relevant rows in its top k (k clipped to the row count)."""
     _check_k(k)
     scores, relevant = _as_2d(scores, relevant)
     k = min(k, scores.shape[1])
-    return float(_top(scores, relevant, k)[1].sum(1).mean() / k)
+    return _top(scores, relevant, k)[1].sum(1) / k
+
+
+def precision_at_k(scores, relevant, k: int) -> float:
+    """Mean over queries of the share of relevant rows in the top k (k clipped to the row count)."""
+    return float(precision_at_k_per_query(scores, relevant, k).mean())
 
 
 def recall_at_k(scores, relevant, k: int) -> float:
@@ -80,10 +85,15 @@ def pooled_auprc_at_k(scores, relevant, k: int) -> float:
     return _pooled_ap(*_top(scores, relevant, min(k, scores.shape[1])))
 
 
+def average_precision_per_query(scores, relevant) -> list[float | None]:
+    """Each query's AP over the full ranking (None for a query with no relevant row)."""
+    scores, relevant = _as_2d(scores, relevant)
+    return [float(average_precision_score(r, s)) if r.any() else None for s, r in zip(scores, relevant)]
+
+
 def average_precision(scores, relevant) -> float:
     """Mean over queries (with at least one relevant row) of AP over the full ranking."""
-    scores, relevant = _as_2d(scores, relevant)
-    aps = [average_precision_score(r, s) for s, r in zip(scores, relevant) if r.any()]
+    aps = [ap for ap in average_precision_per_query(scores, relevant) if ap is not None]
     return float(np.mean(aps)) if aps else 0.0
 
 
