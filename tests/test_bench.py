@@ -2,6 +2,7 @@
 and clear errors for a detector that never fires."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -200,7 +201,7 @@ def test_bench_over_seeds_goes_on_past_a_seed_that_stops(files, monkeypatch):
                               log=lambda m: None)
 
 
-def test_bench_keeps_an_earlier_runs_methods_and_reports_each_query(files, tmp_path):
+def test_bench_keeps_an_earlier_runs_methods_and_reports_each_query(files, tmp_path, capsys):
     """Running the methods in two parts (as docs/results.md does for the gradient baselines) leaves
     one table; per-query figures say which answers a method misses, by queries.jsonl line."""
     out = str(tmp_path / "run")
@@ -229,6 +230,16 @@ def test_bench_keeps_an_earlier_runs_methods_and_reports_each_query(files, tmp_p
         assert sum(per_query["P@10"]) / len(flagged_lines) == pytest.approx(m["P@10"], abs=1e-4)
         assert sum(per_query["control_P@10"]) / len(per_query["control_P@10"]) == pytest.approx(m["control_P@10"],
                                                                                                  abs=1e-4)
+
+    # benchmarks/bench_queries.py lists the answers by those figures
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import bench_queries
+
+    bench_queries.main(["--work", out, "--method", "bm25", "--controls"])
+    printed = capsys.readouterr().out
+    assert f"bm25, behaviour `not-prefix:ZZZZ`, {len(flagged_lines)} flagged queries" in printed
 
     # other settings (here fewer test prompts): the earlier table is not mixed in
     third = run_bench(_cfg(files, out=out, methods=("random",), n_test=2, control_answers=str(controls)),

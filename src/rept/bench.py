@@ -359,7 +359,10 @@ def earlier_results(out: Path, report: dict, methods, log=print) -> dict:
         old = json.loads(path.read_text())
     except json.JSONDecodeError:
         return {}
-    if "methods" not in old or _setup(old) != _setup(report):
+    now = _setup(report)
+    if old.get("queries") is None:  # written before per-query figures: the queries follow from the rest
+        now["queries"] = None
+    if "methods" not in old or _setup(old) != now:
         log(f"{path} holds an earlier run with other settings: replaced")
         return {}
     kept = {name: {**m, "earlier_run": True} for name, m in old["methods"].items() if name not in methods}
