@@ -217,13 +217,13 @@ def _count_loop_calls(monkeypatch):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_batched_per_example_grads_equal_one_row_at_a_time(tokenizer, bias, monkeypatch):
-    from rept.methods.base import _per_example_grads_loop, examples_for, per_example_grads
+    from rept.methods.base import examples_for, per_example_grads
 
     model = _tiny_lora(tokenizer, bias)
     pairs = _grad_pairs()
     lengths = {len(e.input_ids) for e in examples_for(tokenizer, pairs, 96, "row")}
     assert len(lengths) >= 5  # padding is exercised
-    ref = _per_example_grads_loop(model, tokenizer, pairs, 96)
+    ref = per_example_grads(model, tokenizer, pairs, 96, batch_size=0)  # one row at a time
     calls = _count_loop_calls(monkeypatch)
     for batch_size in (1, 4):
         got = per_example_grads(model, tokenizer, pairs, 96, batch_size=batch_size)
@@ -234,7 +234,7 @@ def test_batched_per_example_grads_equal_one_row_at_a_time(tokenizer, bias, monk
 
 
 def test_per_example_grads_fall_back_for_non_linear_trainables(tokenizer, gpt2, monkeypatch):
-    from rept.methods.base import _linear_owners, _per_example_grads_loop, per_example_grads
+    from rept.methods.base import _linear_owners, per_example_grads
 
     pairs = _grad_pairs(3)
     model = _tiny_lora(tokenizer)
@@ -242,7 +242,7 @@ def test_per_example_grads_fall_back_for_non_linear_trainables(tokenizer, gpt2, 
     emb.requires_grad_(True)  # an embedding (tied to the LM head) is not an nn.Linear weight
     try:
         assert _linear_owners(model, [p for p in model.parameters() if p.requires_grad]) is None
-        ref = _per_example_grads_loop(model, tokenizer, pairs, 96)
+        ref = per_example_grads(model, tokenizer, pairs, 96, batch_size=0)  # one row at a time
         calls = _count_loop_calls(monkeypatch)
         assert _rel_err(per_example_grads(model, tokenizer, pairs, 96), ref) == 0 and calls
     finally:
@@ -256,7 +256,7 @@ def test_per_example_grads_fall_back_for_non_linear_trainables(tokenizer, gpt2, 
 
 def test_per_example_grads_fall_back_when_a_weight_is_used_outside_its_linear(tokenizer, monkeypatch):
     """The first batch checks the summed per-example gradients against the batch gradient."""
-    from rept.methods.base import _per_example_grads_loop, per_example_grads
+    from rept.methods.base import per_example_grads
 
     class Reuse(torch.nn.Module):
         def __init__(self, model):
@@ -273,7 +273,7 @@ def test_per_example_grads_fall_back_when_a_weight_is_used_outside_its_linear(to
 
     model = Reuse(_tiny_lora(tokenizer)).eval()
     pairs = _grad_pairs(4)
-    ref = _per_example_grads_loop(model, tokenizer, pairs, 96)
+    ref = per_example_grads(model, tokenizer, pairs, 96, batch_size=0)  # one row at a time
     calls = _count_loop_calls(monkeypatch)
     got = per_example_grads(model, tokenizer, pairs, 96, batch_size=2)
     assert calls and _rel_err(got, ref) < 1e-6

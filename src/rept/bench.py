@@ -192,7 +192,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     unknown = [m for m in cfg.methods if m not in ALL_METHODS + VARIANTS]
     if unknown:
         raise BenchError(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(ALL_METHODS + VARIANTS)})")
-    if set(cfg.methods) & {"tracin", "less", "datainf", "rapidin"}:
+    if any(get_method(name).per_row_gradients for name in cfg.methods):
         from rept.methods.gradients import gradient_memory_budget
 
         gradient_memory_budget()  # a bad $REPT_GRAD_MEMORY stops here, before any training

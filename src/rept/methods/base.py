@@ -98,6 +98,7 @@ class Method:
 
     name = "method"
     needs_lora = False
+    per_row_gradients = False  # takes every row's gradient: bounded by the gradient memory budget
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -188,7 +189,8 @@ def iter_per_example_grads(model, tokenizer, pairs, max_length: int, what: str =
     the rows' mean losses, rows do not interact in a causal LM, so the gradient at a Linear's
     output for row b is that of row b's loss alone, and the weight gradient of row b is
     sum_t d[b, t] a[b, t]^T (a: the Linear's input, d: the gradient at its output). Any other
-    trainable parameter (an embedding, a DoRA magnitude, ...) falls back to one row at a time."""
+    trainable parameter (an embedding, a DoRA magnitude, ...) falls back to one row at a time, as
+    does batch_size 0 (the definition, which the tests compare the batched path with)."""
     from tqdm.auto import tqdm
 
     from rept.signatures import length_sorted_batches
@@ -230,11 +232,6 @@ def _grads_one_at_a_time(model, pad_id, examples, named, bar):
             grads = torch.autograd.grad(loss, params)
         yield torch.tensor([ex.row]), {n: g.float()[None] for (n, _), g in zip(named, grads)}
         bar.update(1)
-
-
-def _per_example_grads_loop(model, tokenizer, pairs, max_length: int, what: str = "row", progress: bool = False):
-    """`per_example_grads` one row at a time (the reference the tests compare the batched path with)."""
-    return per_example_grads(model, tokenizer, pairs, max_length, what, progress, batch_size=0)
 
 
 def _linear_owners(model, params):

@@ -147,6 +147,7 @@ class TracIn(Method):
     fit keeps nothing and score streams the training gradients past the queries' (which must fit)."""
 
     name = "tracin"
+    per_row_gradients = True
 
     def fit(self, bundle, train_rows):
         self.key = _train_key(train_rows)
@@ -218,6 +219,7 @@ class _Projected(Method):
     stored in a method index as the tensor `stored_as`."""
 
     stored_as = "projection"
+    per_row_gradients = True
 
     def __init__(self, seed: int = 0, dim: int = 8192):
         super().__init__(seed)
@@ -276,6 +278,7 @@ class LESS(_Projected):
 class DataInf(Method):
     name = "datainf"
     needs_lora = True
+    per_row_gradients = True
 
     def __init__(self, seed: int = 0, damping_scale: float = 0.1):
         super().__init__(seed)
