@@ -50,9 +50,13 @@ def is_hub_id(name: str) -> bool:
     return not os.path.exists(name) and bool(_HUB_ID.match(name))
 
 
-def check_model_source(name: str, what: str = "model") -> None:
+def model_source_exists(name: str) -> bool:
     """A model is a local folder or a Hub id; anything else is a folder that is not there."""
-    if not os.path.exists(name) and not is_hub_id(name):
+    return os.path.exists(name) or is_hub_id(name)
+
+
+def check_model_source(name: str, what: str = "model") -> None:
+    if not model_source_exists(name):
         raise ModelError(f"no such {what} folder: {name}")
 
 

@@ -363,9 +363,9 @@ def train_from_recipe(recipe: dict, rows, out: str | Path, progress: bool = True
     if kind == "from-scratch" and "settings" not in recipe:  # written by train_from_scratch (the demo)
         return train_from_scratch(rows, out, cfg, progress=progress)
     base = recipe.get("base")
-    from rept.models import is_hub_id
+    from rept.models import model_source_exists
 
-    if kind != "from-scratch" and not (base and (Path(base).exists() or is_hub_id(base))):
+    if kind != "from-scratch" and not (base and model_source_exists(base)):
         raise TrainError(f"cannot retrain: the recipe's base model {base} is not there any more")
     lora = LoraSettings(**recipe["lora"]) if recipe.get("lora") else None
     train_model(kind, rows, out, cfg, base=base, lora=lora, data_source=recipe.get("data"), resume=False,
