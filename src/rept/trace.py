@@ -15,7 +15,7 @@ from rept.build import model_identity
 from rept.examples import tokenize_pair
 from rept.index import SignatureIndex
 from rept.models import LoadedModel, load_model
-from rept.search import TopK, sort_topk, exact_topk, signatures_of
+from rept.search import TopK, exact_topk, signatures_of, sort_topk
 from rept.signatures import SignatureBatch, extract_all
 
 
