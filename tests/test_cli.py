@@ -60,6 +60,15 @@ def test_eval_metrics(index_dir, queries_file, capsys):
     assert metrics["n_queries"] == 2  # the unflagged control is left out
     for key in ("P@5", "P@10", "auPRC@5", "auPRC@10", "recall@10", "AP"):
         assert 0.0 <= metrics[key] <= 1.0
+    # --per-query: each query's P@5 and AP, the lowest first; their means are the metrics
+    assert main(["eval", "--index", index_dir, "--queries", queries_file, "--k", "5", "10", "--per-query",
+                 "--json"]) == 0
+    per_query = json.loads(capsys.readouterr().out)["per_query"]
+    assert len(per_query) == 2 and per_query[0]["P@5"] <= per_query[1]["P@5"]
+    assert sum(q["P@5"] for q in per_query) / 2 == pytest.approx(metrics["P@5"])
+    assert sum(q["AP"] for q in per_query) / 2 == pytest.approx(metrics["AP"])
+    assert main(["eval", "--index", index_dir, "--queries", queries_file, "--per-query"]) == 0
+    assert "the 10 queries with the lowest P@10" in capsys.readouterr().out
 
 
 def test_layers_prints_curve(model_dir, data_file, capsys):

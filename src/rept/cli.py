@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", required=True, help="queries with a label column (flagged=false rows are skipped)")
     p.add_argument("--k", type=_positive, nargs="+", default=[10, 50, 100])
     p.add_argument("--mode", choices=SEARCH_MODES, default=None)
+    p.add_argument("--per-query", action="store_true",
+                   help="also each query's P@k (the smallest k) and AP, worst first: which answers are missed")
     p.add_argument("--json", action="store_true")
     _add_index_model_args(p)
 
@@ -314,9 +316,11 @@ def cmd_eval(args) -> int:
         raise QueryError(f"{args.queries}: no query has a label (eval needs a label column naming the behaviour)")
     tracer = _tracer(args)
     scores, _, labels = tracer.scores(labelled, mode=args.mode)
-    metrics = evaluate(scores, relevance(labels, labelled), ks=tuple(args.k))
+    relevant = relevance(labels, labelled)
+    metrics = evaluate(scores, relevant, ks=tuple(args.k))
+    worst = _per_query(scores, relevant, labelled, min(args.k)) if args.per_query else None
     if args.json:
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps(metrics | ({"per_query": worst} if worst is not None else {}), indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -327,7 +331,26 @@ def cmd_eval(args) -> int:
     for name, value in metrics.items():
         table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
+    if worst:
+        k = min(args.k)
+        table = Table(title=f"the 10 queries with the lowest P@{k}")
+        for column in (f"P@{k}", "AP", "prompt", "response"):
+            table.add_column(column, justify="right" if column in (f"P@{k}", "AP") else "left")
+        for q in worst[:10]:
+            table.add_row(f"{q[f'P@{k}']:.2f}", "-" if q["AP"] is None else f"{q['AP']:.3f}", q["prompt"][:60],
+                          q["response"][:60])
+        Console().print(table)
     return 0
+
+
+def _per_query(scores, relevant, queries, k: int) -> list[dict]:
+    """Each query's P@k and AP with its text, the lowest P@k first (then the lowest AP)."""
+    from rept.metrics import average_precision_per_query, precision_at_k_per_query
+
+    out = [{"query": i, "prompt": q.prompt, "response": q.response, f"P@{k}": float(p), "AP": ap}
+           for i, (q, p, ap) in enumerate(zip(queries, precision_at_k_per_query(scores, relevant, k),
+                                              average_precision_per_query(scores, relevant)))]
+    return sorted(out, key=lambda q: (q[f"P@{k}"], -1.0 if q["AP"] is None else q["AP"]))
 
 
 COMMANDS = {"demo": cmd_demo, "layers": cmd_layers, "index": cmd_index, "trace": cmd_trace, "eval": cmd_eval}
