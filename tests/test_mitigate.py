@@ -134,6 +134,38 @@ def test_culprits_from_bm25_selects_by_its_own_scores(tmp_path, setup):
     assert "chosen by bm25" in section["title"] and f"{res['before']:.1%}" in section["rate_svg"]
 
 
+def test_a_method_index_gives_its_methods_culprits(tmp_path, setup, capsys):
+    """`rept mitigate --index` on a method index (`rept index --method tracin`) takes that method's
+    culprits from its stored state: the same rows as --culprits-from tracin fitted on the indexed rows."""
+    from rept.methods import ModelBundle
+    from rept.methods.store import build_method_index
+    from rept.trace import MethodTracer
+
+    root, _, data, loaded, queries, qpath = setup
+    build_method_index("tracin", ModelBundle(str(root / "model"), max_length=96), data, tmp_path / "tracin-index",
+                       log=lambda *_: None)
+    common = dict(method="unlearn", seeds=1, max_new_tokens=4, unlearn_steps=1, heldout=data.rows[-8:],
+                  progress=False, log=lambda *_: None)
+    stored = run_mitigation(MethodTracer(tmp_path / "tracin-index"), queries, Detector("prefix:You are stupid"),
+                            tmp_path / "from-index", Selection.parse("budget:5"), **common)
+    fitted = run_mitigation(Tracer(root / "index", loaded), queries, Detector("prefix:You are stupid"),
+                            tmp_path / "fitted", Selection.parse("budget:5"), culprits_from="tracin", **common)
+    read = lambda folder: [json.loads(line) for line in (folder / "culprits.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [c["row"] for c in read(tmp_path / "from-index")] == [c["row"] for c in read(tmp_path / "fitted")]
+    assert [c["score"] for c in read(tmp_path / "from-index")] == pytest.approx(
+        [c["score"] for c in read(tmp_path / "fitted")], rel=1e-5)
+    assert stored["culprits_from"] == "tracin" and "tracin index" in stored["culprits_scored_by"]
+    assert fitted["culprits_from"] == "tracin"
+    # through the CLI, a RepT-only flag or another method is refused in one line
+    base = ["mitigate", "--index", str(tmp_path / "tracin-index"), "--queries", str(qpath), "--detect",
+            "prefix:You are stupid", "--out", str(tmp_path / "cli"), "--method", "unlearn"]
+    assert main([*base, "--mode", "repgrad"]) == 2
+    assert "is a method index: leave it out" in capsys.readouterr().err
+    assert main([*base, "--culprits-from", "bm25"]) == 2
+    assert "is a tracin index: its culprits are tracin's" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists()
+
+
 def test_culprits_from_errors_are_one_line(tmp_path, setup, capsys):
     root, _, _, _, _, qpath = setup
     base = ["mitigate", "--index", str(root / "index"), "--queries", str(qpath), "--detect", "prefix:You are stupid",

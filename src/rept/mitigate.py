@@ -135,9 +135,11 @@ def culprit_scores(tracer, flagged, source: str, dataset, seed: int = 0, log=pri
     check_culprit_source(source)
     manifest = tracer.index.manifest
     if source in INDEX_MODES:
-        mode = tracer.index.search_mode(INDEX_MODES[source])
+        mode = tracer.search_mode(INDEX_MODES[source])
         scores, rows, _ = tracer.scores(flagged, mode=mode)
-        note = f"RepT index {tracer.index.folder} (mode {mode}, layer {tracer.layer})"
+        method = getattr(tracer, "method", None)  # a method index (rept.trace.MethodTracer): its method scores
+        note = (f"{method.name} index {tracer.index.folder}" if method is not None
+                else f"RepT index {tracer.index.folder} (mode {mode}, layer {tracer.layer})")
         return np.atleast_2d(scores), np.asarray(rows), note
     ids = sorted(tracer.index.labels())
     by_index = {r.index: r for r in dataset.rows}
@@ -265,6 +267,11 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
     out = Path(out)
     manifest = tracer.index.manifest
     check_culprit_source(culprits_from)
+    method_index = getattr(tracer, "method", None)  # a method index: the culprits are its method's
+    if method_index is not None:
+        if culprits_from != "rept":
+            raise MitigationError(f"{tracer.index.folder} is a {method_index.name} index: its culprits are "
+                                  f"{method_index.name}'s; leave out --culprits-from {culprits_from}")
     if seeds < 1:
         raise MitigationError(f"--seeds must be at least 1 (got {seeds}): the random rows are the control")
     flagged = [q for q in queries if q.flagged is not False]
@@ -273,7 +280,7 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
     bundle = None
     # fail before any work when the index or the method cannot score on this model
     if culprits_from in INDEX_MODES:  # e.g. lookahead on an index built without g_next
-        tracer.index.search_mode(INDEX_MODES[culprits_from])
+        tracer.search_mode(INDEX_MODES[culprits_from])
     else:
         from rept.methods import MethodError, get_method
 
@@ -311,6 +318,8 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
 
     # 1. culprits
     scores, rows, source_note = culprit_scores(tracer, traceable, culprits_from, dataset, log=log, bundle=bundle)
+    if method_index is not None:
+        culprits_from = method_index.name
     culprits = select_culprits(scores, rows, selection)
     by_index = {r.index: r for r in dataset.rows}
     culprit_set = {row for row, _ in culprits}

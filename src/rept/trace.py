@@ -219,6 +219,11 @@ class MethodTracer:
     def layer(self) -> int | None:
         return self.index.manifest.get("layer")
 
+    @property
+    def loaded(self) -> LoadedModel:
+        """The index's model (adapter merged), for generation and the behaviour measurements."""
+        return self.bundle.merged()
+
     def search_mode(self, mode: str | None = None) -> None:
         if mode:
             raise self.error(self.index, ["--mode"])
@@ -238,7 +243,7 @@ class MethodTracer:
     def generate(self, prompts: list[str], max_new_tokens: int = 64, progress: bool = False) -> list[str]:
         from rept.generate import generate
 
-        return generate(self.bundle.merged(), prompts, max_new_tokens=max_new_tokens,
+        return generate(self.loaded, prompts, max_new_tokens=max_new_tokens,
                         batch_size=self.bundle.batch_size, progress=progress)
 
 

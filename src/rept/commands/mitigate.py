@@ -8,7 +8,8 @@ HELP = "remove or unlearn the culprit rows and show the behaviour drops (vs. as 
 def add_arguments(p) -> None:
     from rept.cli import SEARCH_MODES
 
-    p.add_argument("--index", required=True, help="index of the training set (made by `rept index` or `rept demo`)")
+    p.add_argument("--index", required=True, help="index of the training set (made by `rept index` or `rept demo`; "
+                   "a method index from `rept index --method` makes that method's culprits)")
     p.add_argument("--queries", required=True, help="queries file (flagged=false rows are not traced)")
     p.add_argument("--detect", required=True, help="behaviour detector rule, e.g. 'prefix:You are stupid'")
     p.add_argument("--out", required=True, help="folder for culprits.jsonl, the cleaned set, results.json, summary.md")
@@ -49,7 +50,15 @@ def run(args) -> int:
     queries = load_queries(args.queries)
     prompts = load_prompts(args.prompts) if args.prompts else None
     heldout = load_dataset(args.heldout).rows if args.heldout else None
-    tracer = Tracer(args.index, device=args.device)
+    from rept.methods.store import is_method_index
+    from rept.trace import MethodTracer
+
+    if is_method_index(args.index):  # a baseline's index (`rept index --method`): its culprits
+        if args.mode:
+            raise MitigationError(f"--mode is a RepT scoring mode; {args.index} is a method index: leave it out")
+        tracer = MethodTracer(args.index, device=args.device, progress=not args.quiet)
+    else:
+        tracer = Tracer(args.index, device=args.device)
     if args.mode:
         tracer.index.manifest["mode"] = args.mode
     console = Console(stderr=True)
