@@ -132,6 +132,13 @@ def test_cli_indexes_a_baseline_and_traces_and_evaluates_with_it(setup, tmp_path
     assert main(["-q", "eval", "--index", str(idx), "--queries", str(qfile), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert 0.0 <= metrics["P@10"] <= 1.0
+    # a damaged shard is named, in one line
+    shard = idx / "shard-00000.safetensors"
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[: len(intact) // 2])
+    assert main(["-q", "eval", "--index", str(idx), "--queries", str(qfile)]) == 2
+    assert "shard-00000.safetensors is corrupt or truncated" in capsys.readouterr().err
+    shard.write_bytes(intact)
     # RepT-only flags are refused in one line
     assert main(["-q", "trace", "--index", str(idx), "--queries", str(qfile), "--mode", "repgrad"]) == 2
     assert "holds less state, not RepT signatures: --mode needs a signature index" in capsys.readouterr().err
