@@ -14,7 +14,6 @@ traces the behaviour or merely the topic: their P@10 should be low.
 from __future__ import annotations
 
 import json
-import os
 import random
 import threading
 import time

@@ -31,7 +31,7 @@ from rept.generate import generate
 from rept.index import atomic_write_bytes
 from rept.models import LoadedModel, attach_adapter
 from rept.signatures import collate, response_losses
-from rept.train import OPTIMIZER_FILE, TrainConfig, read_recipe
+from rept.train import OPTIMIZER_FILE, read_recipe
 
 
 class MitigationError(ReptError):
@@ -133,7 +133,6 @@ def culprit_scores(tracer, flagged, source: str, dataset, seed: int = 0, log=pri
     from rept.train import TrainError
 
     check_culprit_source(source)
-    manifest = tracer.index.manifest
     if source in INDEX_MODES:
         mode = tracer.search_mode(INDEX_MODES[source])
         scores, rows, _ = tracer.scores(flagged, mode=mode)

@@ -274,7 +274,6 @@ class LESS(_Projected):
         return (q @ self.train.T).numpy()
 
 
-
 class DataInf(Method):
     name = "datainf"
     needs_lora = True
@@ -362,4 +361,3 @@ class RapidIn(_Projected):
     def score(self, bundle, queries) -> np.ndarray:
         q = _rows_through(bundle, query_rows(queries), "query", self.dim, self._compress)
         return (q @ self.train.T).numpy()
-

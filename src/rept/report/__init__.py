@@ -255,7 +255,7 @@ def layer_curve_svg(curve: dict, width: int = 300, height: int = 120) -> Markup:
              f'<line x1="{left}" x2="{width - right}" y1="{bottom}" y2="{bottom}" stroke="#555"/>',
              f'<text x="{left - 3}" y="{top + 8}" font-size="9" text-anchor="end">{hi:.3f}</text>',
              f'<text x="{left - 3}" y="{bottom}" font-size="9" text-anchor="end">{lo:.3f}</text>',
-             f'<polyline fill="none" stroke="#3b6ea5" stroke-width="1.5" points="'
+             '<polyline fill="none" stroke="#3b6ea5" stroke-width="1.5" points="'
              + " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys)) + '"/>']
     for i, (x, y, s) in enumerate(zip(xs, ys, sims)):
         chosen = layer == i + 1
