@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from rept.errors import ReptError
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -93,15 +95,21 @@ def load_model(model_id: str, adapter: str | None = None, dtype: str = "float32"
     return LoadedModel(model, tokenizer, model_id, adapter)
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """peft asks transformers a deprecated question (is_gradient_checkpointing) when it makes a
+    trainable adapter; the FutureWarning it prints is not the user's to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def attach_adapter(model, adapter: str, merge: bool = True, trainable: bool = False):
     from peft import PeftModel
 
     if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
         raise ModelError(f"no PEFT adapter in {adapter} (adapter_config.json missing)")
-    import warnings
-
-    with warnings.catch_warnings():  # peft asks transformers a deprecated question when trainable; not ours to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_peft():
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     # Merging is exact and makes the forward pass as cheap as the base model's.
     return model.merge_and_unload() if merge else model

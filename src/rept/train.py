@@ -239,9 +239,12 @@ def _build(recipe: str, rows, cfg: TrainConfig, base: str | None, lora: LoraSett
 
     lora = lora or LoraSettings()
     set_seed(cfg.seed)
+    from rept.models import quiet_peft
+
     try:
-        model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=lora.targets(), task_type="CAUSAL_LM"))
+        with quiet_peft():
+            model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                     target_modules=lora.targets(), task_type="CAUSAL_LM"))
     except ValueError as exc:
         raise TrainError(f"cannot put LoRA on {base}: {str(exc).splitlines()[0]}") from None
     return model, tokenizer
