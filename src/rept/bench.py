@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rept.data import rows_fingerprint
 from rept.errors import ReptError
 
 ALL_METHODS = ("rept-official", "rept-balanced", "repsim", "repgrad", "rept-lookahead", "tracin", "less", "datainf",
@@ -161,23 +162,14 @@ def train_two_stage(cfg: BenchConfig, rows, data_source: str, progress=True, log
                                seed=cfg.seed, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
                                vocab_size=cfg.vocab_size)
         train_model("from-scratch", base_rows, base, base_cfg, data_source=base_source,
-                    data_fingerprint=_rows_fingerprint(base_rows), progress=progress, log=log, device=cfg.device)
+                    data_fingerprint=rows_fingerprint(base_rows), progress=progress, log=log, device=cfg.device)
     lora_cfg = TrainConfig(epochs=cfg.lora_epochs, lr=cfg.lora_lr, batch_size=cfg.batch_size,
                            max_length=cfg.max_length, seed=cfg.seed, warmup_steps=10)
     lora = LoraSettings(rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2.0 * cfg.lora_rank,
                         target_modules=cfg.lora_targets)
     train_model("lora", rows, out / "adapter", lora_cfg, base=base, lora=lora, data_source=data_source,
-                data_fingerprint=_rows_fingerprint(rows), progress=progress, log=log, device=cfg.device)
+                data_fingerprint=rows_fingerprint(rows), progress=progress, log=log, device=cfg.device)
     return base, out / "adapter", label
-
-
-def _rows_fingerprint(rows) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for r in rows:
-        h.update(json.dumps([r.index, r.prompt, r.response]).encode())
-    return h.hexdigest()
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:

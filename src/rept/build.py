@@ -17,7 +17,7 @@ from rept import distributed
 from rept.examples import template_name, tokenize_rows
 from rept.index import (IndexStoreError, describe_differences, load_shard, new_manifest, read_manifest,
                         save_shard, shard_is_valid, shard_path, text_hash, write_manifest)
-from rept.models import LoadedModel, config_hash, resolve_layer, tokenizer_hash, weights_hash
+from rept.models import LoadedModel, config_hash, model_reference, resolve_layer, tokenizer_hash, weights_hash
 from rept.signatures import extract
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -73,7 +73,7 @@ def build_index(loaded: LoadedModel, dataset, out: str | os.PathLike, settings: 
 
         identity = model_identity(loaded)
         manifest = new_manifest(
-            model={"id": str(Path(loaded.model_id).resolve()) if Path(loaded.model_id).is_dir() else loaded.model_id,
+            model={"id": model_reference(loaded.model_id),
                    "architecture": type(model).__name__, "num_layers": loaded.num_layers,
                    "hidden_size": model.config.hidden_size},
             adapter=str(Path(loaded.adapter).resolve()) if loaded.adapter else None,

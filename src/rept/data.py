@@ -45,6 +45,14 @@ class Dataset:
 
 # ---------------------------------------------------------------------------------------- reading
 
+def rows_fingerprint(rows) -> str:
+    """sha256 over each row's (index, prompt, response), in order: which rows a model or an index saw."""
+    digest = hashlib.sha256()
+    for r in rows:
+        digest.update(json.dumps([r.index, r.prompt, r.response]).encode())
+    return digest.hexdigest()
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """JSON objects, one per line; blank lines ignored; a bad line is reported by its number."""
     name = os.path.basename(path)

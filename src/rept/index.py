@@ -82,6 +82,14 @@ def describe_differences(have: dict, want: dict, keys=IDENTITY_KEYS) -> list[str
             for k in keys if k in want and have.get(k) != want.get(k)]
 
 
+def check_identity(folder, manifest: dict, want: dict) -> None:
+    """Raise, naming each field, when the identity fields in `want` (the model, adapter, tokenizer
+    and template about to be used) differ from those an index recorded."""
+    diffs = describe_differences(manifest, want)
+    if diffs:
+        raise IndexStoreError(f"index {folder} does not match: " + "; ".join(diffs))
+
+
 def shard_path(folder: Path, k: int) -> Path:
     return Path(folder) / f"shard-{k:05d}.safetensors"
 
@@ -212,9 +220,7 @@ class SignatureIndex:
 
     def check_model(self, want: dict) -> None:
         """Raise when `want` (identity fields of the model about to be used) differs."""
-        diffs = describe_differences(self.manifest, want)
-        if diffs:
-            raise IndexStoreError(f"index {self.folder} does not match: " + "; ".join(diffs))
+        check_identity(self.folder, self.manifest, want)
 
     def dataset(self):
         """The training rows the index was built from, checked against the stored fingerprint."""

@@ -12,6 +12,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,6 +56,11 @@ def is_hub_id(name: str) -> bool:
 def model_source_exists(name: str) -> bool:
     """A model is a local folder or a Hub id; anything else is a folder that is not there."""
     return os.path.exists(name) or is_hub_id(name)
+
+
+def model_reference(name: str) -> str:
+    """How an index records a model: a local folder by its absolute path, a Hub id as it is."""
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
 
 
 def check_model_source(name: str, what: str = "model") -> None:

@@ -25,12 +25,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rept.index import (IndexStoreError, describe_differences, new_manifest, read_manifest, shard_path,
-                        source_dataset, text_hash, write_manifest)
+from rept.build import STORE_DTYPES, model_identity
+from rept.data import rows_fingerprint
+from rept.index import (IndexStoreError, check_identity, describe_differences, new_manifest, read_manifest,
+                        shard_path, source_dataset, text_hash, write_manifest)
 from rept.methods.base import Method, ModelBundle
+from rept.models import model_reference
 
 KIND = "method"
-STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Methods that look at no model: their index is not tied to one.
 TEXT_METHODS = ("bm25", "random")
 IDENTITY_KEYS = ("method", "method_settings", "model_config_hash", "model_weights_hash", "adapter_hash",
@@ -48,22 +50,11 @@ def is_method_index(folder) -> bool:
         return False
 
 
-def rows_fingerprint(train_rows) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for r in train_rows:
-        digest.update(json.dumps([r.index, r.prompt, r.response]).encode())
-    return digest.hexdigest()
-
-
 def method_manifest(method: Method, bundle: ModelBundle, train_rows, dataset=None) -> dict:
     """The manifest fields that say what a method index holds and what it was computed with."""
-    from rept.build import model_identity
-
     settings = method.settings(bundle)
     fields = dict(kind=KIND, method=method.name, method_settings=settings,
-                  model={"id": str(Path(bundle.model).resolve()) if Path(bundle.model).is_dir() else bundle.model},
+                  model={"id": model_reference(bundle.model)},
                   adapter=str(Path(bundle.adapter).resolve()) if bundle.adapter else None,
                   layer=settings.get("layer"), max_length=bundle.max_length,
                   rows=len(train_rows), rows_fingerprint=rows_fingerprint(train_rows))
@@ -219,13 +210,8 @@ class MethodIndex:
 
     def check_model(self, bundle: ModelBundle) -> None:
         """Raise when the bundle's model differs from the one the index was computed with."""
-        if self.method_name in TEXT_METHODS:
-            return
-        from rept.build import model_identity
-
-        diffs = describe_differences(self.manifest, model_identity(bundle.merged()))
-        if diffs:
-            raise IndexStoreError(f"index {self.folder} does not match: " + "; ".join(diffs))
+        if self.method_name not in TEXT_METHODS:
+            check_identity(self.folder, self.manifest, model_identity(bundle.merged()))
 
     def open_method(self, bundle: ModelBundle) -> Method:
         """The fitted method, ready to score queries with `bundle` (checked against the index)."""
