@@ -9,7 +9,7 @@ from conftest import demo_rows
 from rept.cli import main
 from rept.data import load_dataset
 from rept.models import ModelError, load_model
-from rept.train import (OPTIMIZER_FILE, RECIPE_FILE, LoraSettings, TrainConfig, load_adam_state, read_recipe,
+from rept.train import (OPTIMIZER_FILE, RECIPE_FILE, STATE_FILE, LoraSettings, TrainConfig, load_adam_state, read_recipe,
                         train_model)
 
 TINY = dict(batch_size=8, max_length=96, hidden=32, layers=2, heads=2, vocab_size=600, warmup_steps=2)
@@ -58,7 +58,7 @@ def test_lora_adapter_loads_and_keeps_lora_adam_state(base_dir, data_path, tmp_p
     assert (out / "adapter_config.json").exists() and (out / RECIPE_FILE).exists()
     loaded = load_model(base_dir, str(out))
     assert loaded.adapter == str(out)
-    adam = torch.load(out / OPTIMIZER_FILE, weights_only=False)
+    adam = load_adam_state(out)
     assert adam["exp_avg"] and all("lora_" in n for n in adam["exp_avg"])
     assert {n.split(".")[-3] for n in adam["exp_avg"]} == {"q_proj", "v_proj"} or \
         all(("q_proj" in n or "v_proj" in n) for n in adam["exp_avg"])
@@ -84,7 +84,7 @@ def test_resume_gives_the_same_weights(data_path, tmp_path):
     cfg = TrainConfig(epochs=2, **TINY)
     train_model("from-scratch", data.rows, tmp_path / "a", cfg, progress=False)
     stopped = train_model("from-scratch", data.rows, tmp_path / "b", cfg, progress=False, stop_after_epochs=1)
-    assert stopped["stopped_after_epoch"] == 1 and (tmp_path / "b" / "checkpoint" / "state.pt").exists()
+    assert stopped["stopped_after_epoch"] == 1 and (tmp_path / "b" / "checkpoint" / STATE_FILE).exists()
     logs = []
     train_model("from-scratch", data.rows, tmp_path / "b", cfg, progress=False, log=logs.append)
     assert any("resuming" in m for m in logs)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from rept.errors import ReptError
 from rept.examples import tokenize_rows
 from rept.models import LoadedModel, prepare_tokenizer, tiny_llama, train_tokenizer
+from rept.safefile import UnsafeFileError, load_tensors, refuse_pickle, save_tensors
 from rept.signatures import collate
 
 RECIPE_FILE = "rept_recipe.json"
@@ -136,10 +137,13 @@ def read_recipe(model_dir: str | Path) -> dict | None:
 # response tokens only, saves a checkpoint after each epoch (out/checkpoint/) and resumes from it,
 # and writes beside the final weights: the recipe (RECIPE_FILE: data path and fingerprint,
 # settings, seed) and the Adam state of every trainable parameter by name (OPTIMIZER_FILE), which
-# LESS needs to precondition gradients as its authors do.
+# LESS needs to precondition gradients as its authors do. Both state files are safetensors with a
+# JSON part (rept.safefile): nothing here is a pickle, so reading a folder never runs code.
 
-OPTIMIZER_FILE = "optimizer.pt"
+OPTIMIZER_FILE = "optimizer.safetensors"
 CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.safetensors"
+LEGACY_PICKLES = ("optimizer.pt", "state.pt")  # what older versions wrote: never loaded
 RECIPES = ("from-scratch", "lora", "full")
 
 
@@ -157,12 +161,6 @@ class LoraSettings:
 
 class TrainError(ReptError):
     """A user-facing problem with a training run (one line)."""
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _trainable_state(model) -> dict:
@@ -186,11 +184,53 @@ def adam_state_by_name(model, optimizer) -> dict:
     return out
 
 
+def save_adam_state(adam: dict, path: Path) -> None:
+    tensors = {f"{part}/{name}": t for part in ("exp_avg", "exp_avg_sq") for name, t in adam[part].items()}
+    save_tensors(path, tensors, {k: adam[k] for k in ("step", "betas", "eps", "lr", "weight_decay")})
+
+
 def load_adam_state(model_dir: str | Path) -> dict:
     path = Path(model_dir) / OPTIMIZER_FILE
     if not path.exists():
+        refuse_pickle(Path(model_dir) / "optimizer.pt", "Train the model again with `rept train` to write "
+                      f"{OPTIMIZER_FILE}.")
         raise TrainError(f"no Adam state in {model_dir} ({OPTIMIZER_FILE} missing; train it with `rept train`)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    tensors, info = load_tensors(path)
+    adam = {"exp_avg": {}, "exp_avg_sq": {}, **info}
+    adam["betas"] = tuple(adam.get("betas", (0.9, 0.999)))
+    for key, t in tensors.items():
+        part, _, name = key.partition("/")
+        if part not in ("exp_avg", "exp_avg_sq") or not name:
+            raise UnsafeFileError(f"{path} holds an unexpected tensor {key!r}: write it again with `rept train`")
+        adam[part][name] = t
+    return adam
+
+
+def _save_checkpoint(path: Path, settings: dict, epoch: int, losses: list, model, optimizer, schedule) -> None:
+    """The state to resume from after `epoch`: trainable weights, the optimizer's per-parameter
+    tensors and its settings, the schedule and the RNG, in one safetensors file."""
+    opt = optimizer.state_dict()
+    tensors = {f"param/{n}": t for n, t in _trainable_state(model).items()}
+    for i, st in opt["state"].items():
+        for key, value in st.items():
+            tensors[f"opt/{i}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng"] = torch.get_rng_state()
+    save_tensors(path, tensors, {"settings": settings, "epoch": epoch, "losses": losses,
+                                 "param_groups": opt["param_groups"], "schedule": schedule.state_dict()})
+
+
+def _load_checkpoint(path: Path) -> dict:
+    tensors, info = load_tensors(path)
+    params, opt_state = {}, {}
+    for key, t in tensors.items():
+        part, _, rest = key.partition("/")
+        if part == "param":
+            params[rest] = t
+        elif part == "opt":
+            i, _, name = rest.partition("/")
+            opt_state.setdefault(int(i), {})[name] = t
+    return {**info, "params": params, "rng": tensors["rng"],
+            "optimizer": {"state": opt_state, "param_groups": info["param_groups"]}}
 
 
 def _load_base(base: str):
@@ -295,9 +335,16 @@ def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str 
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.05, 1 - s / max(1, steps)))
     start_epoch, losses = 0, []
-    state_file = ckpt / "state.pt"
+    state_file = ckpt / STATE_FILE
+    if (ckpt / "state.pt").exists():  # an older rept's pickle: never loaded, so never a way to run code
+        log(f"{ckpt / 'state.pt'} is a pickle from an older rept and is not read; starting over")
+        (ckpt / "state.pt").unlink()
     if resume and state_file.exists():
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        try:
+            state = _load_checkpoint(state_file)
+        except (UnsafeFileError, KeyError, ValueError):
+            log(f"{state_file} is damaged; starting over")
+            state = {"settings": None}
         if state["settings"] == settings:
             trainable = dict(model.named_parameters())
             with torch.no_grad():
@@ -330,9 +377,7 @@ def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str 
         ckpt.mkdir(parents=True, exist_ok=True)
         if recipe == "from-scratch" and not (ckpt / "tokenizer.json").exists():
             tokenizer.save_pretrained(ckpt)
-        _atomic_torch_save({"settings": settings, "epoch": epoch + 1, "params": _trainable_state(model),
-                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                            "rng": torch.get_rng_state(), "losses": losses}, state_file)
+        _save_checkpoint(state_file, settings, epoch + 1, losses, model, optimizer, schedule)
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < cfg.epochs:
             bar.close()
             log(f"stopped after epoch {epoch + 1}; rerun to resume")
@@ -346,7 +391,10 @@ def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str 
               "rows": len(examples), "rows_cut_off": len(cut), "rept_version": __version__, "settings": settings,
               **(extra or {})}
     save_trained(model, tokenizer, out, record)
-    _atomic_torch_save(adam_state_by_name(model, optimizer), out / OPTIMIZER_FILE)
+    save_adam_state(adam_state_by_name(model, optimizer), out / OPTIMIZER_FILE)
+    for name in LEGACY_PICKLES:  # an older run's pickle beside the new state would only mislead
+        if (out / name).exists():
+            (out / name).unlink()
     import shutil
 
     shutil.rmtree(ckpt, ignore_errors=True)
