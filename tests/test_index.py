@@ -87,7 +87,7 @@ def test_opening_with_another_model_says_what_differs(index_dir, tokenizer):
     from rept.models import LoadedModel, tiny_llama
 
     other = LoadedModel(tiny_llama(tokenizer, hidden=64, layers=3, heads=4, seed=99).eval(), tokenizer, "other")
-    with pytest.raises(IndexStoreError, match="model_weights_hash"):
+    with pytest.raises(IndexStoreError, match="model weights"):
         Tracer(index_dir, other)
 
 

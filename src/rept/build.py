@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from rept.progress import progress_bar
 
 from rept import distributed
 from rept.examples import template_name, tokenize_rows
-from rept.index import (IndexStoreError, describe_differences, load_shard, new_manifest, read_manifest,
-                        save_shard, shard_is_valid, shard_path, text_hash, write_manifest)
-from rept.models import LoadedModel, config_hash, model_reference, resolve_layer, tokenizer_hash, weights_hash
+from rept.index import (LOCK_FILE, MANIFEST, IndexStoreError, describe_differences, file_checksums, load_shard,
+                        new_manifest, read_manifest, save_shard, shard_about, shard_is_valid, shard_path, text_hash,
+                        write_manifest)
+from rept.models import (LoadedModel, adapter_identity, config_hash, model_reference, resolve_layer, tokenizer_hash,
+                         weights_identity)
 from rept.signatures import extract
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -37,22 +39,24 @@ class IndexSettings:
 
 
 def model_identity(loaded: LoadedModel) -> dict:
-    """The fields that tie an index to a model, tokenizer and template."""
-    adapter_hash = None
-    if loaded.adapter:
-        from rept.models import _digest
-
-        files = sorted(p for p in Path(loaded.adapter).iterdir() if p.name.startswith("adapter_"))
-        adapter_hash = _digest(*(p.read_bytes() for p in files))
-    return {"model_config_hash": config_hash(loaded.model), "model_weights_hash": weights_hash(loaded.model),
-            "adapter_hash": adapter_hash, "tokenizer_hash": tokenizer_hash(loaded.tokenizer),
+    """The fields that tie an index to a model, adapter, tokenizer and template."""
+    return {"model_config_hash": config_hash(loaded.model), "model_weights_hash": weights_identity(loaded),
+            "adapter_hash": adapter_identity(loaded.adapter), "tokenizer_hash": tokenizer_hash(loaded.tokenizer),
             "template": template_name(loaded.tokenizer)}
 
 
 def build_index(loaded: LoadedModel, dataset, out: str | os.PathLike, settings: IndexSettings,
                 progress: bool = True, log=print) -> dict:
     """Write (or finish) the index of `dataset` at `out`; returns the final manifest."""
-    out = Path(out)
+    held: list = []  # the folder's lock, once rank 0 holds it; dropped however the build ends
+    try:
+        return _build_index(loaded, dataset, Path(out), settings, progress, log, held)
+    finally:
+        for handle in held:
+            handle.close()
+
+
+def _build_index(loaded, dataset, out: Path, settings: IndexSettings, progress: bool, log, held: list) -> dict:
     rank, world = distributed.rank_and_world()
     model = loaded.model
 
@@ -87,6 +91,8 @@ def build_index(loaded: LoadedModel, dataset, out: str | os.PathLike, settings: 
                       "probe_rows": settings.probe_rows, **settings.extra},
         )
 
+        check_out_folder(out)
+        old = None
         if (out / "manifest.json").exists():
             old = read_manifest(out)
             diffs = describe_differences(old, manifest)
@@ -99,6 +105,7 @@ def build_index(loaded: LoadedModel, dataset, out: str | os.PathLike, settings: 
             manifest["created"] = old.get("created", manifest["created"])
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
+            held.append(hold_lock(out))
             write_manifest(out, manifest)
 
     # A rank that fails here says so at once, then waits for the others to finish their shards (kept on disk).
@@ -107,13 +114,21 @@ def build_index(loaded: LoadedModel, dataset, out: str | os.PathLike, settings: 
         for r in dataset.rows:
             by_shard.setdefault(r.index // settings.shard_size, []).append(r)
         empty = set(dataset.skipped_empty)
-        todo = [k for k in range(manifest["n_shards"]) if k % world == rank and not shard_is_valid(out, k)]
+        # A shard is kept only when it is whole, belongs with this manifest and, in an index finished
+        # before, still matches the checksum recorded then; anything else is written again.
+        against = {**manifest, "files": (old or {}).get("files")}
+        mine = [k for k in range(manifest["n_shards"]) if k % world == rank]
+        bad = [k for k in mine if shard_path(out, k).exists() and not shard_is_valid(out, k, against)]
+        if bad:
+            log(f"{len(bad)} shard(s) damaged or not matching the manifest, written again: "
+                + ", ".join(shard_path(out, k).name for k in bad[:5]) + (" ..." if len(bad) > 5 else ""))
+        todo = [k for k in mine if not shard_path(out, k).exists() or k in bad]
         total_rows = sum(len(by_shard.get(k, [])) for k in todo)
-        bar = tqdm(total=total_rows, desc=f"index (rank {rank})" if world > 1 else "index", unit="row",
+        bar = progress_bar(total=total_rows, desc=f"index (rank {rank})" if world > 1 else "index", unit="row",
                    disable=not progress, dynamic_ncols=True)
         store_dtype = STORE_DTYPES[settings.store_dtype]
         try:
-            _write_shards(todo, by_shard, empty, out, loaded, layer, settings, store_dtype, bar)
+            _write_shards(todo, by_shard, empty, out, loaded, layer, settings, store_dtype, bar, manifest)
         finally:
             bar.close()
 
@@ -123,16 +138,43 @@ def build_index(loaded: LoadedModel, dataset, out: str | os.PathLike, settings: 
             for k in range(manifest["n_shards"]):
                 if not shard_path(out, k).exists():
                     raise IndexStoreError(f"shard {k} was not written; rerun the same command to finish the index")
-                shard = load_shard(out, k)
+                shard = load_shard(out, k, manifest)
                 stored += shard.row.shape[0]
                 truncated += [i for i in shard.skipped if i not in empty]
+            files = file_checksums(out, [shard_path(out, k).name for k in range(manifest["n_shards"])])
             manifest.update(complete=True, rows=stored, skipped_truncated=sorted(truncated),
-                            skipped_empty=sorted(empty))
+                            skipped_empty=sorted(empty), files=files)
             write_manifest(out, manifest)
     return read_manifest(out)
 
 
-def _write_shards(todo, by_shard, empty, out, loaded, layer, settings, store_dtype, bar) -> None:
+def check_out_folder(out: Path) -> None:
+    """`--out` must be new, empty, or an index: never a folder of the user's own files."""
+    if out.exists() and not out.is_dir():
+        raise IndexStoreError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and not (out / MANIFEST).exists():
+        own = [p.name for p in out.iterdir() if p.name != LOCK_FILE and not p.name.endswith(".tmp")]
+        if own:
+            raise IndexStoreError(f"--out {out} is not empty and holds no rept index ({len(own)} entries, e.g. "
+                                  f"{own[0]}): give a new or empty folder")
+
+
+def hold_lock(out: Path):
+    """An exclusive lock on the index folder for as long as the returned file is open, so two
+    builds on one --out refuse rather than interleave; the OS drops it if the process dies."""
+    import fcntl
+
+    handle = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise IndexStoreError(f"another `rept index` is writing {out} right now: wait for it to finish "
+                              "(or give another --out)") from None
+    return handle
+
+
+def _write_shards(todo, by_shard, empty, out, loaded, layer, settings, store_dtype, bar, manifest) -> None:
     model, tok = loaded.model, loaded.tokenizer
     for k in todo:
         rows = by_shard.get(k, [])
@@ -155,4 +197,4 @@ def _write_shards(todo, by_shard, empty, out, loaded, layer, settings, store_dty
         g_next = None
         if settings.mode == "lookahead":
             g_next = torch.cat(nexts) if nexts else torch.zeros((0, model.config.hidden_size))
-        save_shard(out, k, rows_out, h, g, labels, hashes, skipped, store_dtype, g_next)
+        save_shard(out, k, rows_out, h, g, labels, hashes, skipped, store_dtype, g_next, shard_about(manifest, k))

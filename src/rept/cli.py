@@ -66,6 +66,8 @@ def _add_index_model_args(p):
     p.add_argument("--adapter", help="adapter folder, if it moved since the index was built")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the one the index was built with)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip hashing the index's files against the manifest's checksums (docs/security.md)")
 
 
 def _tracer(args, methods: bool = True):
@@ -77,14 +79,14 @@ def _tracer(args, methods: bool = True):
     from rept.trace import MethodTracer, Tracer
 
     if methods and is_method_index(args.index):
-        index = MethodIndex(args.index)
+        index = MethodIndex(args.index, verify=not args.no_verify)
         given = [flag for flag, value in (("--mode", args.mode), ("--tokens", getattr(args, "tokens", False)),
                                           ("--dtype", args.dtype)) if value]
         if given:
             raise MethodTracer.error(index, given)
         return MethodTracer(index, model=args.model, adapter=args.adapter, device=args.device,
-                            progress=not args.quiet)
-    index = SignatureIndex(args.index)
+                            progress=not args.quiet, verify=not args.no_verify)
+    index = SignatureIndex(args.index, verify=not args.no_verify)
     m = index.manifest
     loaded = load_model(args.model or m["model"]["id"], args.adapter or m.get("adapter"),
                         dtype=args.dtype or m.get("compute_dtype", "float32"), device=args.device)
@@ -155,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also each query's P@k (the smallest k) and AP, worst first: which answers are missed")
     p.add_argument("--json", action="store_true")
     _add_index_model_args(p)
+
+    p = sub.add_parser("verify", help="check an index against its manifest: every file's sha256, every shard's "
+                       "layer, dims and row range, the row count (no model is loaded)")
+    p.add_argument("--index", required=True, help="index folder (signatures or a method index)")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     # Commands that live in their own modules: each exposes HELP, add_arguments(parser) and run(args).
     for name, module in EXTRA_COMMANDS.items():
@@ -353,4 +360,23 @@ def _per_query(scores, relevant, queries, k: int) -> list[dict]:
     return sorted(out, key=lambda q: (q[f"P@{k}"], -1.0 if q["AP"] is None else q["AP"]))
 
 
-COMMANDS = {"demo": cmd_demo, "layers": cmd_layers, "index": cmd_index, "trace": cmd_trace, "eval": cmd_eval}
+def cmd_verify(args) -> int:
+    from rept.index import SignatureIndex
+    from rept.methods.store import MethodIndex, is_method_index
+
+    index = MethodIndex(args.index) if is_method_index(args.index) else SignatureIndex(args.index)
+    problems = index.check()
+    files = index.manifest["files"]
+    if args.json:
+        print(json.dumps({"index": args.index, "ok": not problems, "files": len(files),
+                          "bytes": sum(f["bytes"] for f in files.values()), "problems": problems}, indent=2))
+    elif problems:
+        for problem in problems:
+            print(f"rept: error: {problem}", file=sys.stderr)
+    else:
+        print(f"{args.index}: {len(files)} files, {index.manifest['rows']} rows: every checksum matches")
+    return 2 if problems else 0
+
+
+COMMANDS = {"demo": cmd_demo, "layers": cmd_layers, "index": cmd_index, "trace": cmd_trace, "eval": cmd_eval,
+            "verify": cmd_verify}

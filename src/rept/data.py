@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rept.errors import ReptError
+from rept.safefile import output_mode, temp_path
 
 PROMPT_NAMES = ("prompts", "prompt", "instruction", "question", "input")
 RESPONSE_NAMES = ("response", "output", "completion", "answer", "expected_response")
@@ -189,6 +190,46 @@ def _text(value) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+def cell_text(value, column: str, row: int, source: str) -> str:
+    """A prompt or response cell as text: a string, a number, or empty. A list, a dict or any other
+    structure is refused (its Python repr is not what the model was trained on)."""
+    if isinstance(value, (str, numbers.Number)) or value is None:
+        return _text(value)
+    raise DataError(f"{source} row {row + 1}: column '{column}' holds a {type(value).__name__}, not text "
+                    "(one string per cell)")
+
+
+def cell_label(value, column: str, row: int, source: str) -> tuple[str | None, str | None]:
+    """(label, kind) of a label cell: text, a number or true/false (spelled as in JSON); kind says
+    which, so that a column mixing them (1 and "1") can be refused instead of merged."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return None, None
+    if isinstance(value, bool):
+        return ("true" if value else "false"), "true/false"
+    if isinstance(value, str):
+        return value, "text"
+    if isinstance(value, numbers.Number):
+        return str(value), "number"
+    raise DataError(f"{source} row {row + 1}: column '{column}' holds a {type(value).__name__}, not a label "
+                    "(text, a number or true/false)")
+
+
+class LabelKinds:
+    """Remembers the first row of each kind of label cell; a column of two kinds is an error."""
+
+    def __init__(self, column: str, source: str):
+        self.column, self.source, self.first = column, source, {}
+
+    def see(self, kind: str | None, row: int, value) -> None:
+        if kind is None or kind in self.first:
+            return
+        self.first[kind] = (row, value)
+        if len(self.first) > 1:
+            (k1, (r1, v1)), (k2, (r2, v2)) = list(self.first.items())[:2]
+            raise DataError(f"{self.source}: column '{self.column}' mixes {k1} (row {r1 + 1}: {v1!r}) and {k2} "
+                            f"(row {r2 + 1}: {v2!r}) labels; give every row the same kind")
+
+
 def _pick(columns: list[str], given: str | None, names: tuple[str, ...], what: str, source: str,
           required: bool = True) -> str | None:
     """The column to use: the one given (which must exist), else the first common name present."""
@@ -234,17 +275,20 @@ def load_dataset(path: str, prompt_column: str | None = None, response_column: s
 
     digest = hashlib.sha256()
     rows, empty = [], []
+    kinds = LabelKinds(label_col, name) if label_col else None
     for i, rec in enumerate(records):
-        prompt = _text(rec.get(prompt_col))
-        extra = _text(rec.get("input")) if alpaca_input else ""
+        prompt = cell_text(rec.get(prompt_col), prompt_col, i, name)
+        extra = cell_text(rec.get("input"), "input", i, name) if alpaca_input else ""
         if extra.strip():
             prompt = prompt + "\n\n" + extra
-        response = _text(rec.get(response_col)) if response_col else ""
-        cell = rec.get(label_col) if label_col else None
-        if label_names is not None and isinstance(cell, numbers.Integral):
-            cell = label_names[cell] if 0 <= cell < len(label_names) else None
-        label = _text(cell) if label_col else ""
-        label = label or None  # an empty label cell means "no label"
+        response = cell_text(rec.get(response_col), response_col, i, name) if response_col else ""
+        label = None  # an empty label cell means "no label"
+        if label_col:
+            cell = rec.get(label_col)
+            if label_names is not None and isinstance(cell, numbers.Integral) and not isinstance(cell, bool):
+                cell = label_names[cell] if 0 <= cell < len(label_names) else None
+            label, kind = cell_label(cell, label_col, i, name)
+            kinds.see(kind, i, cell)
         # Every source row counts, skipped or not, so the fingerprint names the file's content.
         digest.update(json.dumps([prompt, response, label]).encode())
         if require_response and not response.strip():
@@ -320,6 +364,7 @@ def _write_hf_folder(rows, path: Path, features) -> None:
         dataset = datasets.Dataset.from_dict(table, features=features)
         # At least one shard: datasets writes none for 0 rows, and then cannot load the folder.
         dataset.save_to_disk(str(tmp / "new"), num_shards=1 if not rows else None)
+        os.chmod(tmp / "new", output_mode(folder=True))  # the folder datasets made is an ordinary one
         if path.exists():  # a folder cannot be replaced in one step: move the old one aside first
             os.replace(path, tmp / "old")
         os.replace(tmp / "new", path)
@@ -343,8 +388,7 @@ def write_rows(rows: list[dict], path: str | os.PathLike, like: str | os.PathLik
     if not suffix:
         _write_hf_folder(rows, path, features)
         return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_path(path)
     try:
         writer(rows, tmp, features)
         os.replace(tmp, path)

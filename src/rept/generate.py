@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
+from rept.progress import progress_bar
 
 from rept.examples import format_prompt, _uses_template
 
@@ -20,7 +20,7 @@ def generate(loaded, prompts: list[str], max_new_tokens: int = 64, batch_size: i
     old_side = tok.padding_side
     tok.padding_side = "left"
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, dynamic_ncols=True):
+        for start in progress_bar(range(0, len(order), batch_size), desc="generate", disable=not progress, dynamic_ncols=True):
             idx = order[start:start + batch_size]
             enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True,
                       add_special_tokens=not _uses_template(tok)).to(device)

@@ -17,22 +17,27 @@ import hashlib
 import json
 import os
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from rept import __version__
+from rept.safefile import output_mode, read_header, sha256_bytes, sha256_file, temp_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every file's sha256 in the manifest, layer/dims/row range in each shard
 MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"  # held by a running `rept index` (rept.build), so two builds never interleave
 # Settings that make two indexes (or an index and a model) incompatible when they differ.
 IDENTITY_KEYS = ("model_config_hash", "model_weights_hash", "adapter_hash", "tokenizer_hash", "template",
                  "layer", "max_length", "dataset_fingerprint", "dtype", "shard_size")
+# What each identity key means to a person reading the refusal.
+IDENTITY_NAMES = {"model_config_hash": "model config", "model_weights_hash": "model weights",
+                  "adapter_hash": "adapter", "tokenizer_hash": "tokenizer", "template": "chat template"}
 
 
 class IndexStoreError(ReptError):
@@ -53,10 +58,17 @@ def git_sha() -> str | None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    """Write `data` to `path` under a temporary name, then rename; the file gets the umask's mode."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
@@ -64,16 +76,26 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 
 def read_manifest(folder: Path) -> dict:
+    """The manifest of an index folder, every field checked (rept.manifest): one line on a problem."""
+    from rept.manifest import validate_manifest
+
     path = Path(folder) / MANIFEST
     if not path.exists():
         raise IndexStoreError(f"{folder} is not a rept index (no {MANIFEST})")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise IndexStoreError(f"{path} is not valid JSON ({exc.msg})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexStoreError(f"{path}: index format {manifest.get('format_version')} is not supported "
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IndexStoreError(f"{path} is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)})") from None
+    if not isinstance(manifest, dict):
+        raise IndexStoreError(f"{path} is not a manifest (a JSON object)")
+    version = manifest.get("format_version")
+    if version == 1:
+        raise IndexStoreError(f"{folder} was written by an older rept (index format 1: no checksums); rebuild it "
+                              "with the same `rept index` command into a new --out")
+    if version != FORMAT_VERSION:
+        raise IndexStoreError(f"{path}: index format {version!r} is not supported "
                               f"(this rept reads format {FORMAT_VERSION})")
+    validate_manifest(manifest, path)
     return manifest
 
 
@@ -82,12 +104,24 @@ def describe_differences(have: dict, want: dict, keys=IDENTITY_KEYS) -> list[str
             for k in keys if k in want and have.get(k) != want.get(k)]
 
 
-def check_identity(folder, manifest: dict, want: dict) -> None:
-    """Raise, naming each field, when the identity fields in `want` (the model, adapter, tokenizer
-    and template about to be used) differ from those an index recorded."""
-    diffs = describe_differences(manifest, want)
-    if diffs:
-        raise IndexStoreError(f"index {folder} does not match: " + "; ".join(diffs))
+def check_identity(folder, manifest: dict, want: dict, given: dict | None = None) -> None:
+    """Raise when the identity fields in `want` (the model, adapter, tokenizer and template about to
+    be used) differ from those an index recorded: say what differs and, from `given` ({"model": path,
+    "adapter": path or None}), which folders the index was built with and which were given."""
+    differ = [k for k in IDENTITY_KEYS if k in want and manifest.get(k) != want.get(k)]
+    if not differ:
+        return
+    names = ", ".join(IDENTITY_NAMES.get(k, k) for k in differ)
+    built = _folders(manifest.get("model", {}).get("id"), manifest.get("adapter"))
+    message = f"index {folder} does not match this model: its {names} differ{'s' if len(differ) == 1 else ''}; " \
+              f"it was built with {built}"
+    if given is not None:
+        message += f", and this run uses {_folders(given.get('model'), given.get('adapter'))}"
+    raise IndexStoreError(message + " (give the index's own --model/--adapter, or rebuild the index)")
+
+
+def _folders(model, adapter) -> str:
+    return f"model {model}" + (f" + adapter {adapter}" if adapter else " (no adapter)")
 
 
 def shard_path(folder: Path, k: int) -> Path:
@@ -101,8 +135,24 @@ def new_manifest(**fields) -> dict:
     return manifest
 
 
+def content_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 over a shard's tensors (name, dtype, shape, bytes) and metadata: stored in the shard
+    itself, so a shard is checked on its own before the manifest records its file's checksum."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for key in sorted(k for k in metadata if k != "content_sha256"):
+        digest.update(f"{key}={metadata[key]};".encode())
+    return digest.hexdigest()
+
+
 def save_shard(folder: Path, k: int, rows: list[int], h: torch.Tensor, g: torch.Tensor, labels: list,
-               hashes: list[str], skipped: list[int], dtype: torch.dtype, g_next: torch.Tensor | None = None) -> None:
+               hashes: list[str], skipped: list[int], dtype: torch.dtype, g_next: torch.Tensor | None = None,
+               about: dict | None = None) -> None:
+    """Write shard k. `about` ({"layer", "hidden", "row_lo", "row_hi"}) goes into the shard's own
+    metadata, checked against the manifest when the shard is read."""
     order = np.argsort(np.asarray(rows, dtype=np.int64), kind="stable")
     order_t = torch.as_tensor(order)
     stored = {"h": h, "g": g} if g_next is None else {"h": h, "g": g, "g_next": g_next}
@@ -111,12 +161,19 @@ def save_shard(folder: Path, k: int, rows: list[int], h: torch.Tensor, g: torch.
     tensors["row"] = torch.as_tensor(np.asarray(rows, dtype=np.int64)[order])
     metadata = {"labels": json.dumps([labels[i] for i in order]),
                 "text_hash": json.dumps([hashes[i] for i in order]),
-                "skipped": json.dumps(sorted(skipped))}
+                "skipped": json.dumps(sorted(skipped)), "shard": str(k),
+                **{key: json.dumps(value) for key, value in (about or {}).items()}}
+    metadata["content_sha256"] = content_digest(tensors, metadata)
     path = shard_path(folder, k)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, output_mode())  # safetensors writes the file anew, private
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 @dataclass
@@ -131,38 +188,101 @@ class Shard:
     g_next: torch.Tensor | None = None   # only in an index built for the lookahead mode
 
 
-def load_shard(folder: Path, k: int) -> Shard:
-    path = shard_path(folder, k)
+REBUILD = "delete it and rerun `rept index` with the same settings to rebuild it"
+
+
+def read_checked(path: Path, recorded: dict | None) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file read once from disk; with `recorded` (the
+    manifest's {"sha256", "bytes"} for it), the file must have that size and hash. Raises
+    IndexStoreError in one line."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in ("h", "g", "row", "g_next") if name in f.keys()}
-        labels, hashes, skipped = (json.loads(meta[key]) for key in ("labels", "text_hash", "skipped"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise IndexStoreError(f"{path} is missing: rerun `rept index` with the same settings to rebuild it") from None
+    if recorded is not None and len(data) != recorded["bytes"]:
+        raise IndexStoreError(f"{path} is corrupt or truncated ({len(data)} bytes, the manifest says "
+                              f"{recorded['bytes']}): {REBUILD}")
+    if recorded is not None and sha256_bytes(data) != recorded["sha256"]:
+        raise IndexStoreError(f"{path} does not match the checksum in the manifest (the file was changed or damaged) "
+                              f"- {REBUILD}")
+    try:
+        _, meta = read_header(data, path)
+        tensors = load_safetensors_bytes(data)
     except Exception as exc:  # safetensors raises its own error types for bad headers and short files
-        raise IndexStoreError(f"{path} is corrupt or truncated ({type(exc).__name__}): delete it and rerun "
-                              "`rept index` with the same settings to rebuild it") from None
+        raise IndexStoreError(f"{path} is corrupt or truncated ({type(exc).__name__}): "
+                              f"{REBUILD}") from None
+    return tensors, meta
+
+
+def load_shard(folder: Path, k: int, manifest: dict | None = None, verify: bool = True) -> Shard:
+    """Shard k, checked against `manifest` (when given: shard number, layer, dims, row range) and,
+    with `verify`, its bytes against the manifest's checksum and its tensors against its own digest."""
+    path = shard_path(folder, k)
+    files = (manifest or {}).get("files") or {}
+    tensors, meta = read_checked(path, files.get(path.name) if verify else None)
+    try:
+        labels, hashes, skipped = (json.loads(meta[key]) for key in ("labels", "text_hash", "skipped"))
+    except (KeyError, json.JSONDecodeError):
+        raise IndexStoreError(f"{path} lacks its row metadata: {REBUILD}") from None
+    if verify and meta.get("content_sha256") != content_digest(tensors, meta):
+        raise IndexStoreError(f"{path} does not match its own checksum (damaged): "
+                              f"{REBUILD}")
     if any(name not in tensors for name in ("h", "g", "row")):
         raise IndexStoreError(f"{path} lacks a tensor (h, g or row): delete it and rerun `rept index`")
     n = tensors["row"].shape[0]
     if any(x.shape[0] != n for x in tensors.values()) or len(labels) != n:
         raise IndexStoreError(f"{path} is inconsistent (row counts differ): delete it and rerun `rept index`")
+    if manifest is not None:
+        _check_shard_against(path, k, tensors, meta, manifest)
     return Shard(k, tensors["h"], tensors["g"], tensors["row"], labels, hashes, skipped, tensors.get("g_next"))
 
 
-def shard_is_valid(folder: Path, k: int) -> bool:
+def shard_about(manifest: dict, k: int) -> dict:
+    """What shard k of an index with this manifest must say of itself."""
+    size = manifest["shard_size"]
+    return {"layer": manifest["layer"], "hidden": manifest["model"]["hidden_size"],
+            "row_lo": k * size, "row_hi": min((k + 1) * size, manifest["dataset"]["n_total"])}
+
+
+def _check_shard_against(path: Path, k: int, tensors: dict, meta: dict, manifest: dict) -> None:
+    says = {key: json.loads(meta[key]) for key in ("layer", "hidden", "row_lo", "row_hi") if key in meta}
+    want = shard_about(manifest, k)
+    if meta.get("shard") != str(k) or says != want:
+        wrong = [f"{key} {says.get(key)!r} (manifest: {want[key]!r})" for key in want if says.get(key) != want[key]]
+        raise IndexStoreError(f"{path} does not belong with its manifest: "
+                              + (", ".join(wrong) if wrong else f"it is shard {meta.get('shard')}, not {k}"))
+    rows = tensors["row"]
+    if rows.numel() and (int(rows.min()) < want["row_lo"] or int(rows.max()) >= want["row_hi"]):
+        raise IndexStoreError(f"{path} holds rows outside its range [{want['row_lo']}, {want['row_hi']})")
+    for name in ("h", "g", "g_next"):
+        if name in tensors and rows.numel() and tensors[name].shape[1:] != (want["hidden"],):
+            raise IndexStoreError(f"{path}: {name} has {tuple(tensors[name].shape[1:])} dims, the manifest says "
+                                  f"{want['hidden']}")
+    if bool(manifest.get("stores_g_next")) != ("g_next" in tensors):
+        raise IndexStoreError(f"{path} {'lacks' if manifest.get('stores_g_next') else 'has'} g_next, against its manifest")
+
+
+def shard_is_valid(folder: Path, k: int, manifest: dict | None = None) -> bool:
+    """Whether shard k is whole and belongs with `manifest` (a build keeps it, or writes it again)."""
     try:
-        load_shard(folder, k)
+        load_shard(folder, k, manifest)
         return True
     except IndexStoreError:
         return False
 
 
-class SignatureIndex:
-    """A finished index opened for reading."""
+def file_checksums(folder: Path, names) -> dict:
+    """{name: {"sha256", "bytes"}} of files in `folder`: what a manifest records to verify them by."""
+    return {name: {"sha256": sha256_file(Path(folder) / name), "bytes": (Path(folder) / name).stat().st_size}
+            for name in sorted(names)}
 
-    def __init__(self, folder: str | os.PathLike):
+
+class SignatureIndex:
+    """A finished index opened for reading. With `verify` (the default) every shard is checked
+    against the manifest's sha256 when it is first read; verify=False skips that hashing (the
+    shards' own layer, dims and row range are still checked)."""
+
+    def __init__(self, folder: str | os.PathLike, verify: bool = True):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         if self.manifest.get("kind") == "method":  # rept.methods.store: a baseline's state, not signatures
@@ -170,6 +290,8 @@ class SignatureIndex:
                                   "not RepT signatures: only `rept trace` and `rept eval` read it")
         if not self.manifest.get("complete"):
             raise IndexStoreError(f"{self.folder} is incomplete: rerun the same `rept index` command to finish it")
+        self.verify = verify
+        self._verified: dict[int, tuple[int, int]] = {}  # shard -> (size, mtime) when its bytes were checked
         self._dataset = None
 
     @property
@@ -194,9 +316,25 @@ class SignatureIndex:
                                   "build it with `rept index --mode lookahead` to search in that mode")
         return mode
 
+    def _stat(self, k: int) -> tuple[int, int] | None:
+        try:
+            st = shard_path(self.folder, k).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def shard(self, k: int) -> Shard:
+        """Shard k; its bytes are hashed once per open (again only if the file changed since)."""
+        stat = self._stat(k)
+        checked = self.verify and self._verified.get(k) != stat
+        shard = load_shard(self.folder, k, self.manifest, verify=checked)
+        if checked:
+            self._verified[k] = stat
+        return shard
+
     def shards(self):
         for k in range(self.n_shards):
-            yield load_shard(self.folder, k)
+            yield self.shard(k)
 
     def load_all(self) -> Shard:
         """Every stored row in one Shard (for modest sizes: eval and the tests)."""
@@ -207,20 +345,42 @@ class SignatureIndex:
                      cat("g_next") if self.stores_g_next else None)
 
     def labels(self) -> dict[int, str | None]:
-        """Row id -> label, read from the shard headers only (no tensor is loaded)."""
+        """Row id -> label, from the shard headers alone where the shard was already checked."""
         out = {}
         for k in range(self.n_shards):
+            if self.verify and self._verified.get(k) != self._stat(k):
+                shard = self.shard(k)  # not checked yet in this open: read it whole
+                out.update(zip(shard.row.tolist(), shard.labels))
+                continue
             try:
                 with safe_open(str(shard_path(self.folder, k)), framework="pt") as f:
                     out.update(zip(f.get_slice("row")[:].tolist(), json.loads(f.metadata()["labels"])))
             except Exception:  # report corruption the same way as a full load
-                load_shard(self.folder, k)
+                load_shard(self.folder, k, self.manifest)
                 raise
         return out
 
-    def check_model(self, want: dict) -> None:
-        """Raise when `want` (identity fields of the model about to be used) differs."""
-        check_identity(self.folder, self.manifest, want)
+    def check(self) -> list[str]:
+        """Every check there is, for `rept verify`: each shard read and hashed, the rows counted, no
+        file missing or unlisted. Returns the problems found (empty: the index is sound)."""
+        problems, stored = [], 0
+        listed = set(self.manifest.get("files") or {})
+        for k in range(self.n_shards):
+            try:
+                stored += load_shard(self.folder, k, self.manifest).row.shape[0]
+            except IndexStoreError as exc:
+                problems.append(str(exc))
+        expected = {shard_path(self.folder, k).name for k in range(self.n_shards)}
+        if listed != expected:
+            problems.append(f"{self.folder}: the manifest lists {len(listed)} shard files, n_shards says {len(expected)}")
+        if not problems and stored != self.manifest["rows"]:
+            problems.append(f"{self.folder}: the shards hold {stored} rows, the manifest says {self.manifest['rows']}")
+        return problems
+
+    def check_model(self, want: dict, given: dict | None = None) -> None:
+        """Raise when `want` (identity fields of the model about to be used) differs; `given`
+        names the folders in use, for the message."""
+        check_identity(self.folder, self.manifest, want, given)
 
     def dataset(self):
         """The training rows the index was built from, checked against the stored fingerprint."""
@@ -242,5 +402,6 @@ def source_dataset(folder, manifest: dict):
     cols = info["columns"]
     ds = load_dataset(info["source"], cols.get("prompt"), cols.get("response"), cols.get("label"))
     if ds.fingerprint != manifest["dataset_fingerprint"]:
-        raise IndexStoreError(f"the dataset at {info['source']} changed since the index was built")
+        raise IndexStoreError(f"the dataset at {info['source']} changed since the index was built "
+                              f"(fingerprint {ds.fingerprint[:12]}, the index's {manifest['dataset_fingerprint'][:12]})")
     return ds

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from rept.progress import progress_bar
 
 from rept.data import Row, read_records, write_rows
 from rept.detect import Detector
@@ -355,7 +355,7 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
     random_sets = [random.Random(1000 + s).sample([r.index for r in dataset.rows], n_random) for s in range(seeds)]
 
     steps = (1 + seeds) * ((method in ("remove", "both")) + (method in ("unlearn", "both")))
-    bar = tqdm(total=steps, desc="mitigate", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=steps, desc="mitigate", disable=not progress, dynamic_ncols=True)
 
     def compare(key: str, random_key: str, repair) -> None:
         """Repair once for the culprits (removed=None) and once per random control set, and record

@@ -34,6 +34,9 @@ class LoadedModel:
     tokenizer: object
     model_id: str
     adapter: str | None = None
+    # The folder whose weight files hold exactly the base weights of `model` (set where the model was
+    # loaded from or saved to one); the model's identity is then those files' bytes (weights_identity).
+    weights_source: str | None = None
 
     @property
     def num_layers(self) -> int:
@@ -66,6 +69,19 @@ def model_reference(name: str) -> str:
 def check_model_source(name: str, what: str = "model") -> None:
     if not model_source_exists(name):
         raise ModelError(f"no such {what} folder: {name}")
+    if is_hub_id(name) and hub_offline() and not _in_hub_cache(name):
+        raise ModelError(f"{what} {name} is a Hub id that is not in the local cache, and HF_HUB_OFFLINE is set: "
+                         "give a local folder, or download it where the Hub can be reached")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -98,7 +114,7 @@ def load_model(model_id: str, adapter: str | None = None, dtype: str = "float32"
     prepare_tokenizer(tokenizer)
     model.to(pick_device(device)).eval()
     model.requires_grad_(False)
-    return LoadedModel(model, tokenizer, model_id, adapter)
+    return LoadedModel(model, tokenizer, model_id, adapter, model_id if os.path.isdir(model_id) else None)
 
 
 @contextlib.contextmanager
@@ -178,15 +194,63 @@ def config_hash(model: nn.Module) -> str:
 
 
 def weights_hash(model: nn.Module) -> str:
-    """A cheap fingerprint of the weights: a strided sample of every tensor, so a retrained
-    model in the same folder is told apart without reading every byte twice."""
+    """sha256 over every byte of every tensor of the model's state (names, dtypes, shapes, values)."""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 512)
-        h.update(name.encode())
-        h.update(flat[::step].float().cpu().numpy().tobytes())
+        t = p.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def weights_identity(loaded: LoadedModel) -> str:
+    """What ties an index to a model's weights: the bytes of its folder's safetensors files when it
+    was loaded from (or saved to) one, hashed once and cached by path, size and mtime; else every
+    byte of the weights in memory. A merged adapter is identified apart (the adapter's own hash)."""
+    folder = Path(loaded.weights_source) if loaded.weights_source else None
+    files = sorted(folder.glob("*.safetensors")) if folder and folder.is_dir() else []
+    if not files:
+        return weights_hash(loaded.model)
+    return _digest(*(f"{p.name}:{file_digest(p)};".encode() for p in files))
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, remembered in $REPT_CACHE by path + size + mtime so that a large
+    model is read once, not at every `rept trace`."""
+    from rept.demo import default_cache
+    from rept.safefile import sha256_file
+
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    cache = default_cache() / "file-digests.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(key), str):
+        return known[key]
+    digest = sha256_file(path)
+    known = {k: v for k, v in known.items() if not k.startswith(f"{path}|")}  # forget the file's old states
+    known[key] = digest
+    try:
+        from rept.index import atomic_write_bytes
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cache, json.dumps(known, indent=0).encode())
+    except OSError:  # a read-only cache only costs the hash next time
+        pass
+    return digest
+
+
+def adapter_identity(adapter: str | None) -> str | None:
+    """sha256 over every byte of the adapter's files (adapter_config.json, the adapter weights)."""
+    if not adapter:
+        return None
+    files = sorted(p for p in Path(adapter).iterdir() if p.name.startswith("adapter_"))
+    return _digest(*(f"{p.name}:{file_digest(p)};".encode() for p in files))
 
 
 def tokenizer_hash(tokenizer) -> str:

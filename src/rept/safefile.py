@@ -14,10 +14,6 @@ import struct
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save_file
-
 from rept.errors import ReptError
 
 JSON_KEY = "rept"  # the safetensors metadata key that holds the JSON part
@@ -28,11 +24,12 @@ class UnsafeFileError(ReptError):
     """A file rept will not read as it is (a pickle, or damaged)."""
 
 
-def output_mode() -> int:
-    """The mode an ordinary new file gets under this process's umask (mkstemp makes files 0600)."""
+def output_mode(folder: bool = False) -> int:
+    """The mode an ordinary new file (or folder) gets under this process's umask: what rept's
+    outputs get too, although mkstemp/mkdtemp make them private (0600/0700)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return (0o777 if folder else 0o666) & ~umask
 
 
 def temp_path(path: Path) -> str:
@@ -43,13 +40,16 @@ def temp_path(path: Path) -> str:
     return tmp
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], info: dict) -> None:
-    """Write `tensors` and the JSON-able `info` to one safetensors file, atomically."""
+def save_tensors(path: str | os.PathLike, tensors: dict, info: dict) -> None:
+    """Write `tensors` (name -> torch tensor) and the JSON-able `info` to one safetensors file, atomically."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     tmp = temp_path(path)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
                   metadata={JSON_KEY: json.dumps(info)})
+        os.chmod(tmp, output_mode())  # safetensors writes the file anew, private
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -57,8 +57,10 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], info
         raise
 
 
-def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+def load_tensors(path: str | os.PathLike) -> tuple[dict, dict]:
     """The tensors and the JSON part written by `save_tensors`; a damaged file is one line."""
+    from safetensors.torch import load as load_safetensors_bytes
+
     path = Path(path)
     try:
         data = path.read_bytes()

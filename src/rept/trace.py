@@ -79,33 +79,41 @@ def load_queries(path: str, need_response: bool = True) -> list[Query]:
         raise QueryError(f"no such queries file: {path}")
     suffix = Path(path).suffix.lower()
     try:
-        if suffix in (".jsonl", ".json"):
-            frame = pd.DataFrame(read_jsonl(path))
+        if suffix in (".jsonl", ".json"):  # the records as they are: pandas would turn 1 into 1.0 beside a gap
+            records = read_jsonl(path)
         elif suffix == ".csv":
-            frame = pd.read_csv(path, keep_default_na=False, dtype=str)
+            records = pd.read_csv(path, keep_default_na=False, dtype=str).to_dict("records")
         elif suffix == ".parquet":
-            frame = pd.read_parquet(path)
+            records = pd.read_parquet(path).to_dict("records")
         else:
             raise QueryError(f"{path}: queries must be .jsonl, .csv or .parquet")
     except DataError as exc:
         raise QueryError(str(exc)) from None
-    if frame.empty:
+    if not records:
         raise QueryError(f"{path} holds no queries")
-    cols = list(frame.columns)
+    cols = list(dict.fromkeys(c for rec in records for c in rec))
     prompt_col = next((c for c in ("prompt", "prompts") if c in cols), None)
     response_col = next((c for c in ("response", "output", "expected_response") if c in cols), None)
     if prompt_col is None or (need_response and response_col is None):
         missing = "prompt" if prompt_col is None else "response"
         raise QueryError(f"{path}: no {missing} column (columns: {', '.join(map(str, cols))})")
+    from rept.data import LabelKinds, cell_label, cell_text
+
+    name = os.path.basename(path)
+    kinds = LabelKinds("label", name)
     queries = []
-    for rec in frame.to_dict("records"):
-        label = rec.get("label")
-        flagged = rec.get("flagged")
-        if isinstance(flagged, str):
-            flagged = flagged.strip().lower() in _TRUE
-        queries.append(Query(str(rec[prompt_col]), str(rec[response_col]) if response_col else "",
-                             None if label is None or (isinstance(label, float) and np.isnan(label)) or label == ""
-                             else str(label), None if flagged is None else bool(flagged)))
+    try:
+        for i, rec in enumerate(records):
+            label, kind = cell_label(rec.get("label"), "label", i, name)
+            kinds.see(kind, i, rec.get("label"))
+            flagged = rec.get("flagged")
+            if isinstance(flagged, str):
+                flagged = flagged.strip().lower() in _TRUE
+            queries.append(Query(cell_text(rec.get(prompt_col), prompt_col, i, name),
+                                 cell_text(rec.get(response_col), response_col, i, name) if response_col else "",
+                                 label, None if flagged is None else bool(flagged)))
+    except DataError as exc:
+        raise QueryError(str(exc)) from None
     return queries
 
 
@@ -126,14 +134,14 @@ class Tracer:
     """Opens an index with the model it was built from and ranks training rows for queries."""
 
     def __init__(self, index: str | os.PathLike | SignatureIndex, loaded: LoadedModel | None = None,
-                 device: str | None = None, batch_size: int = 16):
-        self.index = index if isinstance(index, SignatureIndex) else SignatureIndex(index)
+                 device: str | None = None, batch_size: int = 16, verify: bool = True):
+        self.index = index if isinstance(index, SignatureIndex) else SignatureIndex(index, verify=verify)
         m = self.index.manifest
         if loaded is None:
             loaded = load_model(m["model"]["id"], m.get("adapter"), dtype=m.get("compute_dtype", "float32"),
                                 device=device)
         self.loaded = loaded
-        self.index.check_model(model_identity(loaded))
+        self.index.check_model(model_identity(loaded), {"model": loaded.model_id, "adapter": loaded.adapter})
         self.batch_size = batch_size
 
     @property
@@ -201,10 +209,10 @@ class MethodTracer:
     `rept index --method`): the method scores every stored row, and the top k are shown."""
 
     def __init__(self, index, model: str | None = None, adapter: str | None = None, device: str | None = None,
-                 batch_size: int = 16, progress: bool = False):
+                 batch_size: int = 16, progress: bool = False, verify: bool = True):
         from rept.methods.store import MethodIndex
 
-        self.index = index if isinstance(index, MethodIndex) else MethodIndex(index)
+        self.index = index if isinstance(index, MethodIndex) else MethodIndex(index, verify=verify)
         self.bundle = self.index.bundle(model, adapter, device=device, batch_size=batch_size, progress=progress)
         self.method = self.index.open_method(self.bundle)
         self.rows, self.labels = self.index.rows_and_labels()

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from rept.progress import progress_bar
 
 from rept.errors import ReptError
 from rept.examples import tokenize_rows
@@ -72,7 +72,7 @@ def train_causal_lm(model, tokenizer, rows, cfg: TrainConfig, progress: bool = T
     rng = random.Random(cfg.seed)
     model.train()
     epoch_losses = []
-    bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=steps, desc=desc, disable=not progress, dynamic_ncols=True)
     for _ in range(cfg.epochs):
         order = examples[:]
         rng.shuffle(order)
@@ -100,7 +100,7 @@ def train_from_scratch(rows, out: str | Path, cfg: TrainConfig, progress: bool =
     save_trained(model, tokenizer, out, {"recipe": "from-scratch", "config": asdict(cfg), "data": data_source,
                                          "epoch_losses": losses, **(extra or {})})
     model.requires_grad_(False)
-    return LoadedModel(model, tokenizer, str(out))
+    return LoadedModel(model, tokenizer, str(out), weights_source=str(out))
 
 
 def save_trained(model, tokenizer, out: str | Path, recipe: dict) -> None:
@@ -362,7 +362,7 @@ def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str 
 
         shutil.rmtree(ckpt)
     model.train()
-    bar = tqdm(total=steps, initial=start_epoch * per_epoch, desc=f"train ({recipe})", disable=not progress,
+    bar = progress_bar(total=steps, initial=start_epoch * per_epoch, desc=f"train ({recipe})", disable=not progress,
                dynamic_ncols=True)
     for epoch in range(start_epoch, cfg.epochs):
         order = examples[:]

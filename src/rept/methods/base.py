@@ -191,14 +191,14 @@ def iter_per_example_grads(model, tokenizer, pairs, max_length: int, what: str =
     sum_t d[b, t] a[b, t]^T (a: the Linear's input, d: the gradient at its output). Any other
     trainable parameter (an embedding, a DoRA magnitude, ...) falls back to one row at a time, as
     does batch_size 0 (the definition, which the tests compare the batched path with)."""
-    from tqdm.auto import tqdm
+    from rept.progress import progress_bar
 
     from rept.signatures import length_sorted_batches
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     owners = _linear_owners(model, [p for _, p in named]) if named else None
     examples = examples_for(tokenizer, pairs, max_length, what)
-    bar = tqdm(total=len(examples), desc=f"gradients ({plural(what)})", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(examples), desc=f"gradients ({plural(what)})", disable=not progress, dynamic_ncols=True)
     try:
         if owners is not None and batch_size >= 1:
             for k, chunk in enumerate(length_sorted_batches(examples, batch_size)):

@@ -17,9 +17,9 @@ def _signatures(bundle: ModelBundle, pairs, what: str, loss_chars=None):
     loaded = bundle.merged()
     layer = bundle.resolved_layer([_Row(p, r) for p, r in pairs])
     examples = examples_for(loaded.tokenizer, pairs, bundle.max_length, what, loss_chars)
-    from tqdm.auto import tqdm
+    from rept.progress import progress_bar
 
-    with tqdm(total=len(examples), desc=f"signatures ({plural(what)})", disable=not bundle.progress,
+    with progress_bar(total=len(examples), desc=f"signatures ({plural(what)})", disable=not bundle.progress,
               dynamic_ncols=True) as bar:
         sig = extract_all(loaded.model, examples, layer, loaded.tokenizer.pad_token_id, batch_size=bundle.batch_size,
                           progress=bar.update)

@@ -27,10 +27,11 @@ from safetensors.torch import save_file
 
 from rept.build import STORE_DTYPES, model_identity
 from rept.data import rows_fingerprint
-from rept.index import (IndexStoreError, check_identity, describe_differences, new_manifest, read_manifest,
-                        shard_path, source_dataset, text_hash, write_manifest)
+from rept.index import (IndexStoreError, check_identity, describe_differences, file_checksums, new_manifest,
+                        read_checked, read_manifest, shard_path, source_dataset, text_hash, write_manifest)
 from rept.methods.base import Method, ModelBundle
 from rept.models import model_reference
+from rept.safefile import output_mode
 
 KIND = "method"
 # Methods that look at no model: their index is not tied to one.
@@ -85,9 +86,7 @@ def save_method(method: Method, bundle: ModelBundle, train_rows, out, dataset=No
                               f"{out.parent} has {_size(free)} free: write it elsewhere, or use fewer rows"
                               + (" or --store-dtype float16" if store_dtype == "float32" else ""))
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the index is an ordinary folder
+    os.chmod(tmp, output_mode(folder=True))  # mkdtemp makes it private; the index is an ordinary folder
     try:
         labels = [r.label for r in train_rows]
         hashes = [text_hash(r.prompt, r.response) for r in train_rows]
@@ -101,21 +100,43 @@ def save_method(method: Method, bundle: ModelBundle, train_rows, out, dataset=No
                 stored = {n: t[start:start + shard_size][order].to(dtype).contiguous() for n, t in tensors.items()}
                 stored.update(position=part, row=torch.as_tensor(index[part.numpy()]))
                 meta = {"labels": json.dumps([labels[i] for i in part.tolist()]),
-                        "text_hash": json.dumps([hashes[i] for i in part.tolist()])}
+                        "text_hash": json.dumps([hashes[i] for i in part.tolist()]),
+                        "shard": str(k), "method": method.name}
                 save_file(stored, str(shard_path(tmp, k)), metadata=meta)
                 names |= set(tensors)
                 stored_bytes += sum(t.nbytes for n, t in stored.items() if n in tensors)
                 k += 1
         method.save_files(tmp)
-        disk = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        written = sorted(f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file())
+        files = file_checksums(tmp, written)
         manifest.update(n_shards=k, tensors=sorted(names), bytes_per_row=stored_bytes // max(1, len(train_rows)),
-                        disk_bytes=disk, complete=True)
+                        disk_bytes=sum(f["bytes"] for f in files.values()), files=files, complete=True)
         write_manifest(tmp, manifest)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another build finished `out` first: keep its index, drop this one
+            raise IndexStoreError(f"{out} was written by another process meanwhile: give a new folder") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _header_and_ids(path: Path):
+    """A shard's row ids and metadata without reading its per-row tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {n: f.get_tensor(n) for n in ("position", "row") if n in f.keys()}, f.metadata() or {}
+    except FileNotFoundError:
+        raise IndexStoreError(f"{path} is missing: the index is incomplete; build it again") from None
+    except Exception as exc:  # safetensors raises its own error types for bad headers and short files
+        raise IndexStoreError(f"{path} is corrupt or truncated ({type(exc).__name__}): build the index again") from None
+
+
+def sha256_file_or_none(path: Path) -> str | None:
+    from rept.safefile import sha256_file
+
+    return sha256_file(path) if path.is_file() else None
 
 
 def _size(n: int) -> str:
@@ -136,12 +157,21 @@ def _with_rows(chunks, n_rows: int):
 class MethodIndex:
     """A method index opened for reading."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, verify: bool = True):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         if self.manifest.get("kind") != KIND:
             raise IndexStoreError(f"{self.folder} is a RepT signature index, not a method index")
+        if not self.manifest.get("complete"):
+            raise IndexStoreError(f"{self.folder} is incomplete: build it again")
+        self.verify = verify
+        self._verified: dict[int, tuple[int, int]] = {}  # shard -> (size, mtime) when its bytes were checked
         self._dataset = None
+        if verify:  # the method's own files (BM25's arrays) are read by a library: check them first
+            for name, entry in self.manifest["files"].items():
+                if not name.startswith("shard-") and sha256_file_or_none(self.folder / name) != entry["sha256"]:
+                    raise IndexStoreError(f"{self.folder / name} is missing or does not match the checksum in the "
+                                          "manifest: build the index again")
 
     @property
     def method_name(self) -> str:
@@ -153,17 +183,25 @@ class MethodIndex:
 
     def _read(self, k: int, tensors: bool = True):
         path = shard_path(self.folder, k)
+        entry = self.manifest["files"].get(path.name)
+        if entry is None:
+            raise IndexStoreError(f"{path.name} is not listed in {self.folder}'s manifest: build the index again")
+        stat = (path.stat().st_size, path.stat().st_mtime_ns) if path.exists() else None
+        if not tensors and (not self.verify or self._verified.get(k) == stat):
+            out, meta = _header_and_ids(path)  # checked already in this open (or not asked to): ids only
+        else:
+            out, meta = read_checked(path, entry if self.verify else None)
+            if self.verify:
+                self._verified[k] = stat
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                names = [n for n in f.keys() if tensors or n in ("position", "row")]
-                out = {n: f.get_tensor(n) for n in names}
             labels = json.loads(meta["labels"])
-        except FileNotFoundError:
-            raise IndexStoreError(f"{path} is missing: the index is incomplete; build it again") from None
-        except Exception as exc:  # safetensors raises its own error types for bad headers and short files
-            raise IndexStoreError(f"{path} is corrupt or truncated ({type(exc).__name__}): build the index again") \
-                from None
+        except (KeyError, json.JSONDecodeError):
+            raise IndexStoreError(f"{path} lacks its row metadata: build the index again") from None
+        if meta.get("shard") != str(k) or meta.get("method") != self.method_name:
+            raise IndexStoreError(f"{path} does not belong with its manifest (shard {meta.get('shard')} of "
+                                  f"{meta.get('method')}, expected shard {k} of {self.method_name})")
+        if not tensors:
+            out = {n: t for n, t in out.items() if n in ("position", "row")}
         if "position" not in out or "row" not in out or len(labels) != out["position"].shape[0]:
             raise IndexStoreError(f"{path} is inconsistent (no position or row tensor, or counts differ): "
                                   "build the index again")
@@ -200,6 +238,18 @@ class MethodIndex:
             raise IndexStoreError(f"{self.folder}: {int((rows < 0).sum())} rows are in no shard; build the index again")
         return rows, labels
 
+    def check(self) -> list[str]:
+        """Every check there is, for `rept verify`: each shard read and hashed, the rows counted."""
+        problems, stored = [], 0
+        for k in range(self.manifest["n_shards"]):
+            try:
+                stored += self._read(k, tensors=True)[0]["row"].shape[0]
+            except IndexStoreError as exc:
+                problems.append(str(exc))
+        if not problems and stored != self.n_rows:
+            problems.append(f"{self.folder}: the shards hold {stored} rows, the manifest says {self.n_rows}")
+        return problems
+
     def bundle(self, model: str | None = None, adapter: str | None = None, device: str | None = None,
                batch_size: int = 16, progress: bool = False) -> ModelBundle:
         m = self.manifest
@@ -211,7 +261,8 @@ class MethodIndex:
     def check_model(self, bundle: ModelBundle) -> None:
         """Raise when the bundle's model differs from the one the index was computed with."""
         if self.method_name not in TEXT_METHODS:
-            check_identity(self.folder, self.manifest, model_identity(bundle.merged()))
+            check_identity(self.folder, self.manifest, model_identity(bundle.merged()),
+                           {"model": bundle.model, "adapter": bundle.adapter})
 
     def open_method(self, bundle: ModelBundle) -> Method:
         """The fitted method, ready to score queries with `bundle` (checked against the index)."""

@@ -42,7 +42,8 @@ class BM25(Method):
         import bm25s
 
         self.n = stored.n_rows
-        self.retriever = bm25s.BM25.load(str(stored.folder / "bm25"), show_progress=False)
+        self.retriever = bm25s.BM25.load(str(stored.folder / "bm25"), show_progress=False,
+                                         allow_pickle=False)  # checked against the manifest's checksums
         self.bytes_per_row = int(sum(getattr(v, "nbytes", 0) for v in self.retriever.scores.values()) / max(1, self.n))
 
 
