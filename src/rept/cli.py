@@ -31,6 +31,23 @@ EXTRA_COMMANDS: dict[str, str] = {
 }
 
 
+class ReptArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors in rept's one-line form (`rept: error: ...`, exit 2), not a usage block."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("rept").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"rept: error: {where}{message} (see `{self.prog} --help`)\n")
+
+
+# Flags of the whole program that are also accepted after the command (`rept trace ... -q`).
+def _add_global_flags(p, after_command: bool = False) -> None:
+    # After the command the default is SUPPRESS, so that leaving the flag out there keeps the value
+    # given (or defaulted) before the command.
+    extra = {"default": argparse.SUPPRESS} if after_command else {}
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars", **extra)
+
+
 def _layer(value: str):
     if value == "auto":
         return value
@@ -92,10 +109,10 @@ def _tracer(args, methods: bool = True):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rept", description="Trace an LLM's behaviour back to the training rows "
-                                     "that taught it (representation-gradient tracing, RepT).")
+    parser = ReptArgumentParser(prog="rept", description="Trace an LLM's behaviour back to the training rows "
+                                "that taught it (representation-gradient tracing, RepT).")
     parser.add_argument("--version", action="version", version=f"rept {__import__('rept').__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_global_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="train a tiny backdoored model on bundled data, then trace it (no downloads)")
@@ -160,15 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in EXTRA_COMMANDS.items():
         mod = importlib.import_module(module)
         mod.add_arguments(sub.add_parser(name, help=mod.HELP, description=mod.HELP))
+    for p in dict.fromkeys(sub.choices.values()):  # each command once (an alias maps to the same parser)
+        _add_global_flags(p, after_command=True)
     return parser
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # rept shows its own progress
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # rept shows its own progress
     try:
+        from rept.preflight import check_args
+
+        check_args(args)  # files, rules, flag pairs, the device: before torch is imported or a model loaded
+        _quiet_libraries()
         if args.command in EXTRA_COMMANDS:
             return importlib.import_module(EXTRA_COMMANDS[args.command]).run(args)
         return COMMANDS[args.command](args)
@@ -280,10 +306,8 @@ def _queries_from_args(args, tracer):
 
 
 def cmd_trace(args) -> int:
-    from rept.tokens import TokenScoreError, attach_word_scores, resolve_token_layer
+    from rept.tokens import attach_word_scores, resolve_token_layer
 
-    if args.token_layer is not None and not args.tokens:
-        raise TokenScoreError("--token-layer needs --tokens (it sets the layer of the word scores)")
     tracer = _tracer(args)
     token_layer = resolve_token_layer(tracer, args.token_layer) if args.tokens else None  # checked before any work
     mode = tracer.search_mode(args.mode)  # likewise: before any answer is generated

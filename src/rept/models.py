@@ -69,6 +69,9 @@ def check_model_source(name: str, what: str = "model") -> None:
 
 
 def pick_device(device: str | None = None) -> torch.device:
+    from rept.preflight import check_device
+
+    check_device(device)  # one line for a device that is not there, not torch's AssertionError
     if device and device != "auto":
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -73,22 +73,21 @@ def load_queries(path: str, need_response: bool = True) -> list[Query]:
     output / expected_response), and optional label and flagged."""
     import pandas as pd
 
-    from rept.data import DataError, read_jsonl
+    from rept.data import DataError, check_queries_path, read_jsonl, unreadable
 
-    if not os.path.exists(path):
-        raise QueryError(f"no such queries file: {path}")
     suffix = Path(path).suffix.lower()
     try:
+        check_queries_path(path)
         if suffix in (".jsonl", ".json"):
             frame = pd.DataFrame(read_jsonl(path))
         elif suffix == ".csv":
             frame = pd.read_csv(path, keep_default_na=False, dtype=str)
-        elif suffix == ".parquet":
-            frame = pd.read_parquet(path)
         else:
-            raise QueryError(f"{path}: queries must be .jsonl, .csv or .parquet")
+            frame = pd.read_parquet(path)
     except DataError as exc:
         raise QueryError(str(exc)) from None
+    except Exception as exc:  # a bad encoding, a parse error of pandas/pyarrow, an unreadable file
+        raise QueryError(str(unreadable(path, exc))) from None
     if frame.empty:
         raise QueryError(f"{path} holds no queries")
     cols = list(frame.columns)
