@@ -65,7 +65,7 @@ def _positive(value: str) -> int:
 
 
 def _add_data_args(p):
-    p.add_argument("--data", required=True, help="training set: HF save_to_disk folder, .jsonl, .csv or .parquet")
+    p.add_argument("--data", required=True, help="training set: HF save_to_disk folder, .jsonl, .json, .csv or .parquet")
     p.add_argument("--prompt-column", help="column holding the prompt (default: prompts/prompt/instruction)")
     p.add_argument("--response-column", help="column holding the response (default: response/output/completion)")
     p.add_argument("--label-column", help="column holding a label (default: label, if present)")
@@ -75,14 +75,14 @@ def _add_model_args(p, required=True):
     p.add_argument("--model", required=required, help="HF model folder or hub id")
     p.add_argument("--adapter", help="PEFT adapter folder")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, float16")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
 
 
 def _add_index_model_args(p):
     p.add_argument("--model", help="model folder, if it moved since the index was built (default: the index's)")
     p.add_argument("--adapter", help="adapter folder, if it moved since the index was built")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the one the index was built with)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
 
 
 def _tracer(args, methods: bool = True):
@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help="find the phase-transition layer on a probe set")
     _add_model_args(p)
     _add_data_args(p)
-    p.add_argument("--probe-rows", type=_positive, default=64)
-    p.add_argument("--max-length", type=_positive, default=512)
+    p.add_argument("--probe-rows", type=_positive, default=64, help="the first N rows make the probe set")
+    p.add_argument("--max-length", type=_positive, default=512, help="tokens per row (longer rows are cut)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("index", help="compute and store the signature of every training row (resumable)")
@@ -137,10 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=SEARCH_MODES, default="balanced",
                    help="default scoring mode recorded in the index (any other is computable from what is stored, "
                    "but lookahead needs an index built in that mode: it stores a third vector per row)")
-    p.add_argument("--batch-size", type=_positive, default=16)
-    p.add_argument("--max-tokens", type=_positive, default=None, help="token budget per batch")
-    p.add_argument("--max-length", type=_positive, default=512)
-    p.add_argument("--store-dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--batch-size", type=_positive, default=16, help="rows per forward/backward pass")
+    p.add_argument("--max-tokens", type=_positive, default=None, help="padded tokens per batch at most (default: no cap)")
+    p.add_argument("--max-length", type=_positive, default=512,
+                   help="tokens per row; a row left with no response token is skipped and counted")
+    p.add_argument("--store-dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of the stored signatures (float16: half the bytes)")
     p.add_argument("--shard-size", type=_positive, default=1024, help="dataset rows per shard")
     p.add_argument("--probe-rows", type=_positive, default=64, help="rows used by --layer auto")
 
@@ -152,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(with --generate, prompts only)")
     p.add_argument("--response", help="the output to trace")
     p.add_argument("--generate", action="store_true", help="let the model answer greedily and trace its answers")
-    p.add_argument("--max-new-tokens", type=_positive, default=64)
+    p.add_argument("--max-new-tokens", type=_positive, default=64, help="with --generate: the answer's length at most")
     p.add_argument("--top-k", type=_positive, default=10, help="training rows to show per query")
     p.add_argument("--mode", choices=SEARCH_MODES, default=None,
                    help="scoring mode (default: the index's)")
@@ -164,13 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index_model_args(p)
 
     p = sub.add_parser("eval", help="precision@k, pooled auPRC@k, AP and recall@k for labelled queries")
-    p.add_argument("--index", required=True)
+    p.add_argument("--index", required=True, help="index folder made by `rept index` (or a method index)")
     p.add_argument("--queries", required=True, help="queries with a label column (flagged=false rows are skipped)")
-    p.add_argument("--k", type=_positive, nargs="+", default=[10, 50, 100])
-    p.add_argument("--mode", choices=SEARCH_MODES, default=None)
+    p.add_argument("--k", type=_positive, nargs="+", default=[10, 50, 100], help="the k of P@k, auPRC@k, recall@k")
+    p.add_argument("--mode", choices=SEARCH_MODES, default=None, help="scoring mode (default: the index's)")
     p.add_argument("--per-query", action="store_true",
                    help="also each query's P@k (the smallest k) and AP, worst first: which answers are missed")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     _add_index_model_args(p)
 
     # Commands that live in their own modules: each exposes HELP, add_arguments(parser) and run(args).
