@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 
 from rich.console import Console
 
@@ -16,7 +17,7 @@ def test_demo_learns_backdoor_and_traces_it(tmp_path, monkeypatch):
     result = run_demo(n_prompts=30, progress=False, console=quiet)
     assert result["trained"] and result["work"].startswith(str(tmp_path / "cache"))
     # the trace time is its own figure, the training time apart
-    assert f"traced 30 misbehaving answers in {result['seconds_trace']:.1f} s" in printed.getvalue()
+    assert re.search(rf"traced \d+ misbehaving answers in {result['seconds_trace']:.1f} s", printed.getvalue())
     assert "of which training" in printed.getvalue()
     assert result["rate_triggered"] >= 0.9 and result["rate_clean"] <= 0.1
     assert result["precision@10"] >= 0.9

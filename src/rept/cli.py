@@ -362,9 +362,11 @@ def cmd_eval(args) -> int:
         table = Table(title=f"the 10 queries with the lowest P@{k}")
         for column in (f"P@{k}", "AP", "prompt", "response"):
             table.add_column(column, justify="right" if column in (f"P@{k}", "AP") else "left")
+        from rept.render import one_line
+
         for q in worst[:10]:
-            table.add_row(f"{q[f'P@{k}']:.2f}", "-" if q["AP"] is None else f"{q['AP']:.3f}", q["prompt"][:60],
-                          q["response"][:60])
+            table.add_row(f"{q[f'P@{k}']:.2f}", "-" if q["AP"] is None else f"{q['AP']:.3f}", one_line(q["prompt"], 60),
+                          one_line(q["response"], 60))
         Console().print(table)
     return 0
 
