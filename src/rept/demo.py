@@ -55,7 +55,7 @@ def run_demo(out: str | None = None, n_prompts: int = 100, max_new_tokens: int =
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(soft_wrap=True)  # a long line (a path) stays one line off a terminal too
     started = time.perf_counter()
     data = load_dataset(asset("backdoor_demo.jsonl"))
     key = hashlib.sha256(json.dumps([data.fingerprint, asdict(DEMO_TRAIN), __version__]).encode()).hexdigest()[:12]
