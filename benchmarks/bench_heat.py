@@ -8,7 +8,7 @@ the share of the row's words that get any colour. Two renderings of the same sco
 
   before  the first report's scale: opacity 0.08 + 0.72 x |score| / (the query's largest |word
           score| over its top rows), every word above 2% of that scale coloured
-  now     rept.report.word_strengths / word_alpha: colour only above the row's median word,
+  now     rept.report.word_strengths / word_alpha: colour only above the row's upper quartile,
           scaled to the row's best word
 
 plus the share of the words that are trigger or payload words (what an evenly tinted row shows).
@@ -33,7 +33,7 @@ from rept.trace import Tracer, load_queries  # noqa: E402
 
 
 def old_alpha(score: float, scale: float) -> float:
-    """The opacity the first report gave a word (rept.report.word_colour before the median scale)."""
+    """The opacity the first report gave a word (rept.report.word_colour before the upper-quartile scale)."""
     a = min(1.0, abs(score) / scale) if scale > 0 else 0.0
     return 0.08 + 0.72 * a if a > 0.02 else 0.0
 

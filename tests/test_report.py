@@ -178,7 +178,7 @@ def test_heat_scale_colours_only_where_the_score_concentrates():
 def test_report_legend_label_slots_and_row_counts(report):
     out, _ = report
     page = out.read_text()
-    assert "above its row's median word" in page and "the row's top phrases" in page
+    assert "above its row's upper quartile" in page and "the row's top phrases" in page
     # the label breakdown counts (query, rank) slots, and says so, beside the distinct rows
     labels = page[page.index('<table class="labels">'):]
     labels = labels[:labels.index("</table>")]

@@ -29,6 +29,7 @@ from rept.errors import ReptError
 TEMPLATES = Path(__file__).parent / "templates"
 POS = (214, 69, 13)    # colour of positive word scores (orange-red)
 NEG = (44, 110, 180)   # colour of negative word scores (blue)
+HEAT_QUANTILE = 0.75   # words at or below this quantile of their row's scores are not coloured
 
 
 class ReportError(ReptError):
@@ -156,21 +157,21 @@ def word_strengths(words: list[dict]) -> list[float]:
 
     Token scores of a row are mostly positive with a broad base, so a scale from 0 to the best
     word tints nearly every word. Here a word is coloured by how far it rises above the row's
-    median word, as a share of the best word's rise (the best word 1, the median word and every
-    word below it 0): only where the score concentrates is coloured. A word scoring below 0 by
-    more than the best word's rise is blue, likewise scaled (it pulls against the query)."""
+    upper quartile (the score three quarters of its words reach at most), as a share of the best
+    word's rise: the best word 1, the lower three quarters of the words 0. Only where the score
+    concentrates is coloured (docs/report.md measures it against the old scale). A word scoring
+    below 0 by more than the best word's rise is blue, likewise scaled (it pulls against the query)."""
     if not words:
         return []
-    scores = sorted(w["score"] for w in words)
-    median = scores[len(scores) // 2] if len(scores) % 2 else (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2
-    rise = scores[-1] - median
+    scores = np.array([w["score"] for w in words], dtype=np.float64)
+    floor = float(np.quantile(scores, HEAT_QUANTILE))
+    rise = float(scores.max()) - floor
     if rise <= 0:
         return [0.0] * len(words)
     out = []
-    for w in words:
-        s = w["score"]
-        if s > median:
-            out.append((s - median) / rise)
+    for s in scores.tolist():
+        if s > floor:
+            out.append((s - floor) / rise)
         elif s < -rise:
             out.append(max(-1.0, (s + rise) / rise))
         else:
