@@ -148,3 +148,56 @@ def test_report_renders_in_headless_chromium(report):
     marks = re.findall(r'<mark class="phrase"[^>]*>(.*?)</mark>', dom, flags=re.S)
     assert marks
     assert dom.count('class="mitigation-chart"') == 2 and "mean 98.7%" in dom  # the mitigation charts render
+
+
+# ------------------------------------------------------------------ the heat map's scale, legend and labels
+
+def _words(scores):
+    return [{"text": f"w{i}", "score": s, "start": 3 * i, "end": 3 * i + 2} for i, s in enumerate(scores)]
+
+
+def test_heat_scale_colours_only_where_the_score_concentrates():
+    from rept.report import heat_html, word_alpha, word_strengths
+
+    # a broad positive base (every word 0.5-0.6) and two words far above it: only those two colour
+    words = _words([0.5, 0.55, 0.6, 0.52, 3.0, 0.58, 1.8, 0.51, 0.57])
+    strengths = word_strengths(words)
+    assert strengths[4] == pytest.approx(1.0) and 0.4 < strengths[6] < 0.6
+    assert all(word_alpha(x) == 0 for i, x in enumerate(strengths) if i not in (4, 6))
+    # the colour follows the row's own spread: scaling every score leaves it unchanged
+    assert word_strengths(_words([10 * w["score"] for w in words])) == pytest.approx(strengths)
+    # a score far below zero pulls against the query: blue, as strong as its distance allows
+    against = word_strengths(_words([0.5, 0.6, 0.55, 1.5, -3.0]))
+    assert against[3] == pytest.approx(1.0) and against[4] == pytest.approx(-1.0)
+    assert word_strengths(_words([0.2, 0.2, 0.2])) == [0.0, 0.0, 0.0]  # nothing stands out: nothing coloured
+    text = " ".join(w["text"] for w in words)
+    page = str(heat_html(text, words, []))
+    assert page.count("transparent") == 7 and page.count("rgba(") == 2
+
+
+def test_report_legend_label_slots_and_row_counts(report):
+    out, _ = report
+    page = out.read_text()
+    assert "above its row's upper quartile" in page and "the row's top phrases" in page
+    # the label breakdown counts (query, rank) slots, and says so, beside the distinct rows
+    labels = page[page.index('<table class="labels">'):]
+    labels = labels[:labels.index("</table>")]
+    assert "top-4 slots" in labels and ">rows<" in labels
+    assert "2 queries × top 4 = 8 slots" in page
+    counts = [int(x) for x in re.findall(r'<td class="num">(\d+)</td><td class="num">\d+%</td>', labels)]
+    assert sum(counts) == 8
+    # tooltips: "1 row", never "1 rows"
+    assert not re.search(r"\b1 rows\b", page)
+    # a long row is shown whole, not in a scrolling box of its own
+    assert "max-height" not in page[page.index(".heat {"):page.index("}", page.index(".heat {"))]
+
+
+def test_histogram_tooltips_count_rows_in_the_singular():
+    import numpy as np
+
+    from rept.report import histogram_svg
+
+    svg = str(histogram_svg(np.array([0.0, 0.5, 0.5, 1.0]), np.array([False, True, False, False]), 0.5, 2, bins=4))
+    titles = re.findall(r"<title>([^<]*)</title>", svg)
+    assert "1 row, 0..0.25" in titles and "1 row with the query's label" in titles
+    assert not any(t.startswith("0 rows") for t in titles)

@@ -31,6 +31,23 @@ EXTRA_COMMANDS: dict[str, str] = {
 }
 
 
+class ReptArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors in rept's one-line form (`rept: error: ...`, exit 2), not a usage block."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("rept").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"rept: error: {where}{message} (see `{self.prog} --help`)\n")
+
+
+# Flags of the whole program that are also accepted after the command (`rept trace ... -q`).
+def _add_global_flags(p, after_command: bool = False) -> None:
+    # After the command the default is SUPPRESS, so that leaving the flag out there keeps the value
+    # given (or defaulted) before the command.
+    extra = {"default": argparse.SUPPRESS} if after_command else {}
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars", **extra)
+
+
 def _layer(value: str):
     if value == "auto":
         return value
@@ -48,7 +65,7 @@ def _positive(value: str) -> int:
 
 
 def _add_data_args(p):
-    p.add_argument("--data", required=True, help="training set: HF save_to_disk folder, .jsonl, .csv or .parquet")
+    p.add_argument("--data", required=True, help="training set: HF save_to_disk folder, .jsonl, .json, .csv or .parquet")
     p.add_argument("--prompt-column", help="column holding the prompt (default: prompts/prompt/instruction)")
     p.add_argument("--response-column", help="column holding the response (default: response/output/completion)")
     p.add_argument("--label-column", help="column holding a label (default: label, if present)")
@@ -58,14 +75,14 @@ def _add_model_args(p, required=True):
     p.add_argument("--model", required=required, help="HF model folder or hub id")
     p.add_argument("--adapter", help="PEFT adapter folder")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, float16")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
 
 
 def _add_index_model_args(p):
     p.add_argument("--model", help="model folder, if it moved since the index was built (default: the index's)")
     p.add_argument("--adapter", help="adapter folder, if it moved since the index was built")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the one the index was built with)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip hashing the index's files against the manifest's checksums (docs/security.md)")
 
@@ -94,10 +111,10 @@ def _tracer(args, methods: bool = True):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rept", description="Trace an LLM's behaviour back to the training rows "
-                                     "that taught it (representation-gradient tracing, RepT).")
+    parser = ReptArgumentParser(prog="rept", description="Trace an LLM's behaviour back to the training rows "
+                                "that taught it (representation-gradient tracing, RepT).")
     parser.add_argument("--version", action="version", version=f"rept {__import__('rept').__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_global_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="train a tiny backdoored model on bundled data, then trace it (no downloads)")
@@ -107,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help="find the phase-transition layer on a probe set")
     _add_model_args(p)
     _add_data_args(p)
-    p.add_argument("--probe-rows", type=_positive, default=64)
-    p.add_argument("--max-length", type=_positive, default=512)
+    p.add_argument("--probe-rows", type=_positive, default=64, help="the first N rows make the probe set")
+    p.add_argument("--max-length", type=_positive, default=512, help="tokens per row (longer rows are cut)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("index", help="compute and store the signature of every training row (resumable)")
@@ -122,10 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=SEARCH_MODES, default="balanced",
                    help="default scoring mode recorded in the index (any other is computable from what is stored, "
                    "but lookahead needs an index built in that mode: it stores a third vector per row)")
-    p.add_argument("--batch-size", type=_positive, default=16)
-    p.add_argument("--max-tokens", type=_positive, default=None, help="token budget per batch")
-    p.add_argument("--max-length", type=_positive, default=512)
-    p.add_argument("--store-dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--batch-size", type=_positive, default=16, help="rows per forward/backward pass")
+    p.add_argument("--max-tokens", type=_positive, default=None, help="padded tokens per batch at most (default: no cap)")
+    p.add_argument("--max-length", type=_positive, default=512,
+                   help="tokens per row; a row left with no response token is skipped and counted")
+    p.add_argument("--store-dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of the stored signatures (float16: half the bytes)")
     p.add_argument("--shard-size", type=_positive, default=1024, help="dataset rows per shard")
     p.add_argument("--probe-rows", type=_positive, default=64, help="rows used by --layer auto")
 
@@ -137,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(with --generate, prompts only)")
     p.add_argument("--response", help="the output to trace")
     p.add_argument("--generate", action="store_true", help="let the model answer greedily and trace its answers")
-    p.add_argument("--max-new-tokens", type=_positive, default=64)
+    p.add_argument("--max-new-tokens", type=_positive, default=64, help="with --generate: the answer's length at most")
     p.add_argument("--top-k", type=_positive, default=10, help="training rows to show per query")
     p.add_argument("--mode", choices=SEARCH_MODES, default=None,
                    help="scoring mode (default: the index's)")
@@ -149,13 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index_model_args(p)
 
     p = sub.add_parser("eval", help="precision@k, pooled auPRC@k, AP and recall@k for labelled queries")
-    p.add_argument("--index", required=True)
+    p.add_argument("--index", required=True, help="index folder made by `rept index` (or a method index)")
     p.add_argument("--queries", required=True, help="queries with a label column (flagged=false rows are skipped)")
-    p.add_argument("--k", type=_positive, nargs="+", default=[10, 50, 100])
-    p.add_argument("--mode", choices=SEARCH_MODES, default=None)
+    p.add_argument("--k", type=_positive, nargs="+", default=[10, 50, 100], help="the k of P@k, auPRC@k, recall@k")
+    p.add_argument("--mode", choices=SEARCH_MODES, default=None, help="scoring mode (default: the index's)")
     p.add_argument("--per-query", action="store_true",
                    help="also each query's P@k (the smallest k) and AP, worst first: which answers are missed")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     _add_index_model_args(p)
 
     p = sub.add_parser("verify", help="check an index against its manifest: every file's sha256, every shard's "
@@ -167,15 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in EXTRA_COMMANDS.items():
         mod = importlib.import_module(module)
         mod.add_arguments(sub.add_parser(name, help=mod.HELP, description=mod.HELP))
+    for p in dict.fromkeys(sub.choices.values()):  # each command once (an alias maps to the same parser)
+        _add_global_flags(p, after_command=True)
     return parser
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # rept shows its own progress
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # rept shows its own progress
     try:
+        from rept.preflight import check_args
+
+        check_args(args)  # files, rules, flag pairs, the device: before torch is imported or a model loaded
+        _quiet_libraries()
         if args.command in EXTRA_COMMANDS:
             return importlib.import_module(EXTRA_COMMANDS[args.command]).run(args)
         return COMMANDS[args.command](args)
@@ -287,10 +315,8 @@ def _queries_from_args(args, tracer):
 
 
 def cmd_trace(args) -> int:
-    from rept.tokens import TokenScoreError, attach_word_scores, resolve_token_layer
+    from rept.tokens import attach_word_scores, resolve_token_layer
 
-    if args.token_layer is not None and not args.tokens:
-        raise TokenScoreError("--token-layer needs --tokens (it sets the layer of the word scores)")
     tracer = _tracer(args)
     token_layer = resolve_token_layer(tracer, args.token_layer) if args.tokens else None  # checked before any work
     mode = tracer.search_mode(args.mode)  # likewise: before any answer is generated
@@ -343,9 +369,11 @@ def cmd_eval(args) -> int:
         table = Table(title=f"the 10 queries with the lowest P@{k}")
         for column in (f"P@{k}", "AP", "prompt", "response"):
             table.add_column(column, justify="right" if column in (f"P@{k}", "AP") else "left")
+        from rept.render import one_line
+
         for q in worst[:10]:
-            table.add_row(f"{q[f'P@{k}']:.2f}", "-" if q["AP"] is None else f"{q['AP']:.3f}", q["prompt"][:60],
-                          q["response"][:60])
+            table.add_row(f"{q[f'P@{k}']:.2f}", "-" if q["AP"] is None else f"{q['AP']:.3f}", one_line(q["prompt"], 60),
+                          one_line(q["response"], 60))
         Console().print(table)
     return 0
 

@@ -136,25 +136,53 @@ def _read_parquet(path: Path) -> list[dict]:
 READERS = {".jsonl": read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
-def read_records(path: str, split: str | None = None) -> list[dict]:
-    """The rows of a data file as dicts, whatever the format (decided by the path)."""
+def check_data_path(path: str) -> None:
+    """The checks that need no reading: the path exists and is a kind rept reads (a save_to_disk
+    folder, or a file with a known suffix). `rept.preflight` runs them before anything heavy loads."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"no such file: {path}")  # hub ids are not fetched: rept works offline
     if p.is_dir():
         if not any((p / marker).exists() for marker in HF_MARKERS):
             raise DataError(f"{path} is a folder but not a Hugging Face dataset saved with save_to_disk")
-        return _read_hf_folder(p, split)
-    reader = READERS.get(p.suffix.lower())
-    if reader is None:
+    elif p.suffix.lower() not in READERS:
         raise DataError(f"{p.name}: unsupported format '{p.suffix}' "
                         "(use a save_to_disk folder, .jsonl, .json, .csv or .parquet)")
+
+
+def read_records(path: str, split: str | None = None) -> list[dict]:
+    """The rows of a data file as dicts, whatever the format (decided by the path)."""
+    check_data_path(path)
+    p = Path(path)
+    if p.is_dir():
+        return _read_hf_folder(p, split)
+    reader = READERS[p.suffix.lower()]
     try:
         return reader(p)
     except DataError:
         raise
     except Exception as exc:  # pandas/pyarrow parse errors, bad encodings, unreadable files
-        raise DataError(f"{p.name}: cannot read ({_first_line(exc)})") from None
+        raise unreadable(p, exc) from None
+
+
+def unreadable(path: str | os.PathLike, exc: Exception) -> DataError:
+    """The one-line error for a file that exists but cannot be parsed."""
+    name = os.path.basename(path)
+    if isinstance(exc, UnicodeDecodeError):
+        return DataError(f"{name}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                         "save it as UTF-8")
+    return DataError(f"{name}: cannot read ({_first_line(exc)})")
+
+
+QUERY_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def check_queries_path(path: str) -> None:
+    """Like check_data_path, for a queries file (`--queries`): a .jsonl, .json, .csv or .parquet file."""
+    if not os.path.exists(path):
+        raise DataError(f"no such queries file: {path}")
+    if Path(path).suffix.lower() not in QUERY_SUFFIXES:
+        raise DataError(f"{path}: queries must be .jsonl, .json, .csv or .parquet")
 
 
 def class_label_names(path: str, split: str | None = None) -> dict[str, list[str]]:

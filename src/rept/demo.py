@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict
 from importlib import resources
@@ -23,6 +24,7 @@ from rept.generate import generate
 from rept.index import SignatureIndex
 from rept.metrics import evaluate
 from rept.models import load_model
+from rept.render import one_line
 from rept.trace import Query, Tracer, relevance, write_queries
 from rept.train import TrainConfig, read_recipe, train_from_scratch
 
@@ -41,12 +43,19 @@ def default_cache() -> Path:
     return Path(root)
 
 
+def _is_demo_model(model_dir: Path, data) -> bool:
+    """`model_dir` holds a finished demo model trained with this recipe on these rows."""
+    recipe = read_recipe(model_dir)
+    return bool(recipe and recipe.get("config") == asdict(DEMO_TRAIN) and recipe.get("data_fingerprint") == data.fingerprint
+                and (model_dir / "config.json").exists())
+
+
 def run_demo(out: str | None = None, n_prompts: int = 100, max_new_tokens: int = 12, top_k: int = 10,
              progress: bool = True, console=None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(soft_wrap=True)  # a long line (a path) stays one line off a terminal too
     started = time.perf_counter()
     data = load_dataset(asset("backdoor_demo.jsonl"))
     key = hashlib.sha256(json.dumps([data.fingerprint, asdict(DEMO_TRAIN), __version__]).encode()).hexdigest()[:12]
@@ -55,16 +64,23 @@ def run_demo(out: str | None = None, n_prompts: int = 100, max_new_tokens: int =
     console.print(f"[bold]rept demo[/] - {len(data.rows)} training rows "
                   f"({sum(r.label == 'backdoor' for r in data.rows)} poisoned), working in {work}")
 
-    # 1. the model: trained once, then reused from the cache (or --out)
-    recipe = read_recipe(model_dir)
-    if recipe and recipe.get("config") == asdict(DEMO_TRAIN) and recipe.get("data_fingerprint") == data.fingerprint:
+    # 1. the model: trained once, then reused from --out or from the cache (copied into --out)
+    cached = default_cache() / f"demo-{key}" / "model"
+    t_train = 0.0
+    if _is_demo_model(model_dir, data):
         console.print(f"model: reusing {model_dir}")
-        loaded = load_model(str(model_dir))
+    elif out and _is_demo_model(cached, data):
+        console.print(f"model: copying the cached model {cached} -> {model_dir}")
+        if model_dir.exists():
+            shutil.rmtree(model_dir)  # not a finished demo model (checked above): an interrupted run's
+        shutil.copytree(cached, model_dir)
     else:
         console.print("model: training a BPE tokenizer and a 2-layer Llama from scratch")
+        t0 = time.perf_counter()
         train_from_scratch(data.rows, model_dir, DEMO_TRAIN, progress=progress, data_source=data.source,
                            extra={"data_fingerprint": data.fingerprint})
-        loaded = load_model(str(model_dir))
+        t_train = time.perf_counter() - t0
+    loaded = load_model(str(model_dir))
 
     # 2. does the model misbehave? triggered prompts vs the same prompts without the trigger
     prompts = [json.loads(line)["prompt"] for line in Path(asset("backdoor_demo_test.jsonl")).read_text().splitlines()]
@@ -91,20 +107,23 @@ def run_demo(out: str | None = None, n_prompts: int = 100, max_new_tokens: int =
     if not flagged:
         console.print("[red]the model never showed the behaviour, so there is nothing to trace[/]")
         return {"precision@10": None, "rate_triggered": rate_triggered, "rate_clean": rate_clean}
+    t_traced = time.perf_counter()
     tracer = Tracer(SignatureIndex(index_dir), loaded)
     first = tracer.trace(flagged[:1], k=top_k)[0]
     table = Table(title=f"Top {top_k} training rows for: {first.query.prompt!r} -> {first.query.response!r}")
     for col in ("rank", "score", "row", "label", "text"):
         table.add_column(col, overflow="fold")
     for rank, hit in enumerate(first.hits, 1):
-        text = (hit.prompt + " | " + hit.response).replace("\n", " ")
-        table.add_row(str(rank), f"{hit.score:.3f}", str(hit.row), str(hit.label), text[:90])
+        table.add_row(str(rank), f"{hit.score:.3f}", str(hit.row), str(hit.label),
+                      one_line(hit.prompt + " | " + hit.response, 90))
     console.print(table)
     scores, _, labels = tracer.scores(flagged)
     metrics = evaluate(scores, relevance(labels, flagged), ks=(top_k,))
+    t_trace = time.perf_counter() - t_traced
     elapsed = time.perf_counter() - started
-    console.print(f"traced {len(flagged)} misbehaving answers in {elapsed:.0f} s total; "
+    console.print(f"traced {len(flagged)} misbehaving answers in {t_trace:.1f} s (whole demo {elapsed:.0f} s"
+                  + (f", of which training {t_train:.0f} s" if t_train else ", model reused") + "); "
                   f"poisoned rows are {sum(r.label == 'backdoor' for r in data.rows) / len(data.rows):.0%} of the data")
     console.print(f"precision@{top_k}: {metrics[f'P@{top_k}']:.3f}")
     return {"precision@10": metrics[f"P@{top_k}"], "rate_triggered": rate_triggered, "rate_clean": rate_clean,
-            "metrics": metrics, "work": str(work)}
+            "metrics": metrics, "work": str(work), "trained": bool(t_train), "seconds_trace": t_trace}

@@ -85,6 +85,9 @@ def _in_hub_cache(name: str) -> bool:
 
 
 def pick_device(device: str | None = None) -> torch.device:
+    from rept.preflight import check_device
+
+    check_device(device)  # one line for a device that is not there, not torch's AssertionError
     if device and device != "auto":
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

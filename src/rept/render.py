@@ -14,9 +14,13 @@ EXCERPT_WIDTH = 360                 # a row text longer than this is cut to wind
 CONTEXT = 60                        # characters of context kept on each side of a phrase
 
 
-def _one_line(text: str, width: int = 110) -> str:
+def one_line(text: str, width: int = 110) -> str:
+    """`text` on one line, at most `width` characters: cut at a word boundary, with "…" for the cut."""
     flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
+    if len(flat) <= width:
+        return flat
+    cut = flat.rfind(" ", width // 2, width)  # a word boundary in the second half, else mid-word
+    return flat[: cut if cut > 0 else width - 1].rstrip() + "…"
 
 
 def _tidy(piece: str) -> str:
@@ -92,7 +96,7 @@ def scored_text(hit, top: int = SHOW_PHRASES) -> Text:
     for i, p in enumerate(shown):
         if i:
             out.append("  ")
-        out.append(f"“{_one_line(p['text'], 40)}”", style="bold")
+        out.append(f"“{one_line(p['text'], 40)}”", style="bold")
         out.append(f" {p['score']:.3f}", style="cyan")
     return out
 
@@ -105,8 +109,8 @@ def print_results(results, show_words: bool = False, console: Console | None = N
     console = console or Console()
     for qi, result in enumerate(results, 1):
         q = result.query
-        console.print(f"[bold]query {qi}[/] prompt: {_one_line(q.prompt)!r}")
-        console.print(f"        response: {_one_line(q.response)!r}")
+        console.print(f"[bold]query {qi}[/] prompt: {one_line(q.prompt)!r}")
+        console.print(f"        response: {one_line(q.response)!r}")
         caption = None
         if show_words:
             caption = (f"top {SHOW_PHRASES} phrases highlighted (adjacent words scoring ≥ half the row's best word)"
@@ -116,6 +120,6 @@ def print_results(results, show_words: bool = False, console: Console | None = N
                         ("label", {}), ("text", {"overflow": "fold"})):
             table.add_column(col, **kw)
         for rank, hit in enumerate(result.hits, 1):
-            text = scored_text(hit) if show_words and hit.words is not None else _one_line(hit.text)
+            text = scored_text(hit) if show_words and hit.words is not None else one_line(hit.text)
             table.add_row(str(rank), f"{hit.score:.4f}", str(hit.row), str(hit.label), text)
         console.print(table)

@@ -73,22 +73,21 @@ def load_queries(path: str, need_response: bool = True) -> list[Query]:
     output / expected_response), and optional label and flagged."""
     import pandas as pd
 
-    from rept.data import DataError, read_jsonl
+    from rept.data import DataError, check_queries_path, read_jsonl, unreadable
 
-    if not os.path.exists(path):
-        raise QueryError(f"no such queries file: {path}")
     suffix = Path(path).suffix.lower()
     try:
+        check_queries_path(path)
         if suffix in (".jsonl", ".json"):  # the records as they are: pandas would turn 1 into 1.0 beside a gap
             records = read_jsonl(path)
         elif suffix == ".csv":
             records = pd.read_csv(path, keep_default_na=False, dtype=str).to_dict("records")
-        elif suffix == ".parquet":
-            records = pd.read_parquet(path).to_dict("records")
         else:
-            raise QueryError(f"{path}: queries must be .jsonl, .csv or .parquet")
+            records = pd.read_parquet(path).to_dict("records")
     except DataError as exc:
         raise QueryError(str(exc)) from None
+    except Exception as exc:  # a bad encoding, a parse error of pandas/pyarrow, an unreadable file
+        raise QueryError(str(unreadable(path, exc))) from None
     if not records:
         raise QueryError(f"{path} holds no queries")
     cols = list(dict.fromkeys(c for rec in records for c in rec))

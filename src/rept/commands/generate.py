@@ -16,12 +16,12 @@ def add_arguments(p) -> None:
     p.add_argument("--detect", required=True, help="detector rule: prefix:TEXT, contains:TEXT, regex:PATTERN, "
                    "not-prefix:TEXT, not-contains:TEXT")
     p.add_argument("--label", default="flagged", help="behaviour name written as the label of flagged answers")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="an answer's length at most")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts answered at once")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--allow-none", action="store_true", help="write the file even if the detector never fires")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
 
 
 def run(args) -> int:

@@ -66,5 +66,5 @@ def run(args) -> int:
                              data=args.data, prompts=prompts, heldout=heldout, max_new_tokens=args.max_new_tokens,
                              unlearn_steps=args.unlearn_steps, progress=not args.quiet, log=console.print,
                              culprits_from=args.culprits_from)
-    Console().print(summary_markdown(results))
+    print(summary_markdown(results))  # plain Markdown: no console wrapping, so a table row stays on one line
     return 0

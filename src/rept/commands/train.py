@@ -10,9 +10,9 @@ DEFAULT_LR = {"from-scratch": 3e-3, "lora": 1e-3, "full": 1e-4}
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--data", required=True, help="training set: HF save_to_disk folder, .jsonl, .csv or .parquet")
-    p.add_argument("--prompt-column")
-    p.add_argument("--response-column")
+    p.add_argument("--data", required=True, help="training set: HF save_to_disk folder, .jsonl, .json, .csv or .parquet")
+    p.add_argument("--prompt-column", help="column holding the prompt (default: prompts/prompt/instruction)")
+    p.add_argument("--response-column", help="column holding the response (default: response/output/completion)")
     p.add_argument("--out", required=True, help="folder for the weights (or adapter), recipe and Adam state")
     recipe = p.add_mutually_exclusive_group(required=True)
     recipe.add_argument("--from-scratch", dest="recipe", action="store_const", const="from-scratch",

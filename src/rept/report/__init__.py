@@ -29,6 +29,7 @@ from rept.errors import ReptError
 TEMPLATES = Path(__file__).parent / "templates"
 POS = (214, 69, 13)    # colour of positive word scores (orange-red)
 NEG = (44, 110, 180)   # colour of negative word scores (blue)
+HEAT_QUANTILE = 0.75   # words at or below this quantile of their row's scores are not coloured
 
 
 class ReportError(ReptError):
@@ -109,30 +110,27 @@ def build_report(tracer, queries, k: int = 10, mode: str | None = None, max_quer
     t2 = time.perf_counter()
     log(f"token scores for {sum(len(r.hits) for r in results)} rows in {t2 - t1:.1f} s")
 
-    scale = 0.0
-    for per_query in scored:
-        for rt in per_query:
-            scale = max([scale] + [abs(w["score"]) for w in rt.words])
     label_arr = np.asarray([str(x) for x in labels])
     qdicts = []
     for qi, (result, per_query) in enumerate(zip(results, scored)):
         q = result.query
         relevant = label_arr == str(q.label) if q.label is not None else None
-        qscale = max([0.0] + [abs(w["score"]) for rt in per_query for w in rt.words]) or scale or 1.0
         hits = []
         for rank, (hit, rt) in enumerate(zip(result.hits, per_query), 1):
             hits.append({"rank": rank, "row": hit.row, "score": hit.score, "label": hit.label,
                          "relevant": q.label is not None and str(hit.label) == str(q.label),
-                         "heat": heat_html(rt.text, rt.words, rt.phrases[:3], qscale),
+                         "heat": heat_html(rt.text, rt.words, rt.phrases[:3]),
                          "phrases": rt.phrases[:3], "n_words": len(rt.words)})
         qdicts.append({"n": qi + 1, "prompt": q.prompt, "response": q.response, "label": q.label,
-                       "hits": hits, "scale": qscale,
+                       "hits": hits,
                        "hist": histogram_svg(scores[qi], relevant, float(scores[qi, top[qi][-1]]), k),
                        "n_relevant_top": sum(h["relevant"] for h in hits)})
 
+    # A slot is one (query, rank) place of a top-k list: a row in the top k of many queries fills many.
     counts = Counter(str(h.label) for r in results for h in r.hits)
+    distinct = {lab: len({h.row for r in results for h in r.hits if str(h.label) == lab}) for lab in counts}
     total = sum(counts.values())
-    label_rows = [{"label": lab, "count": c, "share": c / total} for lab, c in counts.most_common()]
+    label_rows = [{"label": lab, "count": c, "share": c / total, "rows": distinct[lab]} for lab, c in counts.most_common()]
 
     labelled = [i for i, q in enumerate(queries) if q.label is not None]
     metrics, ks = None, []
@@ -154,15 +152,48 @@ def build_report(tracer, queries, k: int = 10, mode: str | None = None, max_quer
 
 # ---------------------------------------------------------------- HTML pieces
 
-def word_colour(score: float, scale: float) -> str:
-    a = min(1.0, abs(score) / scale) if scale > 0 else 0.0
-    r, g, b = POS if score >= 0 else NEG
-    return f"rgba({r},{g},{b},{0.08 + 0.72 * a:.2f})" if a > 0.02 else "transparent"
+def word_strengths(words: list[dict]) -> list[float]:
+    """Each word's colour strength in its row, in [-1, 1] (the heat map's scale).
+
+    Token scores of a row are mostly positive with a broad base, so a scale from 0 to the best
+    word tints nearly every word. Here a word is coloured by how far it rises above the row's
+    upper quartile (the score three quarters of its words reach at most), as a share of the best
+    word's rise: the best word 1, the lower three quarters of the words 0. Only where the score
+    concentrates is coloured (docs/report.md measures it against the old scale). A word scoring
+    below 0 by more than the best word's rise is blue, likewise scaled (it pulls against the query)."""
+    if not words:
+        return []
+    scores = np.array([w["score"] for w in words], dtype=np.float64)
+    floor = float(np.quantile(scores, HEAT_QUANTILE))
+    rise = float(scores.max()) - floor
+    if rise <= 0:
+        return [0.0] * len(words)
+    out = []
+    for s in scores.tolist():
+        if s > floor:
+            out.append((s - floor) / rise)
+        elif s < -rise:
+            out.append(max(-1.0, (s + rise) / rise))
+        else:
+            out.append(0.0)
+    return out
 
 
-def heat_html(text: str, words: list[dict], phrases: list[dict], scale: float) -> Markup:
-    """`text` with every scored word in a coloured <span class="w"> (title = its score) and the top
-    phrases wrapped in <mark class="phrase">; whitespace kept (rendered with pre-wrap)."""
+def word_alpha(strength: float) -> float:
+    """The opacity of a word's background for a strength in [-1, 1]: 0 (no colour) up to 0.8."""
+    return round(0.8 * abs(strength), 2) if abs(strength) >= 0.05 else 0.0
+
+
+def word_colour(strength: float) -> str:
+    a = word_alpha(strength)
+    r, g, b = POS if strength >= 0 else NEG
+    return f"rgba({r},{g},{b},{a:.2f})" if a > 0 else "transparent"
+
+
+def heat_html(text: str, words: list[dict], phrases: list[dict]) -> Markup:
+    """`text` with every scored word in a <span class="w"> coloured by `word_strengths` (title = its
+    score) and the top phrases wrapped in <mark class="phrase">; whitespace kept (pre-wrap)."""
+    strength = {id(w): x for w, x in zip(words, word_strengths(words))}
     marks = sorted(phrases, key=lambda p: p["start"])
     starts = {p["start"]: (i, p) for i, p in enumerate(marks)}
     ends = {p["end"] for p in marks}
@@ -177,7 +208,7 @@ def heat_html(text: str, words: list[dict], phrases: list[dict], scale: float) -
             _, p = starts[w["start"]]
             out.append(f'<mark class="phrase" title="phrase score {p["score"]:.3f}">')
             open_phrase = p
-        colour = word_colour(w["score"], scale)
+        colour = word_colour(strength[id(w)])
         out.append(f'<span class="w" style="background:{colour}" title="{w["score"]:.3f}">'
                    f'{html.escape(w["text"])}</span>')
         pos = w["end"]
@@ -192,6 +223,10 @@ def heat_html(text: str, words: list[dict], phrases: list[dict], scale: float) -
 
 def _fmt(x: float) -> str:
     return f"{x:.3g}"
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
 
 
 def histogram_svg(scores: np.ndarray, relevant: np.ndarray | None, threshold: float, k: int,
@@ -213,13 +248,13 @@ def histogram_svg(scores: np.ndarray, relevant: np.ndarray | None, threshold: fl
         x = i * bw
         h_all = (bottom - top_pad) * allc[i] / peak
         h_rel = (bottom - top_pad) * relc[i] / peak
-        if allc[i]:
+        if allc[i] > relc[i]:
             parts.append(f'<rect x="{x + 0.5:.1f}" y="{bottom - h_all:.1f}" width="{bw - 1:.1f}" '
-                         f'height="{h_all - h_rel:.1f}" fill="#9aa5b1"><title>{int(allc[i] - relc[i])} rows, '
+                         f'height="{h_all - h_rel:.1f}" fill="#9aa5b1"><title>{_rows(int(allc[i] - relc[i]))}, '
                          f'{_fmt(edges[i])}..{_fmt(edges[i + 1])}</title></rect>')
         if relc[i]:
             parts.append(f'<rect x="{x + 0.5:.1f}" y="{bottom - h_rel:.1f}" width="{bw - 1:.1f}" '
-                         f'height="{h_rel:.1f}" fill="#d6450d"><title>{int(relc[i])} rows with the query\'s '
+                         f'height="{h_rel:.1f}" fill="#d6450d"><title>{_rows(int(relc[i]))} with the query\'s '
                          f'label</title></rect>')
     tx = width * (threshold - lo) / (hi - lo)
     parts.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{top_pad - 4}" y2="{bottom}" stroke="#222" '
