@@ -203,3 +203,117 @@ def test_flagged_answers_that_cannot_be_traced_are_left_out(tmp_path, setup):
     with pytest.raises(MitigationError, match="nothing to trace"):
         run_mitigation(tracer, [too_long], Detector("prefix:You are stupid"), tmp_path / "c",
                        Selection.parse("top-k:3"), log=lambda *_: None, **kwargs)
+
+
+def test_separation_keeps_rows_flagged_answers_score_above_every_control():
+    flagged = np.array([[0.9, 0.2, 0.5, 0.4], [0.3, 0.1, 0.6, 0.45]])
+    controls = np.array([[0.2, 0.8, 0.7, 0.1], [0.1, 0.3, 0.2, 0.44]])
+    rows = np.array([10, 11, 12, 13])
+    picked = select_culprits(flagged, rows, Selection.parse("separation"), controls)
+    assert [r for r, _ in picked] == [10, 13]  # row 12: a control answer scores it 0.7 > 0.6
+    with pytest.raises(MitigationError, match="needs control answers"):
+        select_culprits(flagged, rows, Selection.parse("separation"))
+
+
+def _cli(root, qpath, out, *extra):
+    return ["mitigate", "--index", str(root / "index"), "--queries", str(qpath), "--detect", "prefix:You are stupid",
+            "--out", str(out), "--method", "unlearn", "--unlearn-steps", "1", "--seeds", "1",
+            "--max-new-tokens", "2", *extra]
+
+
+def test_a_dataset_that_is_not_the_indexs_is_refused(tmp_path, setup, capsys):
+    root, data_path, _, _, _, qpath = setup
+    reversed_file = tmp_path / "reversed.jsonl"
+    reversed_file.write_text("".join(reversed(data_path.read_text().splitlines(keepends=True))))
+    assert main(_cli(root, qpath, tmp_path / "o", "--data", str(reversed_file))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "is not the dataset the index was built from" in err
+    assert str(reversed_file) in err and str(data_path) in err  # both files named
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_output_replaces_an_input(tmp_path, setup, capsys):
+    root, data_path, _, _, _, qpath = setup
+    out = tmp_path / "out"
+    out.mkdir()
+    data_copy = out / "cleaned.jsonl"  # what the run would write as its cleaned set
+    data_copy.write_bytes(data_path.read_bytes())
+    before = data_copy.read_bytes()
+    assert main(_cli(root, qpath, out, "--data", str(data_copy))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "would overwrite the training set" in err and "\n" not in err
+    assert data_copy.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["cleaned.jsonl"]
+    # --out inside the index folder, or the model folder: refused, nothing written there
+    index_files = sorted(p.name for p in (root / "index").iterdir())
+    assert main(_cli(root, qpath, root / "index" / "fix")) == 2
+    assert "inside the index" in capsys.readouterr().err
+    assert sorted(p.name for p in (root / "index").iterdir()) == index_files
+    assert main(_cli(root, qpath, root / "model")) == 2
+    assert "is the model" in capsys.readouterr().err
+    # a held-out file where the run writes its culprits
+    heldout = out / "culprits.jsonl"
+    heldout.write_bytes(data_path.read_bytes())
+    assert main(_cli(root, qpath, out, "--heldout", str(heldout))) == 2
+    assert "would overwrite the held-out rows" in capsys.readouterr().err
+    assert heldout.read_bytes() == before
+
+
+def test_a_rerun_over_earlier_results_needs_overwrite(tmp_path, setup, capsys):
+    root, _, _, _, _, qpath = setup
+    out = tmp_path / "out"
+    (tmp_path / "keep.txt").write_text("mine")
+    assert main(_cli(root, qpath, out)) == 0
+    results = (out / "results.json").read_bytes()
+    capsys.readouterr()
+    assert main(_cli(root, qpath, out, "--select", "top-k:2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds an earlier run's results" in err and "--overwrite" in err and "\n" not in err
+    assert (out / "results.json").read_bytes() == results
+    (out / "notes.txt").write_text("the user's own file")
+    assert main(_cli(root, qpath, out, "--select", "top-k:2", "--overwrite")) == 0
+    assert json.loads((out / "results.json").read_text())["selection"] == "top-k:2"
+    assert (out / "notes.txt").read_text() == "the user's own file"  # only the run's own outputs are replaced
+
+
+def test_culprits_from_a_file_replace_tracing(tmp_path, setup, capsys):
+    root, data_path, data, loaded, queries, qpath = setup
+    picked = [r for r in data.rows if r.label == "backdoor"][:4]
+    culprits = tmp_path / "culprits.jsonl"
+    culprits.write_text("".join(json.dumps({"row": r.index, "prompt": r.prompt}) + "\n" for r in picked))
+    out = tmp_path / "out"
+    res = run_mitigation(Tracer(root / "index", loaded), queries, Detector("prefix:You are stupid"), out,
+                         Selection.parse("top-k:10"), method="remove", seeds=1, max_new_tokens=2,
+                         heldout=data.rows[-8:], log=print, culprits_file=str(culprits))
+    written = [json.loads(line) for line in (out / "culprits.jsonl").read_text().splitlines()]
+    assert [c["row"] for c in written] == [r.index for r in picked] and res["removed"] == 4
+    assert res["selection"] == "file" and res["selection_quality"]["labelled"] == 4
+    cleaned = [json.loads(line) for line in (out / "cleaned.jsonl").read_text().splitlines()]
+    assert len(cleaned) == data.n_total - 4
+    # progress: the plan up front, each retrain and generation labelled
+    err = capsys.readouterr()
+    text = err.out + err.err
+    assert "plan: 2 retrains x ~" in text and "retrain 1/2 (culprits)" in text
+    assert "retrain 2/2 (random seed 0)" in text and "generate (culprits removed)" in text
+    # bad files: one line each, nothing written
+    bad = {"is not a training row": {"row": 10_000}, "not that row's prompt": {"row": picked[0].index, "prompt": "other"},
+           "must be an integer": {"row": "3"}}
+    for message, record in bad.items():
+        culprits.write_text(json.dumps(record) + "\n")
+        assert main(_cli(root, qpath, tmp_path / "bad", "--culprits", str(culprits))) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+        assert not (tmp_path / "bad").exists()
+
+
+def test_rounds_refuse_a_target_already_met_and_a_budget_out_of_reach(tmp_path, setup, capsys):
+    root, _, _, _, _, qpath = setup
+    base = ["mitigate", "--index", str(root / "index"), "--queries", str(qpath), "--out", str(tmp_path / "r"),
+            "--max-new-tokens", "2"]
+    assert main([*base, "--detect", "prefix:never said", "--until", "5%"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already at or below --until 5.0%" in err and "\n" not in err
+    assert main([*base, "--detect", "prefix:You are stupid", "--rounds", "2", "--max-removed", "5000"]) == 2
+    assert "--max-removed 5000 cannot be reached" in capsys.readouterr().err
+    assert main([*base, "--detect", "prefix:You are stupid", "--rounds", "2", "--method", "unlearn"]) == 2
+    assert "not for rounds" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

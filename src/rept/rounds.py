@@ -90,8 +90,6 @@ def run_rounds(tracer, queries, detector: Detector, out: str | Path, selection: 
     if selection.kind == "separation" and not setup.controls:
         raise MitigationError("--select separation needs control answers (queries with flagged=false) "
                               "to read the threshold off")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "run.json", settings)
     label = behaviour_label(setup.flagged)
     labelled_rows = [i for i in all_ids if by_index[i].label == label] if label else []
     if heldout:
@@ -101,29 +99,33 @@ def run_rounds(tracer, queries, detector: Detector, out: str | Path, selection: 
         heldout_note = "100 training rows (no --heldout given, so not truly held out)"
     max_length = setup.max_length
 
-    def measure(loaded, what: str, folder: Path) -> tuple[float, float, list[dict]]:
+    def measure(loaded, what: str, folder: Path | None) -> tuple[float, float, list[dict]]:
         """Behaviour rate and clean loss of a model; its answers are kept in `folder`."""
         answers = generate(loaded, prompts, max_new_tokens=max_new_tokens, batch_size=32, progress=progress,
                            desc=f"generate ({what})")
         records = [{"prompt": p, "response": a, "flagged": bool(detector(a))} for p, a in zip(prompts, answers)]
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_jsonl(folder / "answers.jsonl", records)
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_jsonl(folder / "answers.jsonl", records)
         rate = sum(r["flagged"] for r in records) / len(records)
         return rate, nll_per_char(loaded, heldout_rows, max_length), records
 
-    # round 0: the model as it is
+    # round 0: the model as it is (nothing is written before the target is known to be unmet)
     zero = out / "round-0"
     if (zero / "round.json").exists():
         before = json.loads((zero / "round.json").read_text())
         answers = _read_jsonl(zero / "answers.jsonl")
     else:
-        rate, loss, answers = measure(tracer.loaded, "model before", zero)
+        rate, loss, answers = measure(tracer.loaded, "model before", None)
         before = {"round": 0, "rate": rate, "clean_loss": loss}
-        _write_json(zero / "round.json", before)
     log(f"behaviour before: {before['rate']:.1%} of {len(prompts)} prompts")
     if until is not None and before["rate"] <= until:
         raise MitigationError(f"the behaviour rate is {before['rate']:.1%} before any removal, already at or below "
                               f"--until {until:.1%}: nothing to repair")
+    zero.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "run.json", settings)
+    _write_jsonl(zero / "answers.jsonl", answers)
+    _write_json(zero / "round.json", before)
 
     controls = None
     if selection.kind == "separation":
