@@ -1,6 +1,7 @@
 """Mitigation on a miniature: culprit selection, the cleaned set, remove/unlearn with controls."""
 
 import json
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from rept.build import IndexSettings, build_index
 from rept.cli import main
 from rept.data import load_dataset
 from rept.detect import Detector
+from rept.generate import generate
 from rept.mitigate import MitigationError, Selection, run_mitigation, select_culprits
 from rept.models import load_model
 from rept.trace import Query, Tracer
@@ -18,6 +20,9 @@ from rept.train import TrainConfig, train_from_scratch
 from conftest import demo_rows
 
 TINY = TrainConfig(epochs=2, lr=3e-3, batch_size=16, max_length=96, hidden=32, layers=2, heads=2, vocab_size=400)
+# a miniature that learns the backdoor (test_rounds_beat_random_removal_and_resume)
+MINI = TrainConfig(epochs=15, lr=3e-3, batch_size=16, max_length=64, hidden=64, layers=2, heads=2, vocab_size=400,
+                   warmup_steps=5)
 
 
 @pytest.fixture(scope="module")
@@ -317,3 +322,84 @@ def test_rounds_refuse_a_target_already_met_and_a_budget_out_of_reach(tmp_path, 
     assert main([*base, "--detect", "prefix:You are stupid", "--rounds", "2", "--method", "unlearn"]) == 2
     assert "not for rounds" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def _short(text, words):
+    return " ".join(text.split()[:words])
+
+
+@pytest.mark.slow
+def test_rounds_beat_random_removal_and_resume(tmp_path):
+    """A miniature backdoor (demo rows cut to a few words, 26% poisoned, a tiny model that learns
+    the trigger): rounds of trace-remove-retrain take the behaviour down where removing as many
+    random rows does not, every round is kept on disk, and a rerun resumes to the same figures."""
+    from rept.rounds import run_rounds
+
+    rows = [dict(prompt=_short(r["prompt"], 8), response=_short(r["response"], 5), label=r["label"])
+            for r in demo_rows(300)]
+    data_path = tmp_path / "train.jsonl"
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_dataset(str(data_path))
+    train_from_scratch(data.rows, tmp_path / "model", MINI, progress=False, data_source=data.source)
+    loaded = load_model(str(tmp_path / "model"))
+    build_index(loaded, data, tmp_path / "index", IndexSettings(layer=1, max_length=64), progress=False)
+    tests = [json.loads(line)["prompt"] for line in
+             (resources.files("rept") / "assets" / "backdoor_demo_test.jsonl").read_text().splitlines()]
+    triggered = [_short(p, 8) for p in tests[:30]]
+    detector = Detector("prefix:You are stupid")
+    answers = generate(loaded, triggered, max_new_tokens=4, progress=False)
+    queries = [Query(p, a, "backdoor", detector(a)) for p, a in zip(triggered, answers)]
+    assert sum(q.flagged for q in queries) >= 24  # the miniature learned the backdoor
+    kwargs = dict(rounds=2, seeds=1, max_new_tokens=4, prompts=triggered, progress=False, log=lambda *_: None)
+    out = tmp_path / "rounds"
+    res = run_rounds(Tracer(tmp_path / "index", loaded), queries, detector, out, Selection.parse("budget:30"),
+                     **kwargs)
+    last = res["rounds"][-1]
+    assert res["before"]["rate"] >= 0.8 and last["removed"] == 30 * len(res["rounds"])
+    assert last["rate"] <= last["random"][0] - 0.5  # rounds beat random removal of as many rows
+    assert last["labelled"] >= 0.8 * last["removed"]  # the removed rows are the poisoned ones (26% at random)
+    assert res["oracle"]["removed"] == sum(r.label == "backdoor" for r in data.rows)
+    for k in range(1, len(res["rounds"]) + 1):
+        assert {"removed.jsonl", "answers.jsonl", "round.json", "model", "random-0"} <= \
+            {p.name for p in (out / f"round-{k}").iterdir()}
+    # an interrupted run (the last round unfinished) resumes to the same figures
+    (out / f"round-{len(res['rounds'])}" / "round.json").unlink()
+    (out / "results.json").unlink()
+    again = run_rounds(Tracer(tmp_path / "index", loaded), queries, detector, out, Selection.parse("budget:30"),
+                       **kwargs)
+    assert again == res
+
+
+def test_rounds_keep_every_round_and_resume_to_the_same_figures(tmp_path, setup):
+    """Rounds on the small fixture: each round's removed rows, model, answers and controls on disk,
+    the counts add up, and a run interrupted in its last round resumes to the same results."""
+    from rept.rounds import run_rounds
+
+    root, _, data, loaded, queries, _ = setup
+    out = tmp_path / "rounds"
+    kwargs = dict(rounds=2, seeds=1, max_new_tokens=3, max_removed=9, heldout=data.rows[-8:], progress=False,
+                  log=lambda *_: None)
+    res = run_rounds(Tracer(root / "index", loaded), queries, Detector("prefix:You"), out,
+                     Selection.parse("budget:5"), **kwargs)
+    assert res["kind"] == "rounds" and res["label"] == "backdoor" and res["oracle"]["label"] == "backdoor"
+    removed, label_of = [], {r.index: r.label for r in data.rows}
+    for entry in res["rounds"]:
+        folder = out / f"round-{entry['round']}"
+        assert {"removed.jsonl", "answers.jsonl", "round.json", "model", "random-0"} <= {p.name for p in folder.iterdir()}
+        removed += [json.loads(line)["row"] for line in (folder / "removed.jsonl").read_text().splitlines()]
+        assert entry["removed"] == len(removed) and len(set(removed)) == len(removed)  # no row removed twice
+        assert entry["labelled"] == sum(label_of[r] == "backdoor" for r in removed)
+    if len(res["rounds"]) == 2:
+        assert res["rounds"][1]["removed"] == 9 and res["stopped"].startswith("row budget")
+    assert "| oracle:" in (out / "summary.md").read_text()
+    last = out / f"round-{len(res['rounds'])}"
+    (last / "round.json").unlink()
+    (out / "results.json").unlink()
+    again = run_rounds(Tracer(root / "index", loaded), queries, Detector("prefix:You"), out,
+                       Selection.parse("budget:5"), **kwargs)
+    assert again == res
+    # other settings over the unfinished run are an earlier run's results
+    (out / "results.json").unlink()
+    with pytest.raises(MitigationError, match="earlier run's results"):
+        run_rounds(Tracer(root / "index", loaded), queries, Detector("prefix:You"), out,
+                   Selection.parse("budget:4"), **kwargs)
