@@ -315,8 +315,9 @@ def test_rounds_refuse_a_target_already_met_and_a_budget_out_of_reach(tmp_path, 
     base = ["mitigate", "--index", str(root / "index"), "--queries", str(qpath), "--out", str(tmp_path / "r"),
             "--max-new-tokens", "2"]
     assert main([*base, "--detect", "prefix:never said", "--until", "5%"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "already at or below --until 5.0%" in err and "\n" not in err
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress and "behaviour before" lines
+    assert last.startswith("rept: error: the behaviour rate is 0.0% before any removal")
+    assert "already at or below --until 5.0%" in last
     assert main([*base, "--detect", "prefix:You are stupid", "--rounds", "2", "--max-removed", "5000"]) == 2
     assert "--max-removed 5000 cannot be reached" in capsys.readouterr().err
     assert main([*base, "--detect", "prefix:You are stupid", "--rounds", "2", "--method", "unlearn"]) == 2
