@@ -350,8 +350,9 @@ def test_rounds_beat_random_removal_and_resume(tmp_path):
     detector = Detector("prefix:You are stupid")
     answers = generate(loaded, triggered, max_new_tokens=4, progress=False)
     queries = [Query(p, a, "backdoor", detector(a)) for p, a in zip(triggered, answers)]
-    assert sum(q.flagged for q in queries) >= 24  # the miniature learned the backdoor
-    kwargs = dict(rounds=2, seeds=1, max_new_tokens=4, prompts=triggered, progress=False, log=lambda *_: None)
+    assert sum(q.flagged for q in queries) >= 24  # the miniature learned the backdoor (28 of 30 when written)
+    kwargs = dict(rounds=3, until=0.1, seeds=1, max_new_tokens=4, prompts=triggered, progress=False,
+                  log=lambda *_: None)
     out = tmp_path / "rounds"
     res = run_rounds(Tracer(tmp_path / "index", loaded), queries, detector, out, Selection.parse("budget:30"),
                      **kwargs)
