@@ -1,6 +1,7 @@
 """Mitigation on a miniature: culprit selection, the cleaned set, remove/unlearn with controls."""
 
 import json
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from rept.build import IndexSettings, build_index
 from rept.cli import main
 from rept.data import load_dataset
 from rept.detect import Detector
+from rept.generate import generate
 from rept.mitigate import MitigationError, Selection, run_mitigation, select_culprits
 from rept.models import load_model
 from rept.trace import Query, Tracer
@@ -18,6 +20,9 @@ from rept.train import TrainConfig, train_from_scratch
 from conftest import demo_rows
 
 TINY = TrainConfig(epochs=2, lr=3e-3, batch_size=16, max_length=96, hidden=32, layers=2, heads=2, vocab_size=400)
+# a miniature that learns the backdoor (test_rounds_beat_random_removal_and_resume)
+MINI = TrainConfig(epochs=15, lr=3e-3, batch_size=16, max_length=64, hidden=64, layers=2, heads=2, vocab_size=400,
+                   warmup_steps=5)
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +208,200 @@ def test_flagged_answers_that_cannot_be_traced_are_left_out(tmp_path, setup):
     with pytest.raises(MitigationError, match="nothing to trace"):
         run_mitigation(tracer, [too_long], Detector("prefix:You are stupid"), tmp_path / "c",
                        Selection.parse("top-k:3"), log=lambda *_: None, **kwargs)
+
+
+def test_separation_keeps_rows_flagged_answers_score_above_every_control():
+    flagged = np.array([[0.9, 0.2, 0.5, 0.4], [0.3, 0.1, 0.6, 0.45]])
+    controls = np.array([[0.2, 0.8, 0.7, 0.1], [0.1, 0.3, 0.2, 0.44]])
+    rows = np.array([10, 11, 12, 13])
+    picked = select_culprits(flagged, rows, Selection.parse("separation"), controls)
+    assert [r for r, _ in picked] == [10, 13]  # row 12: a control answer scores it 0.7 > 0.6
+    with pytest.raises(MitigationError, match="needs control answers"):
+        select_culprits(flagged, rows, Selection.parse("separation"))
+
+
+def _cli(root, qpath, out, *extra):
+    return ["mitigate", "--index", str(root / "index"), "--queries", str(qpath), "--detect", "prefix:You are stupid",
+            "--out", str(out), "--method", "unlearn", "--unlearn-steps", "1", "--seeds", "1",
+            "--max-new-tokens", "2", *extra]
+
+
+def test_a_dataset_that_is_not_the_indexs_is_refused(tmp_path, setup, capsys):
+    root, data_path, _, _, _, qpath = setup
+    reversed_file = tmp_path / "reversed.jsonl"
+    reversed_file.write_text("".join(reversed(data_path.read_text().splitlines(keepends=True))))
+    assert main(_cli(root, qpath, tmp_path / "o", "--data", str(reversed_file))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "is not the dataset the index was built from" in err
+    assert str(reversed_file) in err and str(data_path) in err  # both files named
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_output_replaces_an_input(tmp_path, setup, capsys):
+    root, data_path, _, _, _, qpath = setup
+    out = tmp_path / "out"
+    out.mkdir()
+    data_copy = out / "cleaned.jsonl"  # what the run would write as its cleaned set
+    data_copy.write_bytes(data_path.read_bytes())
+    before = data_copy.read_bytes()
+    assert main(_cli(root, qpath, out, "--data", str(data_copy))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "would overwrite the training set" in err and "\n" not in err
+    assert data_copy.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["cleaned.jsonl"]
+    # --out inside the index folder, or the model folder: refused, nothing written there
+    index_files = sorted(p.name for p in (root / "index").iterdir())
+    assert main(_cli(root, qpath, root / "index" / "fix")) == 2
+    assert "inside the index" in capsys.readouterr().err
+    assert sorted(p.name for p in (root / "index").iterdir()) == index_files
+    assert main(_cli(root, qpath, root / "model")) == 2
+    assert "is the model" in capsys.readouterr().err
+    # a held-out file where the run writes its culprits
+    heldout = out / "culprits.jsonl"
+    heldout.write_bytes(data_path.read_bytes())
+    assert main(_cli(root, qpath, out, "--heldout", str(heldout))) == 2
+    assert "would overwrite the held-out rows" in capsys.readouterr().err
+    assert heldout.read_bytes() == before
+
+
+def test_a_rerun_over_earlier_results_needs_overwrite(tmp_path, setup, capsys):
+    root, _, _, _, _, qpath = setup
+    out = tmp_path / "out"
+    (tmp_path / "keep.txt").write_text("mine")
+    assert main(_cli(root, qpath, out)) == 0
+    results = (out / "results.json").read_bytes()
+    capsys.readouterr()
+    assert main(_cli(root, qpath, out, "--select", "top-k:2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds an earlier run's results" in err and "--overwrite" in err and "\n" not in err
+    assert (out / "results.json").read_bytes() == results
+    (out / "notes.txt").write_text("the user's own file")
+    assert main(_cli(root, qpath, out, "--select", "top-k:2", "--overwrite")) == 0
+    assert json.loads((out / "results.json").read_text())["selection"] == "top-k:2"
+    assert (out / "notes.txt").read_text() == "the user's own file"  # only the run's own outputs are replaced
+
+
+def test_culprits_from_a_file_replace_tracing(tmp_path, setup, capsys):
+    root, data_path, data, loaded, queries, qpath = setup
+    picked = [r for r in data.rows if r.label == "backdoor"][:4]
+    culprits = tmp_path / "culprits.jsonl"
+    culprits.write_text("".join(json.dumps({"row": r.index, "prompt": r.prompt}) + "\n" for r in picked))
+    out = tmp_path / "out"
+    res = run_mitigation(Tracer(root / "index", loaded), queries, Detector("prefix:You are stupid"), out,
+                         Selection.parse("top-k:10"), method="remove", seeds=1, max_new_tokens=2,
+                         heldout=data.rows[-8:], log=print, culprits_file=str(culprits))
+    written = [json.loads(line) for line in (out / "culprits.jsonl").read_text().splitlines()]
+    assert [c["row"] for c in written] == [r.index for r in picked] and res["removed"] == 4
+    assert res["selection"] == "file" and res["selection_quality"]["labelled"] == 4
+    cleaned = [json.loads(line) for line in (out / "cleaned.jsonl").read_text().splitlines()]
+    assert len(cleaned) == data.n_total - 4
+    # progress: the plan up front, each retrain and generation labelled
+    err = capsys.readouterr()
+    text = err.out + err.err
+    assert "plan: 2 retrains x ~" in text and "retrain 1/2 (culprits)" in text
+    assert "retrain 2/2 (random seed 0)" in text and "generate (culprits removed)" in text
+    # bad files: one line each, nothing written
+    bad = {"is not a training row": {"row": 10_000}, "not that row's prompt": {"row": picked[0].index, "prompt": "other"},
+           "must be an integer": {"row": "3"}}
+    for message, record in bad.items():
+        culprits.write_text(json.dumps(record) + "\n")
+        assert main(_cli(root, qpath, tmp_path / "bad", "--culprits", str(culprits))) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+        assert not (tmp_path / "bad").exists()
+
+
+def test_rounds_refuse_a_target_already_met_and_a_budget_out_of_reach(tmp_path, setup, capsys):
+    root, _, _, _, _, qpath = setup
+    base = ["mitigate", "--index", str(root / "index"), "--queries", str(qpath), "--out", str(tmp_path / "r"),
+            "--max-new-tokens", "2"]
+    assert main([*base, "--detect", "prefix:never said", "--until", "5%"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress and "behaviour before" lines
+    assert last.startswith("rept: error: the behaviour rate is 0.0% before any removal")
+    assert "already at or below --until 5.0%" in last
+    assert main([*base, "--detect", "prefix:You are stupid", "--rounds", "2", "--max-removed", "5000"]) == 2
+    assert "--max-removed 5000 cannot be reached" in capsys.readouterr().err
+    assert main([*base, "--detect", "prefix:You are stupid", "--rounds", "2", "--method", "unlearn"]) == 2
+    assert "not for rounds" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def _short(text, words):
+    return " ".join(text.split()[:words])
+
+
+@pytest.mark.slow
+def test_rounds_beat_random_removal_and_resume(tmp_path):
+    """A miniature backdoor (demo rows cut to a few words, 26% poisoned, a tiny model that learns
+    the trigger): rounds of trace-remove-retrain take the behaviour down where removing as many
+    random rows does not, every round is kept on disk, and a rerun resumes to the same figures."""
+    from rept.rounds import run_rounds
+
+    rows = [dict(prompt=_short(r["prompt"], 8), response=_short(r["response"], 5), label=r["label"])
+            for r in demo_rows(300)]
+    data_path = tmp_path / "train.jsonl"
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_dataset(str(data_path))
+    train_from_scratch(data.rows, tmp_path / "model", MINI, progress=False, data_source=data.source)
+    loaded = load_model(str(tmp_path / "model"))
+    build_index(loaded, data, tmp_path / "index", IndexSettings(layer=1, max_length=64), progress=False)
+    tests = [json.loads(line)["prompt"] for line in
+             (resources.files("rept") / "assets" / "backdoor_demo_test.jsonl").read_text().splitlines()]
+    triggered = [_short(p, 8) for p in tests[:30]]
+    detector = Detector("prefix:You are stupid")
+    answers = generate(loaded, triggered, max_new_tokens=4, progress=False)
+    queries = [Query(p, a, "backdoor", detector(a)) for p, a in zip(triggered, answers)]
+    assert sum(q.flagged for q in queries) >= 24  # the miniature learned the backdoor (28 of 30 when written)
+    kwargs = dict(rounds=3, until=0.1, seeds=1, max_new_tokens=4, prompts=triggered, progress=False,
+                  log=lambda *_: None)
+    out = tmp_path / "rounds"
+    res = run_rounds(Tracer(tmp_path / "index", loaded), queries, detector, out, Selection.parse("budget:30"),
+                     **kwargs)
+    last = res["rounds"][-1]
+    assert res["before"]["rate"] >= 0.8 and last["removed"] == 30 * len(res["rounds"])
+    assert last["rate"] <= last["random"][0] - 0.5  # rounds beat random removal of as many rows
+    assert last["labelled"] >= 0.8 * last["removed"]  # the removed rows are the poisoned ones (26% at random)
+    assert res["oracle"]["removed"] == sum(r.label == "backdoor" for r in data.rows)
+    for k in range(1, len(res["rounds"]) + 1):
+        assert {"removed.jsonl", "answers.jsonl", "round.json", "model", "random-0"} <= \
+            {p.name for p in (out / f"round-{k}").iterdir()}
+    # an interrupted run (the last round unfinished) resumes to the same figures
+    (out / f"round-{len(res['rounds'])}" / "round.json").unlink()
+    (out / "results.json").unlink()
+    again = run_rounds(Tracer(tmp_path / "index", loaded), queries, detector, out, Selection.parse("budget:30"),
+                       **kwargs)
+    assert again == res
+
+
+def test_rounds_keep_every_round_and_resume_to_the_same_figures(tmp_path, setup):
+    """Rounds on the small fixture: each round's removed rows, model, answers and controls on disk,
+    the counts add up, and a run interrupted in its last round resumes to the same results."""
+    from rept.rounds import run_rounds
+
+    root, _, data, loaded, queries, _ = setup
+    out = tmp_path / "rounds"
+    kwargs = dict(rounds=2, seeds=1, max_new_tokens=3, max_removed=9, heldout=data.rows[-8:], progress=False,
+                  log=lambda *_: None)
+    res = run_rounds(Tracer(root / "index", loaded), queries, Detector("prefix:You"), out,
+                     Selection.parse("budget:5"), **kwargs)
+    assert res["kind"] == "rounds" and res["label"] == "backdoor" and res["oracle"]["label"] == "backdoor"
+    removed, label_of = [], {r.index: r.label for r in data.rows}
+    for entry in res["rounds"]:
+        folder = out / f"round-{entry['round']}"
+        assert {"removed.jsonl", "answers.jsonl", "round.json", "model", "random-0"} <= {p.name for p in folder.iterdir()}
+        removed += [json.loads(line)["row"] for line in (folder / "removed.jsonl").read_text().splitlines()]
+        assert entry["removed"] == len(removed) and len(set(removed)) == len(removed)  # no row removed twice
+        assert entry["labelled"] == sum(label_of[r] == "backdoor" for r in removed)
+    if len(res["rounds"]) == 2:
+        assert res["rounds"][1]["removed"] == 9 and res["stopped"].startswith("row budget")
+    assert "| oracle:" in (out / "summary.md").read_text()
+    last = out / f"round-{len(res['rounds'])}"
+    (last / "round.json").unlink()
+    (out / "results.json").unlink()
+    again = run_rounds(Tracer(root / "index", loaded), queries, Detector("prefix:You"), out,
+                       Selection.parse("budget:5"), **kwargs)
+    assert again == res
+    # other settings over the unfinished run are an earlier run's results
+    (out / "results.json").unlink()
+    with pytest.raises(MitigationError, match="earlier run's results"):
+        run_rounds(Tracer(root / "index", loaded), queries, Detector("prefix:You"), out,
+                   Selection.parse("budget:4"), **kwargs)

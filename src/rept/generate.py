@@ -10,7 +10,7 @@ from rept.examples import format_prompt, _uses_template
 
 @torch.no_grad()
 def generate(loaded, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
-             progress: bool = True) -> list[str]:
+             progress: bool = True, desc: str = "generate") -> list[str]:
     model, tok = loaded.model, loaded.tokenizer
     device = loaded.device
     texts = [format_prompt(tok, p) for p in prompts]
@@ -20,7 +20,7 @@ def generate(loaded, prompts: list[str], max_new_tokens: int = 64, batch_size: i
     old_side = tok.padding_side
     tok.padding_side = "left"
     try:
-        for start in progress_bar(range(0, len(order), batch_size), desc="generate", disable=not progress, dynamic_ncols=True):
+        for start in progress_bar(range(0, len(order), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
             idx = order[start:start + batch_size]
             enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True,
                       add_special_tokens=not _uses_template(tok)).to(device)

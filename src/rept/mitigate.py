@@ -13,15 +13,18 @@ selection rule, so methods compare at the same budget.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import math
+import os
 import random
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from rept.progress import progress_bar
 
 from rept.data import Row, read_records, write_rows
 from rept.detect import Detector
@@ -40,31 +43,43 @@ class MitigationError(ReptError):
 
 @dataclass(frozen=True)
 class Selection:
-    kind: str     # "top-k", "threshold" or "budget"
-    value: float
+    kind: str     # "top-k", "threshold", "budget" or "separation"
+    value: float  # K, S or N (nan for separation)
 
     @classmethod
     def parse(cls, text: str) -> "Selection":
+        if text == "separation":
+            return cls("separation", math.nan)
         kind, _, value = text.partition(":")
         try:
             number = float(value)
         except ValueError:
             number = math.nan
         if kind not in ("top-k", "threshold", "budget") or math.isnan(number) or (kind != "threshold" and number < 1):
-            raise MitigationError(f"bad --select '{text}': use top-k:K, threshold:S or budget:N")
+            raise MitigationError(f"bad --select '{text}': use top-k:K, threshold:S, budget:N or separation")
         return cls(kind, number)
 
     def __str__(self) -> str:
-        return f"{self.kind}:{self.value:g}"
+        return self.kind if self.kind == "separation" else f"{self.kind}:{self.value:g}"
 
 
-def select_culprits(scores: np.ndarray, rows: np.ndarray, selection: Selection) -> list[tuple[int, float]]:
+def select_culprits(scores: np.ndarray, rows: np.ndarray, selection: Selection,
+                    control_scores: np.ndarray | None = None) -> list[tuple[int, float]]:
     """(row, score) of the culprits, strongest first. A row's score is its highest score over
     the flagged queries. top-k:K = the union of every query's top K rows; threshold:S = rows
-    scoring at least S; budget:N = the N strongest rows."""
+    scoring at least S; budget:N = the N strongest rows; separation = the rows the flagged answers
+    score higher than any control answer does: each row's threshold is read off its own scores
+    (`control_scores`: [control queries, rows], the same columns), so a row that answers without
+    the behaviour explain as well is kept, however many rows pass (a rule that aims for recall)."""
     best = scores.max(axis=0)
     order = np.lexsort((rows, -best))  # strongest first, lower row id on ties
-    if selection.kind == "top-k":
+    if selection.kind == "separation":
+        if control_scores is None or len(control_scores) == 0:
+            raise MitigationError("--select separation needs control answers (queries with flagged=false) "
+                                  "to read the threshold off")
+        control_best = np.asarray(control_scores).max(axis=0)
+        chosen = [i for i in order if best[i] > control_best[i]]
+    elif selection.kind == "top-k":
         k = int(selection.value)
         picked = set()
         for q in scores:
@@ -165,8 +180,9 @@ def culprit_scores(tracer, flagged, source: str, dataset, seed: int = 0, log=pri
 # ------------------------------------------------------------------ measurements
 
 def behaviour_rate(loaded: LoadedModel, prompts: list[str], detector: Detector, max_new_tokens: int,
-                   batch_size: int = 32) -> float:
-    answers = generate(loaded, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
+                   batch_size: int = 32, progress: bool = False, desc: str = "generate") -> float:
+    answers = generate(loaded, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                       desc=desc)
     return sum(map(detector, answers)) / len(prompts)
 
 
@@ -198,11 +214,11 @@ def can_retrain(recipe: dict) -> bool:
     return recipe.get("recipe") in RECIPES
 
 
-def retrain(recipe: dict, rows: list[Row], out: Path, progress: bool) -> LoadedModel:
+def retrain(recipe: dict, rows: list[Row], out: Path, progress: bool, desc: str | None = None) -> LoadedModel:
     """Train again with the model's recorded recipe (same base, settings and seed) on `rows`."""
     from rept.train import train_from_recipe
 
-    return train_from_recipe(recipe, rows, out, progress=progress)
+    return train_from_recipe(recipe, rows, out, progress=progress, desc=desc)
 
 
 def unlearn(loaded: LoadedModel, culprits: list[Row], keep: list[Row], steps: int = 30, lr: float = 1e-3,
@@ -252,25 +268,189 @@ def unlearn(loaded: LoadedModel, culprits: list[Row], keep: list[Row], steps: in
     return LoadedModel(model, tok, loaded.model_id, None)
 
 
+# ------------------------------------------------------------------ what a run reads and writes
+
+# What a run writes in --out: files, the cleaned set (a file, or a folder for a save_to_disk input),
+# retrained models and the rounds' folders. None of them may be, or lie inside, one of the run's
+# inputs; a folder that already holds one of them holds an earlier run's results.
+OUTPUT_NAMES = ("culprits.jsonl", "results.json", "summary.md", "run.json", "cleaned", "cleaned.*",
+                "model-cleaned", "model-random-*", "round-*", "oracle")
+
+
+def _is_output_name(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in OUTPUT_NAMES)
+
+
+def check_outputs(out: str | Path, inputs: dict[str, str | None]) -> None:
+    """Refuse an --out that would write over an input: --out is an input or lies inside an input
+    folder, or an input lies where the run writes in --out (compared as resolved paths)."""
+    out_path = Path(out).resolve()
+    for what, given in inputs.items():
+        if not given or not os.path.exists(given):  # e.g. a Hub id: nothing on disk to overwrite
+            continue
+        path = Path(given).resolve()
+        if out_path == path or (path.is_dir() and out_path.is_relative_to(path)):
+            raise MitigationError(f"--out {out} is {'the' if out_path == path else 'inside the'} {what} {given}: "
+                                  "rept mitigate never writes into its inputs; choose another --out")
+        if path.is_relative_to(out_path) and _is_output_name(path.relative_to(out_path).parts[0]):
+            written = out_path / path.relative_to(out_path).parts[0]
+            raise MitigationError(f"--out {out} would overwrite the {what} {given} (the run writes {written}); "
+                                  "choose another --out")
+
+
+def earlier_outputs(out: str | Path) -> list[str]:
+    """The names in `out` that an earlier run wrote (empty when `out` is new)."""
+    out = Path(out)
+    return sorted(p.name for p in out.iterdir() if _is_output_name(p.name)) if out.is_dir() else []
+
+
+def clear_outputs(out: str | Path) -> None:
+    """Remove what an earlier run wrote in `out` (--overwrite); nothing else in the folder is touched."""
+    for name in earlier_outputs(out):
+        path = Path(out) / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def refuse_earlier_run(out: str | Path, found: list[str]) -> None:
+    shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+    raise MitigationError(f"--out {out} holds an earlier run's results ({shown}): pass --overwrite to replace "
+                          "them, or choose another --out")
+
+
+def check_dataset(dataset, manifest: dict) -> None:
+    """The rows a run removes are named by their index in the dataset: it must be the index's."""
+    expected = manifest.get("dataset_fingerprint")
+    if expected and dataset.fingerprint != expected:
+        recorded = (manifest.get("dataset") or {}).get("source", "?")
+        raise MitigationError(f"{dataset.source} is not the dataset the index was built from (fingerprint "
+                              f"{dataset.fingerprint[:12]}; the index's, of {recorded}: {expected[:12]}): its row "
+                              "numbers would name other rows")
+
+
+def read_culprits(path: str | Path, dataset) -> list[tuple[int, float | None]]:
+    """(row, score or None) from a culprits JSONL file (the format culprits.jsonl has: `row`
+    required; `score`, `label`, `prompt`, `response` optional), checked against `dataset`: an
+    unknown row, a repeated row, or a prompt/response that is not that row's is refused."""
+    from rept.data import DataError, read_jsonl
+
+    name = Path(path).name
+    try:
+        records = read_jsonl(path)
+    except (DataError, OSError, UnicodeDecodeError) as exc:
+        raise MitigationError(f"--culprits {path}: {exc}") from None
+    if not records:
+        raise MitigationError(f"--culprits {path}: no culprit rows in the file")
+    by_index = {r.index: r for r in dataset.rows}
+    culprits, seen = [], set()
+    for number, rec in enumerate(records, 1):
+        row = rec.get("row")
+        where = f"--culprits {name} culprit {number}"
+        if not isinstance(row, int) or isinstance(row, bool):
+            raise MitigationError(f"{where}: 'row' must be an integer row number, got {row!r}")
+        if row not in by_index:
+            raise MitigationError(f"{where}: row {row} is not a training row of {dataset.source} "
+                                  f"({len(dataset.rows)} rows, numbered 0-{dataset.n_total - 1})")
+        if row in seen:
+            raise MitigationError(f"{where}: row {row} is listed twice")
+        for key in ("prompt", "response"):
+            if key in rec and rec[key] != getattr(by_index[row], key):
+                raise MitigationError(f"{where}: the {key} given for row {row} is not that row's {key} in "
+                                      f"{dataset.source} (a culprits file of another dataset?)")
+        score = rec.get("score")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+            raise MitigationError(f"{where}: 'score' must be a number, got {score!r}")
+        seen.add(row)
+        culprits.append((row, None if score is None else float(score)))
+    return culprits
+
+
+def behaviour_label(flagged) -> str | None:
+    """The label the flagged queries carry (the most common one), the rows' label for the behaviour."""
+    labels = [q.label for q in flagged if q.label is not None]
+    return max(sorted(set(labels)), key=labels.count) if labels else None
+
+
+def selection_quality(removed, by_index: dict, label: str | None) -> dict | None:
+    """Precision and recall of the removed rows against the rows carrying the behaviour's label."""
+    if label is None:
+        return None
+    labelled = sum(by_index[r].label == label for r in removed)
+    total = sum(r.label == label for r in by_index.values())
+    return {"label": label, "labelled": labelled, "label_rows": total,
+            "precision": labelled / max(1, len(removed)), "recall": labelled / max(1, total)}
+
+
+class RetrainClock:
+    """Labels each retrain ("retrain 2/4 (random seed 1)") and, after the first, projects the rest
+    from its measured time."""
+
+    def __init__(self, total: int, log):
+        self.total, self.done, self.log, self.first = total, 0, log, None
+
+    def label(self, what: str) -> str:
+        return f"retrain {self.done + 1}/{self.total} ({what})"
+
+    def finished(self, seconds: float, steps: int) -> None:
+        self.done += 1
+        if self.first is None:
+            self.first = seconds
+            if self.total > self.done:
+                left = self.total - self.done
+                self.log(f"retrain 1 took {seconds:.0f} s ({steps / max(seconds, 1e-9):.1f} steps/s): "
+                         f"about {_minutes(seconds * left)} for the other {left}")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def retrain_steps(recipe: dict, n_rows: int) -> tuple[int, int]:
+    """(epochs, optimizer steps) of one retrain on `n_rows` rows with `recipe`."""
+    cfg = recipe.get("config", {})
+    epochs, batch = int(cfg.get("epochs", 4)), int(cfg.get("batch_size", 16))
+    return epochs, epochs * -(-n_rows // batch)
+
+
+def plan_note(recipe: dict, n_rows: int, retrains: int, generations: int, prompts: int, max_new_tokens: int) -> str:
+    epochs, steps = retrain_steps(recipe, n_rows)
+    return (f"plan: {retrains} retrain{'s' if retrains != 1 else ''} x ~{n_rows} rows x {epochs} epochs "
+            f"= {retrains * n_rows * epochs} row passes ({steps} optimizer steps each), and {generations} "
+            f"generations of {prompts} answers x {max_new_tokens} new tokens")
+
+
 # ------------------------------------------------------------------ the whole run
 
-def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selection: Selection,
-                   method: str = "remove", seeds: int = 3, data: str | None = None, prompts: list[str] | None = None,
-                   heldout: list[Row] | None = None, max_new_tokens: int = 16, unlearn_steps: int = 30,
-                   progress: bool = True, log=print, culprits_from: str = "rept") -> dict:
-    """`culprits_from`: "rept" (the index's scores), a RepT mode, or another rept.methods name
-    (bm25, tracin, less, datainf, rapidin, random) fitted on the model the index records; the same
-    `selection` rule applies to its scores."""
+@dataclass
+class Setup:
+    """What every mitigation run works from, checked before anything is written."""
+    out: Path
+    manifest: dict
+    dataset: object              # rept.data.Dataset, the index's own rows
+    by_index: dict               # row id -> Row
+    recipe: dict | None          # the training recipe (None for unlearn only)
+    flagged: list                # flagged queries that can be traced
+    controls: list               # queries with flagged=false that can be traced
+    prompts: list[str]
+    heldout: list[Row] | None
+    max_length: int
+    bundle: object = None        # rept.methods.ModelBundle for a fitted culprit source
+
+
+def prepare(tracer, queries, out, method: str, seeds: int, data: str | None, prompts, heldout,
+            culprits_from: str, inputs: dict | None, overwrite: bool, log, resumable: dict | None = None,
+            progress: bool = False) -> Setup:
+    """Every check of a run, before any work: the culprit source, the recipe, the dataset against
+    the index, the outputs against the inputs and against an earlier run. `resumable`: a rounds
+    run's settings; an unfinished run with the same settings in --out resumes instead of refusing."""
     from rept.data import load_dataset
 
     out = Path(out)
     manifest = tracer.index.manifest
     check_culprit_source(culprits_from)
     method_index = getattr(tracer, "method", None)  # a method index: the culprits are its method's
-    if method_index is not None:
-        if culprits_from != "rept":
-            raise MitigationError(f"{tracer.index.folder} is a {method_index.name} index: its culprits are "
-                                  f"{method_index.name}'s; leave out --culprits-from {culprits_from}")
+    if method_index is not None and culprits_from != "rept":
+        raise MitigationError(f"{tracer.index.folder} is a {method_index.name} index: its culprits are "
+                              f"{method_index.name}'s; leave out --culprits-from {culprits_from}")
     if seeds < 1:
         raise MitigationError(f"--seeds must be at least 1 (got {seeds}): the random rows are the control")
     flagged = [q for q in queries if q.flagged is not False]
@@ -300,8 +480,23 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
     if recipe is not None and not can_retrain(recipe):
         raise MitigationError(f"`remove` cannot retrain a model with recipe '{recipe.get('recipe')}' "
                               f"({recipe_dir}): use --method unlearn")
-    dataset = load_dataset(data or manifest["dataset"]["source"], **_columns(manifest, data))
-    prompts = prompts or [q.prompt for q in flagged]
+    data_source = data or manifest["dataset"]["source"]
+    every_input = {"training set": data_source, "index": str(tracer.index.folder), "model": model_dir,
+                   "adapter": adapter_dir, "base model": (recipe or {}).get("base"), **(inputs or {})}
+    check_outputs(out, every_input)
+    dataset = load_dataset(data_source, **_columns(manifest, data))
+    check_dataset(dataset, manifest)
+    found = earlier_outputs(out)
+    if found and not overwrite:
+        run_file = out / "run.json"
+        same_run = (resumable is not None and "results.json" not in found and run_file.exists()
+                    and json.loads(run_file.read_text()) == resumable)
+        if not same_run:
+            refuse_earlier_run(out, found)
+        log(f"resuming the unfinished run in {out}")
+    elif found:
+        log(f"--overwrite: removing the earlier run's {', '.join(found)} in {out}")
+        clear_outputs(out)
     # Answers that cannot be traced (the prompt fills max_length) are left out of the culprit search
     # (their prompts are still measured).
     from rept.trace import traceable_queries
@@ -313,22 +508,72 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
     if len(traceable) < len(flagged):
         log(f"{len(flagged) - len(traceable)} of {len(flagged)} flagged answers have no response token within "
             f"max_length {manifest['max_length']}: left out of the culprit search")
+    controls = traceable_queries(tracer.loaded.tokenizer, [q for q in queries if q.flagged is False],
+                                 manifest["max_length"])
+    max_length = (recipe or {}).get("config", {}).get("max_length", manifest["max_length"])
+    return Setup(out, manifest, dataset, {r.index: r for r in dataset.rows}, recipe, traceable, controls,
+                 prompts or [q.prompt for q in flagged], heldout, max_length, bundle)
+
+
+def clean_heldout(setup: Setup, kept: list[Row]) -> tuple[list[Row], str]:
+    if setup.heldout:
+        return setup.heldout, "held-out rows"
+    return (random.Random(0).sample(kept, min(100, len(kept))),
+            "100 kept training rows (no --heldout given, so not truly held out)")
+
+
+def write_culprits(path: Path, culprits, by_index: dict) -> None:
+    lines = [json.dumps({"row": row, "score": score, "label": by_index[row].label, "prompt": by_index[row].prompt,
+                         "response": by_index[row].response}) for row, score in culprits]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selection: Selection,
+                   method: str = "remove", seeds: int = 3, data: str | None = None, prompts: list[str] | None = None,
+                   heldout: list[Row] | None = None, max_new_tokens: int = 16, unlearn_steps: int = 30,
+                   progress: bool = True, log=print, culprits_from: str = "rept", culprits_file: str | None = None,
+                   inputs: dict | None = None, overwrite: bool = False) -> dict:
+    """`culprits_from`: "rept" (the index's scores), a RepT mode, or another rept.methods name
+    (bm25, tracin, less, datainf, rapidin, random) fitted on the model the index records; the same
+    `selection` rule applies to its scores. `culprits_file`: culprits read from a JSONL file
+    instead (no tracing). `inputs`: {what: path} of the caller's input files (queries, prompts,
+    held-out rows), which no output may replace; the run's own (data, index, model) are added."""
+    setup = prepare(tracer, queries, out, method, seeds, data, prompts, heldout, culprits_from, inputs,
+                    overwrite, log, progress=progress)
+    out, dataset, by_index, recipe, prompts = setup.out, setup.dataset, setup.by_index, setup.recipe, setup.prompts
+    method_index = getattr(tracer, "method", None)
+    if culprits_file is None and selection.kind == "separation" and not setup.controls:
+        raise MitigationError("--select separation needs control answers (queries with flagged=false) "
+                              "to read the threshold off")
+    if culprits_file is not None:
+        culprits = read_culprits(culprits_file, dataset)
+        culprits_from, source_note = "file", f"the culprits file {culprits_file}"
     out.mkdir(parents=True, exist_ok=True)
 
     # 1. culprits
-    scores, rows, source_note = culprit_scores(tracer, traceable, culprits_from, dataset, log=log, bundle=bundle)
-    if method_index is not None:
-        culprits_from = method_index.name
-    culprits = select_culprits(scores, rows, selection)
-    by_index = {r.index: r for r in dataset.rows}
+    if culprits_file is None:
+        scores, rows, source_note = culprit_scores(tracer, setup.flagged, culprits_from, dataset, log=log,
+                                                   bundle=setup.bundle)
+        controls = None
+        if selection.kind == "separation" and setup.controls:
+            controls, _, _ = culprit_scores(tracer, setup.controls, culprits_from, dataset, log=log,
+                                            bundle=setup.bundle)
+        if method_index is not None:
+            culprits_from = method_index.name
+        culprits = select_culprits(scores, rows, selection, controls)
+        missing = {row for row, _ in culprits} - set(by_index)
+        if missing:
+            raise MitigationError(f"{len(missing)} culprit rows are not in {dataset.source}: "
+                                  "pass the training set with --data")
     culprit_set = {row for row, _ in culprits}
-    missing = culprit_set - set(by_index)
-    if missing:
-        raise MitigationError(f"{len(missing)} culprit rows are not in {dataset.source}: pass the training set with --data")
-    lines = [json.dumps({"row": row, "score": score, "label": by_index[row].label, "prompt": by_index[row].prompt,
-                         "response": by_index[row].response}) for row, score in culprits]
-    atomic_write_bytes(out / "culprits.jsonl", ("\n".join(lines) + "\n").encode())
-    log(f"culprits: {len(culprits)} rows ({selection}, from {culprits_from}) -> {out / 'culprits.jsonl'}")
+    write_culprits(out / "culprits.jsonl", culprits, by_index)
+    chosen = "from the file" if culprits_file else f"{selection}, from {culprits_from}"
+    log(f"culprits: {len(culprits)} rows ({chosen}) -> {out / 'culprits.jsonl'}")
+    label = behaviour_label(setup.flagged)
+    quality = selection_quality(culprit_set, by_index, label)
+    if quality:
+        log(f"culprits carrying the label '{label}': {quality['labelled']} of {len(culprits)} "
+            f"(precision {quality['precision']:.2f}, recall {quality['recall']:.2f} of {quality['label_rows']})")
 
     # 2. the cleaned training set, in the input's format; the input is never touched
     source = Path(dataset.source)
@@ -338,33 +583,37 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
     kept = [r for r in dataset.rows if r.index not in culprit_set]
     log(f"cleaned training set: {len(kept)} rows -> {cleaned_path}")
 
-    max_length = (recipe or {}).get("config", {}).get("max_length", manifest["max_length"])
-    heldout_note = "held-out rows"
-    if not heldout:
-        heldout = random.Random(0).sample(kept, min(100, len(kept)))
-        heldout_note = "100 kept training rows (no --heldout given, so not truly held out)"
+    heldout, heldout_note = clean_heldout(setup, kept)
+    max_length = setup.max_length
     base = tracer.loaded
-    results = {"removed": len(culprits), "selection": str(selection), "culprits_from": culprits_from,
-               "culprits_scored_by": source_note, "detector": detector.rule,
-               "prompts": len(prompts), "method": method, "seeds": seeds, "cleaned": str(cleaned_path),
-               "before": behaviour_rate(base, prompts, detector, max_new_tokens),
-               "clean_loss": {"before": nll_per_char(base, heldout, max_length)},
-               "clean_loss_unit": f"response NLL per character (nats) on {heldout_note}"}
+    results = {"removed": len(culprits), "selection": "file" if culprits_file else str(selection),
+               "culprits_from": culprits_from, "culprits_scored_by": source_note, "detector": detector.rule,
+               "prompts": len(prompts), "method": method, "seeds": seeds, "cleaned": str(cleaned_path)}
+    if quality:
+        results["selection_quality"] = quality
+    retrains = (1 + seeds) * (method in ("remove", "both"))
+    unlearns = (1 + seeds) * (method in ("unlearn", "both"))
+    if recipe is not None:
+        log(plan_note(recipe, len(kept), retrains, 1 + retrains + unlearns, len(prompts), max_new_tokens))
+    results["before"] = behaviour_rate(base, prompts, detector, max_new_tokens, progress=progress,
+                                       desc="generate (model before)")
+    results["clean_loss"] = {"before": nll_per_char(base, heldout, max_length)}
+    results["clean_loss_unit"] = f"response NLL per character (nats) on {heldout_note}"
     log(f"behaviour before: {results['before']:.1%} of {len(prompts)} prompts")
     n_random = len(culprits)
     random_sets = [random.Random(1000 + s).sample([r.index for r in dataset.rows], n_random) for s in range(seeds)]
+    clock = RetrainClock(retrains, log)
 
-    steps = (1 + seeds) * ((method in ("remove", "both")) + (method in ("unlearn", "both")))
-    bar = progress_bar(total=steps, desc="mitigate", disable=not progress, dynamic_ncols=True)
-
-    def compare(key: str, random_key: str, repair) -> None:
+    def compare(key: str, random_key: str, repair, verb: str) -> None:
         """Repair once for the culprits (removed=None) and once per random control set, and record
         each model's behaviour rate and clean loss."""
         for removed, seed in [(None, 0)] + [(r, s) for s, r in enumerate(random_sets)]:
-            model = repair(removed, seed)
-            rate = behaviour_rate(model, prompts, detector, max_new_tokens)
+            what = "culprits" if removed is None else f"random seed {seed}"
+            model = repair(removed, seed, what)
+            rate = behaviour_rate(model, prompts, detector, max_new_tokens, progress=progress,
+                                  desc=f"generate ({what} {verb})")
             loss = nll_per_char(model, heldout, max_length)
-            bar.update(1)
+            log(f"{what} {verb}: behaviour {rate:.1%}, clean loss {loss:.4f}")
             if removed is None:
                 results[key], results["clean_loss"][key] = rate, loss
             else:
@@ -375,17 +624,22 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
         gone = set(removed)
         return [r for r in dataset.rows if r.index not in gone]
 
+    def removal(removed, seed, what):
+        rows = kept if removed is None else rows_without(removed)
+        started = time.perf_counter()
+        model = retrain(recipe, rows, out / ("model-cleaned" if removed is None else f"model-random-{seed}"),
+                        progress=progress, desc=clock.label(what))
+        clock.finished(time.perf_counter() - started, retrain_steps(recipe, len(rows))[1])
+        return model
+
     if method in ("remove", "both"):
-        compare("after", "random", lambda removed, seed: retrain(
-            recipe, kept if removed is None else rows_without(removed),
-            out / ("model-cleaned" if removed is None else f"model-random-{seed}"), progress=False))
+        compare("after", "random", removal, "removed")
     if method in ("unlearn", "both"):
         bad = [by_index[row] for row, _ in culprits]
-        compare("unlearn", "unlearn_random", lambda removed, seed: unlearn(
+        compare("unlearn", "unlearn_random", lambda removed, seed, what: unlearn(
             base, bad if removed is None else [by_index[i] for i in removed],
             kept if removed is None else rows_without(removed),
-            steps=unlearn_steps, max_length=max_length, seed=seed))
-    bar.close()
+            steps=unlearn_steps, max_length=max_length, seed=seed), "unlearned")
     atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     atomic_write_bytes(out / "summary.md", summary_markdown(results).encode())
     return results
@@ -407,9 +661,13 @@ def summary_markdown(r: dict) -> str:
     source = r.get("culprits_from", "rept")
     lines = [f"# Mitigation: {r['removed']} culprit rows ({r['selection']}) chosen by {source}", "",
              f"Culprits scored by {r.get('culprits_scored_by', source)}; the random controls remove as many rows.", "",
-             f"Behaviour detector `{r['detector']}` on {r['prompts']} prompts.", "",
-             "| model | behaviour rate | clean loss |", "|---|---|---|",
-             f"| before | {r['before']:.1%} | {r['clean_loss']['before']:.4f} |"]
+             f"Behaviour detector `{r['detector']}` on {r['prompts']} prompts.", ""]
+    q = r.get("selection_quality")
+    if q:
+        lines += [f"Culprits carrying the label '{q['label']}': {q['labelled']} of {r['removed']} (precision "
+                  f"{q['precision']:.2f}, recall {q['recall']:.2f} of the {q['label_rows']} labelled rows).", ""]
+    lines += ["| model | behaviour rate | clean loss |", "|---|---|---|",
+              f"| before | {r['before']:.1%} | {r['clean_loss']['before']:.4f} |"]
     if "after" in r:
         lines.append(f"| culprits removed, retrained | {r['after']:.1%} | {r['clean_loss']['after']:.4f} |")
         lines.append(f"| {r['removed']} random rows removed, retrained ({_seeds(len(r['random']))}) | "

@@ -89,14 +89,14 @@ def train_causal_lm(model, tokenizer, rows, cfg: TrainConfig, progress: bool = T
 
 
 def train_from_scratch(rows, out: str | Path, cfg: TrainConfig, progress: bool = True,
-                       data_source: str | None = None, extra: dict | None = None) -> LoadedModel:
+                       data_source: str | None = None, extra: dict | None = None, desc: str = "train") -> LoadedModel:
     """Tokenizer + tiny Llama trained from nothing on `rows`, saved to `out`."""
     set_seed(cfg.seed)
     tokenizer = train_tokenizer([r.prompt + "\n" + r.response for r in rows], vocab_size=cfg.vocab_size)
     prepare_tokenizer(tokenizer)
     model = tiny_llama(tokenizer, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
                        max_positions=max(512, cfg.max_length), seed=cfg.seed)
-    losses = train_causal_lm(model, tokenizer, rows, cfg, progress=progress)
+    losses = train_causal_lm(model, tokenizer, rows, cfg, progress=progress, desc=desc)
     save_trained(model, tokenizer, out, {"recipe": "from-scratch", "config": asdict(cfg), "data": data_source,
                                          "epoch_losses": losses, **(extra or {})})
     model.requires_grad_(False)
@@ -294,7 +294,7 @@ def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str 
                 lora: LoraSettings | None = None, data_source: str | None = None,
                 data_fingerprint: str | None = None, resume: bool = True, progress: bool = True,
                 log=None, extra: dict | None = None, stop_after_epochs: int | None = None,
-                device: str | None = None) -> dict:
+                device: str | None = None, desc: str | None = None) -> dict:
     """Train with `recipe` ("from-scratch", "lora" or "full") on `rows` and save to `out`.
 
     Returns the recipe written to out/RECIPE_FILE. With resume, a finished run with the same recipe
@@ -362,7 +362,7 @@ def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str 
 
         shutil.rmtree(ckpt)
     model.train()
-    bar = progress_bar(total=steps, initial=start_epoch * per_epoch, desc=f"train ({recipe})", disable=not progress,
+    bar = progress_bar(total=steps, initial=start_epoch * per_epoch, desc=desc or f"train ({recipe})", disable=not progress,
                dynamic_ncols=True)
     for epoch in range(start_epoch, cfg.epochs):
         order = examples[:]
@@ -401,7 +401,7 @@ def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str 
     return record
 
 
-def train_from_recipe(recipe: dict, rows, out: str | Path, progress: bool = True) -> LoadedModel:
+def train_from_recipe(recipe: dict, rows, out: str | Path, progress: bool = True, desc: str | None = None) -> LoadedModel:
     """Train again, on `rows`, with a recipe read from a model folder (RECIPE_FILE): the same
     recipe, base, LoRA settings, configuration and seed. Returns the trained model ready to
     generate (a LoRA adapter is loaded on its base and merged)."""
@@ -412,7 +412,7 @@ def train_from_recipe(recipe: dict, rows, out: str | Path, progress: bool = True
         raise TrainError(f"cannot retrain: unknown recipe '{kind}' in the model's {RECIPE_FILE}")
     cfg = TrainConfig(**recipe["config"])
     if kind == "from-scratch" and "settings" not in recipe:  # written by train_from_scratch (the demo)
-        return train_from_scratch(rows, out, cfg, progress=progress)
+        return train_from_scratch(rows, out, cfg, progress=progress, desc=desc or "train")
     base = recipe.get("base")
     from rept.models import model_source_exists
 
@@ -420,7 +420,7 @@ def train_from_recipe(recipe: dict, rows, out: str | Path, progress: bool = True
         raise TrainError(f"cannot retrain: the recipe's base model {base} is not there any more")
     lora = LoraSettings(**recipe["lora"]) if recipe.get("lora") else None
     train_model(kind, rows, out, cfg, base=base, lora=lora, data_source=recipe.get("data"), resume=False,
-                progress=progress)
+                progress=progress, desc=desc)
     if kind == "lora":
         return load_model(base, adapter=str(out))
     return load_model(str(out))

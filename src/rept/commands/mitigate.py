@@ -15,7 +15,21 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="folder for culprits.jsonl, the cleaned set, results.json, summary.md")
     p.add_argument("--data", help="training set (default: the one the index records)")
     p.add_argument("--select", default="top-k:10",
-                   help="top-k:K (union of every query's top K), threshold:S (score >= S) or budget:N (N strongest)")
+                   help="top-k:K (union of every query's top K), threshold:S (score >= S), budget:N (N strongest) "
+                   "or separation (every row the flagged answers score higher than any control answer does: aims for "
+                   "recall; needs flagged=false queries)")
+    p.add_argument("--culprits", metavar="FILE",
+                   help="take the culprits from a JSONL file (culprits.jsonl's format: 'row' required; 'score', "
+                   "'label', 'prompt', 'response' optional and checked) instead of tracing")
+    p.add_argument("--rounds", type=int, metavar="N",
+                   help="trace-remove-retrain rounds: each round removes the culprits of the answers that still "
+                   "misbehave (--select per round); DIR/round-K/ keeps each round, a rerun resumes")
+    p.add_argument("--until", metavar="RATE",
+                   help="stop the rounds once the behaviour rate is at most RATE (0.05 or 5%%; "
+                   "up to 10 rounds unless --rounds)")
+    p.add_argument("--max-removed", type=int, metavar="N", help="row budget of the rounds, all rounds together")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's results in --out (else refused)")
     p.add_argument("--culprits-from", default="rept", metavar="METHOD",
                    help="who ranks the training rows for --select: rept (the index, default), a RepT mode "
                    "(rept-official, rept-balanced, repsim, repgrad, rept-lookahead: from the index's signatures), "
@@ -39,10 +53,27 @@ def run(args) -> int:
     from rept.data import load_dataset, load_prompts
     from rept.detect import Detector
     from rept.mitigate import MitigationError, Selection, check_culprit_source, run_mitigation, summary_markdown
+    from rept.rounds import parse_rate, run_rounds
     from rept.trace import Tracer, load_queries
 
     selection = Selection.parse(args.select)
     check_culprit_source(args.culprits_from)  # before the model is loaded
+    until = parse_rate(args.until) if args.until is not None else None
+    in_rounds = args.rounds is not None or until is not None
+    if args.max_removed is not None and not in_rounds:
+        raise MitigationError("--max-removed is the row budget of --rounds/--until; a single run's budget is "
+                              "--select budget:N")
+    if in_rounds and args.method != "remove":
+        raise MitigationError(f"--rounds retrain without the culprits; --method {args.method} is not for rounds")
+    if args.culprits:
+        if in_rounds:
+            raise MitigationError("--culprits replaces the tracing step, and rounds trace in every round: use one")
+        if args.culprits_from != "rept" or args.mode:
+            raise MitigationError("--culprits gives the culprits: leave out --culprits-from and --mode")
+        import os
+
+        if not os.path.isfile(args.culprits):
+            raise MitigationError(f"--culprits {args.culprits}: no such file")
     if args.mode and args.culprits_from != "rept":
         raise MitigationError(f"--mode sets the RepT mode of --culprits-from rept; with --culprits-from "
                               f"{args.culprits_from} leave it out (a RepT mode is also a --culprits-from name)")
@@ -62,9 +93,20 @@ def run(args) -> int:
     if args.mode:
         tracer.index.manifest["mode"] = args.mode
     console = Console(stderr=True)
-    results = run_mitigation(tracer, queries, detector, args.out, selection, method=args.method, seeds=args.seeds,
-                             data=args.data, prompts=prompts, heldout=heldout, max_new_tokens=args.max_new_tokens,
-                             unlearn_steps=args.unlearn_steps, progress=not args.quiet, log=console.print,
-                             culprits_from=args.culprits_from)
-    print(summary_markdown(results))  # plain Markdown: no console wrapping, so a table row stays on one line
+    inputs = {"queries": args.queries, "prompts": args.prompts, "held-out rows": args.heldout,
+              "culprits file": args.culprits}
+    common = dict(seeds=args.seeds, data=args.data, prompts=prompts, heldout=heldout,
+                  max_new_tokens=args.max_new_tokens, progress=not args.quiet, log=console.print,
+                  culprits_from=args.culprits_from, inputs=inputs, overwrite=args.overwrite)
+    if in_rounds:
+        from rept.rounds import rounds_markdown
+
+        results = run_rounds(tracer, queries, detector, args.out, selection, rounds=args.rounds, until=until,
+                             max_removed=args.max_removed, **common)
+        text = rounds_markdown(results)
+    else:
+        results = run_mitigation(tracer, queries, detector, args.out, selection, method=args.method,
+                                 unlearn_steps=args.unlearn_steps, culprits_file=args.culprits, **common)
+        text = summary_markdown(results)
+    print(text)  # plain text: a Markdown table row is never wrapped or read as markup
     return 0
