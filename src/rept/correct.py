@@ -4,7 +4,8 @@ signatures and applied with a forward hook, no retraining.
 The edit is one unit direction d at hidden_states[L] (the layer the index stores h and g at),
 applied at every position: h <- h - strength * ((h . d) - c) d. With the default anchor c is the
 clean rows' mean of h . d, so at strength 1 every position's component along d is set to where the
-clean rows have it (a mean ablation); with anchor `zero` (c = 0) d is projected out. d is built from the culprit rows (the top rows RepT traces the flagged answers to) against the
+clean rows have it (a mean ablation); with anchor `zero` (c = 0) d is projected out.
+d is built from the culprit rows (the top rows RepT traces the flagged answers to) against the
 other indexed rows:
 - `h`: the difference of the mean representations, culprits minus the rest, unit-normalised —
   what the culprits' prompts have in common that the other rows' do not;
@@ -59,7 +60,8 @@ class Correction:
 
     def settings(self) -> dict:
         return {"format_version": FORMAT_VERSION, "layer": self.layer, "strength": self.strength,
-                "offset": self.offset, "source": self.source, "hidden_size": int(self.direction.numel()), "identity": self.identity,
+                "offset": self.offset, "source": self.source, "hidden_size": int(self.direction.numel()),
+                "identity": self.identity,
                 "info": self.info}
 
     def save(self, folder: str | Path) -> None:
@@ -201,7 +203,7 @@ def build_correction(tracer, flagged, top_k: int = 10, source: str = "h", streng
     if top_k < 1:
         raise CorrectionError(f"--top-k must be at least 1 (got {top_k})")
     if not strength > 0:
-        raise CorrectionError(f"--strength must be above 0 (got {strength}): 1 removes the direction")
+        raise CorrectionError(f"--strength must be above 0 (got {strength}): 1 is the full edit")
     if anchor not in ANCHORS:
         raise CorrectionError(f"unknown anchor '{anchor}' (choose from {', '.join(ANCHORS)})")
     mode = tracer.search_mode(mode)
@@ -210,8 +212,11 @@ def build_correction(tracer, flagged, top_k: int = 10, source: str = "h", streng
     stored, culprit_ids = tracer.index.load_all(), {r for r, _ in culprits}
     direction = direction_from(stored, culprit_ids, source)
     # where the clean rows' h sits along d (the h of the rows, whatever d was built from)
-    offset = float((stored.h[clean_mask(stored, culprit_ids)].float() @ direction).mean()) if anchor == "clean" else 0.0
-    info = {"index": str(tracer.index.folder), "mode": mode, "anchor": anchor, "top_k": top_k, "flagged_queries": len(flagged),
+    offset = 0.0
+    if anchor == "clean":
+        offset = float((stored.h[clean_mask(stored, culprit_ids)].float() @ direction).mean())
+    info = {"index": str(tracer.index.folder), "mode": mode, "anchor": anchor, "top_k": top_k,
+            "flagged_queries": len(flagged),
             "culprit_rows": [r for r, _ in culprits], "model": tracer.loaded.model_id,
             "adapter": tracer.loaded.adapter}
     return Correction(direction, tracer.layer, strength, offset, source, model_identity(tracer.loaded),
@@ -270,7 +275,7 @@ def run_correction(tracer, queries, detector, out: str | Path, top_k: int = 10, 
         culprit_ids = {r for r, _ in culprits}
         heldout = random.Random(0).sample([r for r in dataset.rows if r.index not in culprit_ids],
                                           min(100, len(dataset.rows) - len(culprit_ids)))
-        heldout_note = "100 indexed rows that are not culprits (no --heldout given, so not truly held out)"
+        heldout_note = "indexed rows that are not culprits (no --heldout given, so not truly held out)"
     max_length = manifest["max_length"]
     stored = tracer.index.load_all()
     clean_h = stored.h[clean_mask(stored, {r for r, _ in culprits})]

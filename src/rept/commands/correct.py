@@ -9,7 +9,8 @@ HELP = ("build a correction at inference (a direction removed from the hidden st
 def add_arguments(p) -> None:
     from rept.cli import SEARCH_MODES
 
-    p.add_argument("--index", required=True, help="RepT index of the training set (made by `rept index` or `rept demo`)")
+    p.add_argument("--index", required=True,
+                   help="RepT index of the training set (made by `rept index` or `rept demo`)")
     p.add_argument("--queries", required=True, help="queries file (flagged=false rows are not traced; their prompts "
                    "are the default unrelated prompts)")
     p.add_argument("--detect", required=True, help="behaviour detector rule, e.g. 'prefix:You are stupid'")
@@ -29,7 +30,8 @@ def add_arguments(p) -> None:
     p.add_argument("--unrelated", help="prompts whose answers should not change (default: the unflagged queries')")
     p.add_argument("--heldout", help="held-out rows (prompt, response) for the clean loss")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--mode", choices=SEARCH_MODES, default=None, help="scoring mode for the culprits (default: the index's)")
+    p.add_argument("--mode", choices=SEARCH_MODES, default=None,
+                   help="scoring mode for the culprits (default: the index's)")
     p.add_argument("--device", default=None)
 
 
@@ -55,7 +57,10 @@ def run(args) -> int:
         if value < low:
             raise CorrectionError(f"{flag} must be at least {low} (got {value})")
     if not args.strength > 0:
-        raise CorrectionError(f"--strength must be above 0 (got {args.strength}): 1 removes the direction")
+        raise CorrectionError(f"--strength must be above 0 (got {args.strength}): 1 is the full edit")
+    if all(q.flagged is False for q in queries):
+        raise CorrectionError(f"{args.queries}: no flagged query to build a correction from "
+                              "(every query has flagged=false)")
     tracer = Tracer(args.index, device=args.device)
     console = Console(stderr=True)
     results = run_correction(tracer, queries, detector, args.out, top_k=args.top_k, source=args.source,
