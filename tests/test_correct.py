@@ -211,14 +211,17 @@ def test_correction_beats_random_directions_on_the_demo_backdoor(tmp_path, demo,
     out = tmp_path / "corr"
     assert correct(out) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["before"] >= 0.9 and res["prompts"] == 30 and res["unrelated"]["prompts"] == 30
+    queries = [json.loads(line) for line in (demo / "queries.jsonl").read_text().splitlines()]
+    flagged = [q["prompt"] for q in queries if q["flagged"]]
+    assert res["before"] == 1.0 and res["prompts"] == len(flagged) >= 27
+    assert res["unrelated"]["prompts"] == len(queries) - len(flagged)
     # the culprits' direction stops the backdoor; random directions of the same norm do not
     assert res["after"] <= 0.2 and min(res["random"]) >= 0.8
     # the unrelated (untriggered) prompts do not start to misbehave, and the clean loss stays close
     assert res["unrelated"]["behaviour"]["after"] <= 0.1
     assert res["clean_loss"]["after"] < 1.25 * res["clean_loss"]["before"]
     assert "| correction |" in (out / "summary.md").read_text()
-    assert len((out / "answers.jsonl").read_text().splitlines()) == 30
+    assert len((out / "answers.jsonl").read_text().splitlines()) == len(flagged)
     # deterministic: a second run gives the same figures and the same direction
     again = tmp_path / "again"
     assert correct(again) == 0
@@ -226,12 +229,11 @@ def test_correction_beats_random_directions_on_the_demo_backdoor(tmp_path, demo,
     assert torch.equal(Correction.load(out).direction, Correction.load(again).direction)
     # `rept generate --correction` applies it: the triggered prompts no longer misbehave
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": json.loads(line)["prompt"]}) + "\n"
-                               for line in (demo / "queries.jsonl").read_text().splitlines()[:30]))
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in flagged))
     capsys.readouterr()
     code = main(["-q", "generate", "--model", str(demo / "model"), "--prompts", str(prompts), "--out",
                  str(tmp_path / "g.jsonl"), "--detect", "prefix:You are stupid", "--max-new-tokens", "8",
-                 "--allow-none", "--correction", str(out)])
+                 "--batch-size", "32", "--allow-none", "--correction", str(out)])  # batched as rept correct is
     assert code == 0
     fired = [json.loads(line)["flagged"] for line in (tmp_path / "g.jsonl").read_text().splitlines()]
     assert sum(fired) / len(fired) == pytest.approx(res["after"])
