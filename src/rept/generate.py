@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import torch
-from rept.progress import progress_bar
 
 from rept.examples import format_prompt, _uses_template
+from rept.progress import progress_bar
 
 
 @torch.no_grad()
 def generate(loaded, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
-             progress: bool = True, desc: str = "generate") -> list[str]:
+             progress: bool = True, desc: str = "generate", correction=None) -> list[str]:
+    """`correction` (rept.correct.Correction): answer with that edit applied at its layer."""
+    from rept.correct import corrected
+
     model, tok = loaded.model, loaded.tokenizer
     device = loaded.device
     texts = [format_prompt(tok, p) for p in prompts]
@@ -24,8 +27,9 @@ def generate(loaded, prompts: list[str], max_new_tokens: int = 64, batch_size: i
             idx = order[start:start + batch_size]
             enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True,
                       add_special_tokens=not _uses_template(tok)).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            with corrected(model, correction):
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             for row, i in enumerate(idx):
                 answers[i] = _decode_answer(tok, out[row, enc["input_ids"].shape[1]:].tolist())
     finally:

@@ -20,6 +20,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts answered at once")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--allow-none", action="store_true", help="write the file even if the detector never fires")
+    p.add_argument("--correction", metavar="DIR", help="answer with the correction `rept correct` saved in DIR "
+                   "applied (refused on another model than it was built for)")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
 
@@ -37,9 +39,18 @@ def run(args) -> int:
     prompts = load_prompts(args.prompts, args.prompt_column)
     if args.limit:
         prompts = prompts[: args.limit]
+    from rept.correct import Correction, corrected
+
+    correction = Correction.load(args.correction) if args.correction else None  # before the model loads
     loaded = load_model(args.model, args.adapter, dtype=args.dtype, device=args.device)
-    queries = answer_and_detect(loaded, prompts, detector, label=args.label, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size, progress=not args.quiet)
+    if correction is not None:
+        correction.check_model(loaded)
+        print(f"with the correction in {args.correction} ({correction.source} direction at layer "
+              f"{correction.layer}, strength {correction.strength:g})", file=sys.stderr)
+    with corrected(loaded.model, correction):
+        queries = answer_and_detect(loaded, prompts, detector, label=args.label,
+                                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                    progress=not args.quiet)
     fired = sum(bool(q.flagged) for q in queries)
     if fired == 0 and not args.allow_none:
         raise DetectorError(f"the detector '{args.detect}' fired on none of the {len(queries)} answers, so there is "
