@@ -42,11 +42,6 @@ def cache_root() -> Path:
     return Path(root) / "gguf"
 
 
-def is_gguf_source(name: str) -> bool:
-    """True for what this module resolves: a known model name or a path ending in .gguf."""
-    return str(name).lower() in KNOWN_MODELS or str(name).lower().endswith(".gguf")
-
-
 def resolve_model_source(name: str, log=None) -> str:
     """The folder to load for `name`: a converted folder for a known name or a GGUF file (converting
     it on first use), `name` itself for anything else (a model folder, a Hub id)."""
