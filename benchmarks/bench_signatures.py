@@ -13,6 +13,7 @@ with rept.build.build_index and reports peak RSS along the way and storage bytes
     python benchmarks/bench_signatures.py --hidden 768 --layers 12 --plain-rows 64
     python benchmarks/bench_signatures.py --preamble-tokens 300   # long prompts (a chat template's system prompt)
     python benchmarks/bench_signatures.py --index-rows 200000     # memory + storage
+    python benchmarks/bench_signatures.py --model smollm2-135m-instruct --rows 32 --max-length 64 --layer 15
 """
 
 from __future__ import annotations
@@ -141,9 +142,30 @@ def timed(fn, repeat=1):
 
 # ------------------------------------------------------------------------------ throughput
 
+def setup_model(name: str, n_rows: int, max_length: int):
+    """A given model (folder, .gguf or smollm2-135m-instruct) and the demo rows in its chat template."""
+    from rept.models import load_model
+
+    loaded = load_model(name, device="cpu")
+    examples = []
+    for r in demo_rows():
+        ex = tokenize_pair(loaded.tokenizer, r["prompt"], r["response"], row=len(examples), max_length=max_length)
+        if ex is not None:
+            examples.append(ex)
+        if len(examples) == n_rows:
+            break
+    return loaded.tokenizer, loaded.model, examples
+
+
 def throughput(args):
     torch.manual_seed(0)
-    tok, model, examples = setup(args.hidden, args.layers, args.rows, args.max_length, args.vocab, args.preamble_tokens)
+    if args.model:
+        tok, model, examples = setup_model(args.model, args.rows, args.max_length)
+        args.hidden, args.layers = model.config.hidden_size, model.config.num_hidden_layers
+        args.quick = True  # the other rows rebuild the tiny model
+    else:
+        tok, model, examples = setup(args.hidden, args.layers, args.rows, args.max_length, args.vocab,
+                                     args.preamble_tokens)
     pad = tok.pad_token_id
     layer = args.layer if args.layer is not None else args.layers // 2
     n = len(examples)
@@ -221,7 +243,7 @@ def throughput(args):
         log(f"  b / c over {args.pairs} back-to-back pairs: median {paired['median']} "
             f"(min {paired['min']}, max {paired['max']})")
     summary = {"machine": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "hidden": args.hidden, "layers": args.layers, "layer": layer, "rows": n, "tokens": n_tokens,
+               "model": args.model, "hidden": args.hidden, "layers": args.layers, "layer": layer, "rows": n, "tokens": n_tokens,
                "max_length": args.max_length, "vocab": len(tok), "preamble_tokens": args.preamble_tokens,
                "speedup_b_vs_a": round(ratio_ba, 2), "cost_b_over_c": round(ratio_bc, 2),
                "cost_b_over_c_paired": paired, "results": results}
@@ -333,6 +355,8 @@ def memory(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="time a given model instead of a random tiny Llama (a folder, a .gguf file or "
+                   "smollm2-135m-instruct; implies --quick; rows: the demo rows in its chat template)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--layer", type=int, default=None, help="hidden_states index (default: layers // 2)")

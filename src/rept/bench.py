@@ -147,7 +147,10 @@ def train_two_stage(cfg: BenchConfig, rows, data_source: str, progress=True, log
     out = Path(cfg.out)
     label = _behaviour_label(rows, cfg.label)
     if cfg.base:
-        base = cfg.base
+        from rept.gguf import resolve_model_source
+
+        # a GGUF file or a known name: its converted folder, so the recipe and indexes record that
+        base = resolve_model_source(cfg.base, log=log)
         log(f"base model: {base} (given; no from-scratch stage)")
     else:
         base = str(out / "base")

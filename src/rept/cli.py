@@ -73,7 +73,7 @@ def _add_data_args(p):
 
 
 def _add_model_args(p, required=True):
-    p.add_argument("--model", required=required, help="HF model folder or hub id")
+    p.add_argument("--model", required=required, help="HF model folder, hub id, .gguf file or smollm2-135m-instruct")
     p.add_argument("--adapter", help="PEFT adapter folder")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")

@@ -98,8 +98,11 @@ def load_model(model_id: str, adapter: str | None = None, dtype: str = "float32"
     """Load model + tokenizer for tracing: eval mode, no parameter requires grad."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rept.gguf import resolve_model_source
+
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype '{dtype}' (choose from {', '.join(sorted(DTYPES))})")
+    model_id = resolve_model_source(model_id)  # a GGUF file or a known name: its converted folder
     check_model_source(model_id)
     tokenizer_src = model_id
     if adapter and os.path.exists(os.path.join(adapter, "tokenizer_config.json")):

@@ -236,8 +236,10 @@ def _load_checkpoint(path: Path) -> dict:
 def _load_base(base: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rept.gguf import resolve_model_source
     from rept.models import ModelError, check_model_source
 
+    base = resolve_model_source(base)  # a GGUF file or a known name: its converted folder
     check_model_source(base, "base model")
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     if os.path.isdir(base) and not any(os.path.exists(os.path.join(base, f)) for f in tokenizer_files):
