@@ -28,6 +28,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "bench": "rept.commands.bench",
     "mitigate": "rept.commands.mitigate",
     "report": "rept.commands.report",
+    "serve": "rept.commands.serve",
 }
 
 
