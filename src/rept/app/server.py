@@ -131,6 +131,11 @@ def create_app(service):
                              k=int_param(body, "k", 10), mode=str_param(body, "mode"), words=words,
                              label=str_param(body, "label"))
 
+    @app.post("/api/words")
+    def words(body: Any = Body(...)):
+        body = body_object(body)
+        return service.words(str_param(body, "prompt", ""), str_param(body, "response", ""), body.get("rows"))
+
     @app.get("/api/queries")
     def queries(k: str = "10", mode: str | None = None, label: str | None = None, search: str | None = None,
                 sort: str = "flagged"):

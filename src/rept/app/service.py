@@ -228,8 +228,8 @@ class AuditService:
               label: str | None = None) -> dict:
         """The top k rows for one (prompt, response): score, label, text, word heat map and top phrases
         (RepT index), and the score distribution over every row."""
-        from rept.report import heat_html, histogram_svg
-        from rept.trace import Hit, Query, QueryResult
+        from rept.report import histogram_svg
+        from rept.trace import Query
 
         _check_text("prompt", prompt)
         _check_text("response", response, allow_empty=True)
@@ -241,17 +241,7 @@ class AuditService:
             top = self._top(scores, k)
             hits = [self._hit(j, scores[j], label) for j in top]
             t1 = time.perf_counter()
-            scale = 0.0
-            if words and self.is_rept:
-                from rept.tokens import attach_word_scores
-
-                result = QueryResult(query, [Hit(h["row"], h["score"], h["label"], h["prompt"], h["response"])
-                                             for h in hits])
-                attach_word_scores(self.tracer, [result])
-                scale = max([0.0] + [abs(w["score"]) for h in result.hits for w in h.words]) or 1.0
-                for h, scored in zip(hits, result.hits):
-                    h["words"], h["phrases"] = scored.words, scored.phrases[:3]
-                    h["heat_html"] = str(heat_html(scored.text, scored.words, scored.phrases[:3], scale))
+            scale = self._attach_words(query, hits) if words and self.is_rept else 0.0
         t2 = time.perf_counter()
         relevant = None
         if label is not None:
@@ -262,6 +252,45 @@ class AuditService:
                 "histogram": {"counts": counts.tolist(), "edges": edges.tolist(),
                               "svg": str(histogram_svg(scores, relevant, float(scores[top[-1]]), k))},
                 "seconds": {"rows": t1 - t0, "words": t2 - t1}}
+
+    def _attach_words(self, query, hits: list[dict]) -> float:
+        """Fill each hit's words, top phrases and heat-map HTML (`rept.tokens`, `rept.report.heat_html`),
+        coloured on one scale per query; returns the scale. Caller holds the lock."""
+        from rept.report import heat_html
+        from rept.tokens import attach_word_scores
+        from rept.trace import Hit, QueryResult
+
+        result = QueryResult(query, [Hit(h["row"], h["score"], h["label"], h["prompt"], h["response"]) for h in hits])
+        attach_word_scores(self.tracer, [result])
+        scale = max([0.0] + [abs(w["score"]) for h in result.hits for w in h.words]) or 1.0
+        for h, scored in zip(hits, result.hits):
+            h["words"], h["phrases"] = scored.words, scored.phrases[:3]
+            h["heat_html"] = str(heat_html(scored.text, scored.words, scored.phrases[:3], scale))
+        return scale
+
+    def words(self, prompt: str, response: str, rows) -> dict:
+        """Word scores of the given rows for one (prompt, response): what the page asks for after a
+        trace has shown the rows, so the rows appear before their heat maps."""
+        from rept.trace import Query
+
+        _check_text("prompt", prompt)
+        _check_text("response", response, allow_empty=True)
+        if not self.is_rept:
+            raise AppError(f"word scores need RepT signatures; this index holds {self.tracer.method.name} state")
+        if not isinstance(rows, list) or not rows or len(rows) > len(self.rows):
+            raise AppError(f"rows must be a list of 1 to {len(self.rows)} row ids")
+        hits = []
+        for row in rows:
+            self.row(row)  # unknown rows: 404
+            hits.append(self._hit(self.column[row], 0.0))
+        t0 = time.perf_counter()
+        with self.lock:
+            try:
+                scale = self._attach_words(Query(prompt, response), hits)
+            except ReptError as exc:
+                raise AppError(str(exc), 422) from None
+        return {"word_scale": scale, "seconds": time.perf_counter() - t0,
+                "rows": [{k: h[k] for k in ("row", "words", "phrases", "heat_html")} for h in hits]}
 
     # ------------------------------------------------------------ the queries file
 

@@ -23,7 +23,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import sys
 
-    from rept.app.server import create_app, free_port, uvicorn_server
+    from rept.app.server import create_app, uvicorn_server
     from rept.app.service import AuditService
     from rept.cli import _tracer
     from rept.errors import ReptError
@@ -35,13 +35,29 @@ def run(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"rept: warning: binding {args.host}: anyone who can reach this address can use the app and read "
               "the training rows (no login)", file=sys.stderr)
+    port = _bindable(args.host, args.port)  # a taken port fails before the model loads
     service = AuditService(_tracer(args), queries, mitigations=args.mitigation, max_queries=args.max_queries)
-    port = args.port or free_port(args.host)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"rept serve: http://{shown}:{port}/ ({service.info()['rows']} rows, {len(service.queries)} queries); "
           "Ctrl+C stops", file=sys.stderr)
     try:
         uvicorn_server(create_app(service), args.host, port).run()
-    except OSError as exc:
-        raise ReptError(f"cannot serve on {args.host}:{port}: {exc.strerror or exc}") from None
+    except (OSError, SystemExit) as exc:  # uvicorn exits when it cannot bind
+        raise ReptError(f"cannot serve on {args.host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
     return 0
+
+
+def _bindable(host: str, port: int) -> int:
+    """`port` (or a free one for 0), checked by binding it once; a one-line error when it is taken."""
+    import socket
+
+    from rept.errors import ReptError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+            return s.getsockname()[1]
+    except OSError as exc:
+        raise ReptError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
