@@ -5,8 +5,10 @@ FastAPI (on Starlette) gives request validation and JSON errors for little code,
 FastAPI runs them in its thread pool and the service's lock lets one model call run at a time,
 so concurrent requests queue rather than fail.
 
-Every refusal is a 4xx JSON body `{"error": "<one line>"}`; nothing the app serves comes from
-the network (the page, its CSS and JavaScript are one packaged template).
+The service's answers are plain JSON types, so the heavy endpoints return them as a
+`JSONResponse` directly: FastAPI's encoder walk costs more than the work itself on the queries
+view's thousands of hits. Every refusal is a 4xx JSON body `{"error": "<one line>"}`; nothing
+the app serves comes from the network (the page, its CSS and JavaScript are one packaged template).
 """
 
 from __future__ import annotations
@@ -127,25 +129,26 @@ def create_app(service):
         words = body.get("words", True)
         if not isinstance(words, bool):
             raise AppError(f"words must be true or false, not {words!r}")
-        return service.trace(str_param(body, "prompt", ""), str_param(body, "response", ""),
-                             k=int_param(body, "k", 10), mode=str_param(body, "mode"), words=words,
-                             label=str_param(body, "label"))
+        return JSONResponse(service.trace(str_param(body, "prompt", ""), str_param(body, "response", ""),
+                                          k=int_param(body, "k", 10), mode=str_param(body, "mode"), words=words,
+                                          label=str_param(body, "label")))
 
     @app.post("/api/words")
     def words(body: Any = Body(...)):
         body = body_object(body)
-        return service.words(str_param(body, "prompt", ""), str_param(body, "response", ""), body.get("rows"))
+        return JSONResponse(service.words(str_param(body, "prompt", ""), str_param(body, "response", ""),
+                                          body.get("rows")))
 
     @app.get("/api/queries")
     def queries(k: str = "10", mode: str | None = None, label: str | None = None, search: str | None = None,
                 sort: str = "flagged"):
-        return service.queries_view(k=_int(k, "k"), mode=mode or None, label=label or None, search=search,
-                                    sort=sort)
+        return JSONResponse(service.queries_view(k=_int(k, "k"), mode=mode or None, label=label or None,
+                                                 search=search, sort=sort))
 
     @app.get("/api/groups")
     def groups(k: str = "10", mode: str | None = None, n_groups: str | None = None):
-        return service.groups(k=_int(k, "k"), mode=mode or None,
-                              n_groups=None if not n_groups else _int(n_groups, "n_groups"))
+        return JSONResponse(service.groups(k=_int(k, "k"), mode=mode or None,
+                                           n_groups=None if not n_groups else _int(n_groups, "n_groups")))
 
     @app.get("/api/rows/{row}")
     def row(row: str):

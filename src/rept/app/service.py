@@ -25,6 +25,7 @@ from rept.errors import ReptError
 MAX_PROMPT_CHARS = 8000       # longer prompts or responses are refused (413), before any model work
 MAX_NEW_TOKENS = 512
 MAX_GROUPS = 12
+HIT_TEXT_CHARS = 200          # the queries view cuts each hit's prompt and response to this (full: /api/rows/N)
 
 
 class AppError(ReptError):
@@ -70,7 +71,7 @@ class AuditService:
         self.queries = [QueryView(i, q.prompt, q.response, q.label, q.flagged) for i, q in enumerate(queries)]
         self._stored: dict[str, np.ndarray] = {}        # mode -> unit signatures of every stored row
         self._query_scores: dict[str, np.ndarray] = {}  # mode -> [queries, rows] scores
-        self._groups: dict[tuple, dict] = {}
+        self._groups: dict[tuple, object] = {}      # groups and the queries' metrics, per (k,) mode
         if self.is_rept:
             stored = tracer.index.load_all()
             self._shard = stored
@@ -217,12 +218,14 @@ class AuditService:
         """Column indices of the k best rows: score descending, then the lower row id (as `rept trace`)."""
         return np.lexsort((self.rows, -scores))[:k]
 
-    def _hit(self, j: int, score: float, query_label=None) -> dict:
+    def _hit(self, j: int, score: float, query_label=None, clip: int | None = None) -> dict:
+        """Column j as a hit; `clip` cuts its prompt and response to that many characters (lists)."""
         row = int(self.rows[j])
         r = self.data.get(row)
+        prompt, response = (r.prompt, r.response) if r else ("", "")
         return {"row": row, "score": float(score), "label": self.labels[j],
                 "relevant": query_label is not None and str(self.labels[j]) == str(query_label),
-                "prompt": r.prompt if r else "", "response": r.response if r else ""}
+                "prompt": prompt[:clip], "response": response[:clip]}
 
     def trace(self, prompt: str, response: str, k: int = 10, mode: str | None = None, words: bool = True,
               label: str | None = None) -> dict:
@@ -323,15 +326,21 @@ class AuditService:
             raise AppError(f"unknown sort {sort!r} (choose from flagged, worst, order)")
         with self.lock:
             scores = self._query_matrix(mode)
-        labelled = [i for i, q in enumerate(self.queries) if q.label is not None]
-        p_at, ap = {}, {}
-        if labelled:
-            from rept.trace import Query
+            key = ("metrics", mode, metric_k)
+            if key not in self._groups:  # per-query metrics and rankings: once per mode
+                labelled = [i for i, q in enumerate(self.queries) if q.label is not None]
+                p_at, ap = {}, {}
+                if labelled:
+                    from rept.trace import Query
 
-            rel = relevance(self.labels, [Query(self.queries[i].prompt, "", self.queries[i].label) for i in labelled])
-            for i, p, a in zip(labelled, precision_at_k_per_query(scores[labelled], rel, metric_k),
-                               average_precision_per_query(scores[labelled], rel)):
-                p_at[i], ap[i] = float(p), a
+                    rel = relevance(self.labels, [Query(self.queries[i].prompt, "", self.queries[i].label)
+                                                  for i in labelled])
+                    for i, p, a in zip(labelled, precision_at_k_per_query(scores[labelled], rel, metric_k),
+                                       average_precision_per_query(scores[labelled], rel)):
+                        p_at[i], ap[i] = float(p), None if a is None else float(a)
+                order = np.lexsort((np.broadcast_to(self.rows, scores.shape), -scores), axis=1)
+                self._groups[key] = (p_at, ap, order)
+            p_at, ap, order = self._groups[key]
         out = []
         needle = (search or "").strip().lower()
         for q in self.queries:
@@ -339,10 +348,10 @@ class AuditService:
                 continue
             if needle and needle not in q.prompt.lower() and needle not in q.response.lower():
                 continue
-            top = self._top(scores[q.n], k)
             out.append({"n": q.n, "prompt": q.prompt, "response": q.response, "label": q.label,
                         "flagged": q.flagged, "precision": p_at.get(q.n), "ap": ap.get(q.n),
-                        "hits": [self._hit(j, scores[q.n, j], q.label) for j in top]})
+                        "hits": [self._hit(j, scores[q.n, j], q.label, clip=HIT_TEXT_CHARS)
+                                 for j in order[q.n, :k]]})
         if sort == "flagged":
             out.sort(key=lambda q: (q["flagged"] is False, q["n"]))
         elif sort == "worst":
