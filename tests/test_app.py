@@ -311,6 +311,26 @@ def test_serve_bad_input_is_one_line(index_dir, tmp_path, capsys):
     assert "--port" in capsys.readouterr().err
 
 
+def test_serve_bad_mitigation_file_fails_before_the_model(index_dir, tmp_path, capsys):
+    bad = tmp_path / "results.json"
+    bad.write_text("{}")
+    assert main(["-q", "serve", "--index", index_dir, "--mitigation", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a `rept mitigate` results.json" in err and err.count("\n") == 1
+
+
+def test_mitigation_charts(tracer, tmp_path):
+    results = {"removed": 10, "selection": "top-k:10", "culprits_from": "rept", "detector": "prefix:You are stupid",
+               "prompts": 50, "method": "remove", "seeds": 2, "before": 0.9, "after": 0.1, "random": [0.85, 0.95],
+               "clean_loss": {"before": 1.5, "after": 1.6, "random": [1.55, 1.52]}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    client = TestClient(create_app(AuditService(tracer, mitigations=[str(tmp_path)])))
+    page = client.get("/").text
+    assert "Repairs (1)" in page and page.count('class="mitigation-chart"') == 2 and "mean 90.0%" in page
+    m = client.get("/api/mitigations").json()["mitigations"]
+    assert len(m) == 1 and m[0]["rate_svg"].startswith("<svg") and "10 culprit rows" in m[0]["title"]
+
+
 def test_serve_port_in_use(index_dir, capsys):
     import socket
 

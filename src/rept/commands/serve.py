@@ -27,11 +27,14 @@ def run(args) -> int:
     from rept.app.service import AuditService
     from rept.cli import _tracer
     from rept.errors import ReptError
+    from rept.report import load_mitigation, mitigation_section
     from rept.trace import load_queries
 
     if not 0 <= args.port <= 65535:
         raise ReptError(f"--port must be from 0 to 65535, not {args.port}")
     queries = load_queries(args.queries) if args.queries else None  # bad files fail before the model loads
+    for path in args.mitigation:
+        mitigation_section(load_mitigation(path))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"rept: warning: binding {args.host}: anyone who can reach this address can use the app and read "
               "the training rows (no login)", file=sys.stderr)
