@@ -71,7 +71,7 @@ class AuditService:
         self.queries = [QueryView(i, q.prompt, q.response, q.label, q.flagged) for i, q in enumerate(queries)]
         self._stored: dict[str, np.ndarray] = {}        # mode -> unit signatures of every stored row
         self._query_scores: dict[str, np.ndarray] = {}  # mode -> [queries, rows] scores
-        self._groups: dict[tuple, object] = {}      # groups and the queries' metrics, per (k,) mode
+        self._cache: dict[tuple, object] = {}           # groups, and the queries' metrics and rankings, per mode
         if self.is_rept:
             stored = tracer.index.load_all()
             self._shard = stored
@@ -327,7 +327,7 @@ class AuditService:
         with self.lock:
             scores = self._query_matrix(mode)
             key = ("metrics", mode, metric_k)
-            if key not in self._groups:  # per-query metrics and rankings: once per mode
+            if key not in self._cache:  # per-query metrics and rankings: once per mode
                 labelled = [i for i, q in enumerate(self.queries) if q.label is not None]
                 p_at, ap = {}, {}
                 if labelled:
@@ -339,8 +339,8 @@ class AuditService:
                                        average_precision_per_query(scores[labelled], rel)):
                         p_at[i], ap[i] = float(p), None if a is None else float(a)
                 order = np.lexsort((np.broadcast_to(self.rows, scores.shape), -scores), axis=1)
-                self._groups[key] = (p_at, ap, order)
-            p_at, ap, order = self._groups[key]
+                self._cache[key] = (p_at, ap, order)
+            p_at, ap, order = self._cache[key]
         out = []
         needle = (search or "").strip().lower()
         for q in self.queries:
@@ -376,8 +376,8 @@ class AuditService:
             raise AppError(f"n_groups must be an integer from 1 to {MAX_GROUPS}, not {n_groups!r}")
         key = (k, mode, n_groups)
         with self.lock:
-            if key in self._groups:
-                return self._groups[key]
+            if key in self._cache:
+                return self._cache[key]
             scores = self._query_matrix(mode)
             flagged = [q.n for q in self.queries if q.flagged is not False]
             if not flagged:
@@ -417,7 +417,7 @@ class AuditService:
                 g["id"] = i
             result = {"mode": mode, "k": k, "flagged": len(flagged), "rows": len(columns), "basis": basis,
                       "groups": groups}
-            self._groups[key] = result
+            self._cache[key] = result
             return result
 
     def _group_phrases(self, columns, best_query) -> dict[int, list[str]]:
