@@ -29,6 +29,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "mitigate": "rept.commands.mitigate",
     "report": "rept.commands.report",
     "correct": "rept.commands.correct",
+    "serve": "rept.commands.serve",
 }
 
 
