@@ -131,9 +131,17 @@ def test_saved_correction_round_trips_and_is_refused_on_another_model(tmp_path, 
     with pytest.raises(CorrectionError, match="built for another model.*model_config_hash"):
         back.check_model(other)
     # the same architecture with other weights is refused too, naming the weights
-    changed = load_model(model_dir)
-    with torch.no_grad():
-        next(changed.model.parameters()).add_(1.0)
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    moved = tmp_path / "changed"
+    shutil.copytree(model_dir, moved)
+    weights = load_file(moved / "model.safetensors")
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 1.0
+    save_file(weights, moved / "model.safetensors", metadata={"format": "pt"})
+    changed = load_model(str(moved))
     with pytest.raises(CorrectionError, match="model_weights_hash") as err:
         back.check_model(changed)
     assert "model_config_hash" not in str(err.value)
@@ -150,8 +158,9 @@ def test_generate_refuses_a_correction_for_another_model(tmp_path, model_dir, to
     other = tmp_path / "other"
     gpt2.save_pretrained(other)
     tokenizer.save_pretrained(other)
-    c = Correction(_unit(gpt2.config.hidden_size, 4), 1, identity=model_identity(LoadedModel(gpt2, tokenizer,
-                                                                                               str(other))))
+    # `other` holds exactly these weights: the identity is that folder's files, as load_model records it
+    c = Correction(_unit(gpt2.config.hidden_size, 4), 1, identity=model_identity(
+        LoadedModel(gpt2, tokenizer, str(other), weights_source=str(other))))
     c.save(tmp_path / "corr")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "TY Name a fruit."}) + "\n")

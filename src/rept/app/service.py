@@ -258,7 +258,8 @@ class AuditService:
 
     def _attach_words(self, query, hits: list[dict]) -> float:
         """Fill each hit's words, top phrases and heat-map HTML (`rept.tokens`, `rept.report.heat_html`),
-        coloured on one scale per query; returns the scale. Caller holds the lock."""
+        coloured as the report colours them (above each row's upper quartile); returns the largest
+        |word score|. Caller holds the lock."""
         from rept.report import heat_html
         from rept.tokens import attach_word_scores
         from rept.trace import Hit, QueryResult
@@ -268,7 +269,7 @@ class AuditService:
         scale = max([0.0] + [abs(w["score"]) for h in result.hits for w in h.words]) or 1.0
         for h, scored in zip(hits, result.hits):
             h["words"], h["phrases"] = scored.words, scored.phrases[:3]
-            h["heat_html"] = str(heat_html(scored.text, scored.words, scored.phrases[:3], scale))
+            h["heat_html"] = str(heat_html(scored.text, scored.words, scored.phrases[:3]))
         return scale
 
     def words(self, prompt: str, response: str, rows) -> dict:
