@@ -8,7 +8,6 @@ prompt), and an index + trace round trip through the CLI. Bad GGUF input gets on
 import hashlib
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rept.errors import ReptError
-from rept.safefile import output_mode, temp_path
+from rept.safefile import output_mode, write_atomic
 
 PROMPT_NAMES = ("prompts", "prompt", "instruction", "question", "input")
 RESPONSE_NAMES = ("response", "output", "completion", "answer", "expected_response")
@@ -416,10 +416,4 @@ def write_rows(rows: list[dict], path: str | os.PathLike, like: str | os.PathLik
     if not suffix:
         _write_hf_folder(rows, path, features)
         return
-    tmp = temp_path(path)
-    try:
-        writer(rows, tmp, features)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)  # never leave a half-written temp file behind
-        raise
+    write_atomic(path, lambda tmp: writer(rows, tmp, features))  # never a half-written file

@@ -27,7 +27,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from rept import __version__
-from rept.safefile import output_mode, read_header, sha256_bytes, sha256_file, temp_path
+from rept.safefile import read_header, sha256_bytes, sha256_file, write_atomic
 
 FORMAT_VERSION = 2  # 2: every file's sha256 in the manifest, layer/dims/row range in each shard
 MANIFEST = "manifest.json"
@@ -59,16 +59,7 @@ def git_sha() -> str | None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` under a temporary name, then rename; the file gets the umask's mode."""
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
@@ -164,16 +155,7 @@ def save_shard(folder: Path, k: int, rows: list[int], h: torch.Tensor, g: torch.
                 "skipped": json.dumps(sorted(skipped)), "shard": str(k),
                 **{key: json.dumps(value) for key, value in (about or {}).items()}}
     metadata["content_sha256"] = content_digest(tensors, metadata)
-    path = shard_path(folder, k)
-    tmp = temp_path(path)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, output_mode())  # safetensors writes the file anew, private
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(shard_path(folder, k), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 @dataclass

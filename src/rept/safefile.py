@@ -40,21 +40,28 @@ def temp_path(path: Path) -> str:
     return tmp
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict, info: dict) -> None:
-    """Write `tensors` (name -> torch tensor) and the JSON-able `info` to one safetensors file, atomically."""
-    from safetensors.torch import save_file
-
+def write_atomic(path: str | os.PathLike, write) -> None:
+    """Call `write(tmp)` to fill a temporary file beside `path`, then rename it into place: a reader
+    sees the old file or the whole new one, a failed write leaves nothing, and the file gets the
+    mode an ordinary one would (the umask's)."""
     path = Path(path)
     tmp = temp_path(path)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={JSON_KEY: json.dumps(info)})
-        os.chmod(tmp, output_mode())  # safetensors writes the file anew, private
+        write(tmp)
+        os.chmod(tmp, output_mode())  # writers such as safetensors make the file anew, private
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict, info: dict) -> None:
+    """Write `tensors` (name -> torch tensor) and the JSON-able `info` to one safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    write_atomic(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+                                             metadata={JSON_KEY: json.dumps(info)}))
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict, dict]:
