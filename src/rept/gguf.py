@@ -9,14 +9,13 @@ A `rept-gguf.json` beside the weights names the GGUF source and its digest: the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from rept.models import ModelError
+from rept.models import ModelError, file_digest
 
 IDENTITY_FILE = "rept-gguf.json"
 
@@ -38,8 +37,9 @@ class GGUFError(ModelError):
 
 
 def cache_root() -> Path:
-    root = os.environ.get("REPT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rept")
-    return Path(root) / "gguf"
+    from rept.demo import default_cache
+
+    return default_cache() / "gguf"
 
 
 def resolve_model_source(name: str, log=None) -> str:
@@ -72,14 +72,6 @@ def known_model_file(key: str) -> str:
     if not path.is_file():
         raise GGUFError(f"the package {package.replace('_', '-')} has no {filename}; reinstall it: {install}")
     return str(path)
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_identity(folder: str | Path) -> dict | None:
