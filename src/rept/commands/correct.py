@@ -62,10 +62,10 @@ def run(args) -> int:
         raise CorrectionError(f"{args.queries}: no flagged query to build a correction from "
                               "(every query has flagged=false)")
     tracer = Tracer(args.index, device=args.device)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # a log line stays one line off a terminal too
     results = run_correction(tracer, queries, detector, args.out, top_k=args.top_k, source=args.source,
                              strength=args.strength, seeds=args.seeds, prompts=prompts, unrelated=unrelated,
                              heldout=heldout, max_new_tokens=args.max_new_tokens, mode=args.mode, anchor=args.anchor,
                              log=console.print)
-    Console().print(summary_markdown(results))
+    print(summary_markdown(results))  # plain text: a Markdown table row is never wrapped or read as markup
     return 0

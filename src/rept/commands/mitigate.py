@@ -92,7 +92,7 @@ def run(args) -> int:
         tracer = Tracer(args.index, device=args.device)
     if args.mode:
         tracer.index.manifest["mode"] = args.mode
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # a log line stays one line off a terminal too
     inputs = {"queries": args.queries, "prompts": args.prompts, "held-out rows": args.heldout,
               "culprits file": args.culprits}
     common = dict(seeds=args.seeds, data=args.data, prompts=prompts, heldout=heldout,
