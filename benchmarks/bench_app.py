@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     ns = argparse.Namespace(index=args.index, model=None, adapter=None, dtype=None, device=None, mode=None,
-                            quiet=True)
+                            quiet=True, no_verify=False)
     queries = load_queries(args.queries) if args.queries else []
     service = AuditService(_tracer(ns), queries)
     client = TestClient(create_app(service))
