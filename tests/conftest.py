@@ -107,3 +107,14 @@ def lora_run(tmp_path_factory):
                 base=str(root / "base"), lora=LoraSettings(rank=2, alpha=4, target_modules="q_proj,v_proj"),
                 progress=False)
     return data, root
+
+
+def cli_error(capsys, argv) -> str:
+    """Run the CLI on `argv` and return its error: exit 2, one `rept: error:` line, no traceback."""
+    from rept.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("rept: error:") and "\n" not in err and "Traceback" not in err
+    return err

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import cli_error
 
 from rept.cli import main
 
@@ -86,12 +87,7 @@ def test_python_dash_m_matches_console_script(index_dir):
 
 # ------------------------------------------------------------------ bad input: one line, exit 2
 
-def _error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("rept: error:") and "\n" not in err and "Traceback" not in err
-    return err
+_error = cli_error  # conftest: exit 2, one line, no traceback
 
 
 def test_missing_data_file(capsys, model_dir, tmp_path):

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import cli_error
 import torch
 
 from rept.cli import main
@@ -46,12 +47,7 @@ def real(tmp_path_factory):
         yield Path(loaded.model_id), loaded
 
 
-def _error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("rept: error:") and "\n" not in err and "Traceback" not in err
-    return err
+_error = cli_error  # conftest: exit 2, one line, no traceback
 
 
 # ------------------------------------------------------------------ the real model
