@@ -311,6 +311,79 @@ def test_serve_bad_input_is_one_line(index_dir, tmp_path, capsys):
     assert "--port" in capsys.readouterr().err
 
 
+def _correction_for(tracer, folder, strength=4.0):
+    from rept.build import model_identity
+    from rept.correct import Correction
+
+    import torch
+
+    hidden = tracer.loaded.model.config.hidden_size
+    direction = torch.randn(hidden, generator=torch.Generator().manual_seed(5))
+    c = Correction(direction / direction.norm(), tracer.layer, strength=strength, offset=3.0, source="h",
+                   identity=model_identity(tracer.loaded))
+    c.save(folder)
+    return c
+
+
+def test_answers_with_a_correction_match_rept_generate_with_it(tracer, queries_path, tmp_path):
+    """With a correction loaded, the Ask view's answers are the corrected model's (what
+    `rept generate --correction` gives); `corrected: false` gives the model as indexed, and traces
+    are the same either way."""
+    from rept.correct import corrected
+    from rept.generate import generate
+
+    c = _correction_for(tracer, tmp_path / "corr")
+    prompt, n = "TY Name a fruit.", 8
+    plain = tracer.generate([prompt], max_new_tokens=n)[0]
+    with corrected(tracer.loaded.model, c):
+        fixed = generate(tracer.loaded, [prompt], max_new_tokens=n, progress=False)[0]
+    assert fixed != plain  # the edit changes this answer, so the checks below can fail
+    client = TestClient(create_app(AuditService(tracer, load_queries(queries_path), correction=c,
+                                                correction_folder=str(tmp_path / "corr"))))
+    info = client.get("/api/info").json()["correction"]
+    assert info == {"folder": str(tmp_path / "corr"), "source": "h", "layer": tracer.layer, "strength": 4.0}
+    r = client.post("/api/generate", json={"prompt": prompt, "max_new_tokens": n})
+    assert r.json() == {"prompt": prompt, "response": fixed, "corrected": True}
+    r = client.post("/api/generate", json={"prompt": prompt, "max_new_tokens": n, "corrected": False})
+    assert r.json()["response"] == plain and r.json()["corrected"] is False
+    lines = [json.loads(x) for x in client.post("/api/generate/stream", json={"prompt": prompt, "max_new_tokens": n}).text.splitlines()]
+    assert lines[-1] == {"response": fixed}
+    lines = [json.loads(x) for x in client.post("/api/generate/stream", json={
+        "prompt": prompt, "max_new_tokens": n, "corrected": False}).text.splitlines()]
+    assert lines[-1] == {"response": plain}
+    assert tracer.generate([prompt], max_new_tokens=n)[0] == plain  # the hook is gone afterwards
+    assert "with the correction" in client.get("/").text
+    # traces use the model as indexed
+    plain_client = TestClient(create_app(AuditService(tracer, load_queries(queries_path))))
+    assert _trace(client)["hits"] == _trace(plain_client)["hits"]
+    # no correction loaded: asking for one is a 400; a non-boolean is a 400
+    r = plain_client.post("/api/generate", json={"prompt": prompt, "corrected": True})
+    assert r.status_code == 400 and "no correction is loaded" in r.json()["error"]
+    r = client.post("/api/generate", json={"prompt": prompt, "corrected": "yes"})
+    assert r.status_code == 400 and "corrected must be true or false" in r.json()["error"]
+    assert "with the correction" not in plain_client.get("/").text
+
+
+def test_serve_refuses_a_correction_for_another_model(index_dir, tracer, tmp_path, monkeypatch, capsys):
+    import rept.app.server
+    from rept.correct import Correction
+
+    monkeypatch.setattr(rept.app.server, "uvicorn_server", _NoServer)
+    c = _correction_for(tracer, tmp_path / "corr")
+    assert main(["-q", "serve", "--index", index_dir, "--correction", str(tmp_path / "corr"), "--port", "8125"]) == 0
+    assert _NoServer.calls[-1] == ("127.0.0.1", 8125)
+    capsys.readouterr()
+    c.identity = dict(c.identity, model_weights_hash="0" * 64)
+    c.save(tmp_path / "other")
+    assert main(["-q", "serve", "--index", index_dir, "--correction", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "rept: error: the correction was built for another model" in err and "model_weights_hash" in err
+    assert err.count("\n") == 1
+    assert main(["-q", "serve", "--index", index_dir, "--correction", str(tmp_path / "none")]) == 2
+    assert "holds no correction" in capsys.readouterr().err
+    assert Correction.load(tmp_path / "corr").strength == 4.0  # nothing it read was changed
+
+
 def test_serve_bad_mitigation_file_fails_before_the_model(index_dir, tmp_path, capsys):
     bad = tmp_path / "results.json"
     bad.write_text("{}")

@@ -91,6 +91,12 @@ def create_app(service):
             raise AppError(f"{name} must be an integer, not {value!r}")
         return value
 
+    def bool_param(body: dict, name: str):
+        value = body.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise AppError(f"{name} must be true or false, not {value!r}")
+        return value
+
     def str_param(body: dict, name: str, default=None):
         value = body.get(name, default)
         if value is not None and not isinstance(value, str):
@@ -108,14 +114,17 @@ def create_app(service):
     @app.post("/api/generate")
     def generate(body: Any = Body(...)):
         body = body_object(body)
-        answer = service.generate(str_param(body, "prompt", ""), int_param(body, "max_new_tokens", 64))
-        return {"prompt": body["prompt"], "response": answer}
+        corrected = bool_param(body, "corrected")
+        answer = service.generate(str_param(body, "prompt", ""), int_param(body, "max_new_tokens", 64), corrected)
+        return {"prompt": body["prompt"], "response": answer,
+                "corrected": service.correction is not None if corrected is None else corrected}
 
     @app.post("/api/generate/stream")
     def generate_stream(body: Any = Body(...)):
         """NDJSON: {"text": answer so far} lines while the model writes, then {"response": answer}."""
         body = body_object(body)
-        pieces = service.generate_stream(str_param(body, "prompt", ""), int_param(body, "max_new_tokens", 64))
+        pieces = service.generate_stream(str_param(body, "prompt", ""), int_param(body, "max_new_tokens", 64),
+                                         bool_param(body, "corrected"))
 
         def lines():
             for kind, text in pieces:

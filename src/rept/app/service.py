@@ -60,10 +60,14 @@ class AuditService:
     """The app's state: a Tracer (RepT index) or MethodTracer (a baseline's index), the queries,
     the mitigation results; caches of the stored signatures and of the queries' scores per mode."""
 
-    def __init__(self, tracer, queries=None, mitigations=(), max_queries: int | None = None):
+    def __init__(self, tracer, queries=None, mitigations=(), max_queries: int | None = None, correction=None,
+                 correction_folder: str | None = None):
         from rept.report import load_mitigation, mitigation_section
 
         self.tracer = tracer
+        # rept.correct.Correction (checked against the tracer's model by the caller): answers are
+        # generated with it unless a request asks for the model as it is; traces never use it
+        self.correction, self.correction_folder = correction, correction_folder
         self.lock = threading.Lock()
         self.is_rept = not hasattr(tracer, "method")  # RepT signatures: word scores, modes, signature groups
         self.mitigations = [mitigation_section(load_mitigation(p)) for p in mitigations]
@@ -133,21 +137,40 @@ class AuditService:
                 "labels": dict(labels.most_common()), "queries": len(self.queries),
                 "flagged": sum(q.flagged is not False for q in self.queries),
                 "word_scores": self.is_rept, "mitigations": len(self.mitigations),
-                "max_prompt_chars": MAX_PROMPT_CHARS, "version": __import__("rept").__version__}
+                "max_prompt_chars": MAX_PROMPT_CHARS, "correction": self._correction_info(),
+                "version": __import__("rept").__version__}
+
+    def _correction_info(self) -> dict | None:
+        c = self.correction
+        if c is None:
+            return None
+        return {"folder": self.correction_folder, "source": c.source, "layer": c.layer, "strength": c.strength}
+
+    def _use_correction(self, corrected: bool | None):
+        """The correction a generation runs with: the loaded one unless `corrected` is False."""
+        if corrected is None:
+            corrected = self.correction is not None
+        if corrected and self.correction is None:
+            raise AppError("no correction is loaded (start the app with rept serve --correction DIR)")
+        return self.correction if corrected else None
 
     # ------------------------------------------------------------ the model
 
-    def generate(self, prompt: str, max_new_tokens: int = 64) -> str:
+    def generate(self, prompt: str, max_new_tokens: int = 64, corrected: bool | None = None) -> str:
+        """The model's greedy answer; with the loaded correction applied unless `corrected` is False."""
+        from rept.correct import corrected as applied
+
         _check_text("prompt", prompt)
         self._check_new_tokens(max_new_tokens)
-        with self.lock:
+        correction = self._use_correction(corrected)
+        with self.lock, applied(self.tracer.loaded.model, correction):
             return self.tracer.generate([prompt], max_new_tokens=max_new_tokens)[0]
 
     def _check_new_tokens(self, n) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS:
             raise AppError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS}, not {n!r}")
 
-    def generate_stream(self, prompt: str, max_new_tokens: int = 64):
+    def generate_stream(self, prompt: str, max_new_tokens: int = 64, corrected: bool | None = None):
         """Check the request, then start generating; returns an iterator of ("text", answer so far)
         pairs and a last ("done", answer) with the answer `rept.generate` gives (greedy, one prompt).
         The model runs in a worker thread that holds the lock until the answer is complete, so a
@@ -155,11 +178,13 @@ class AuditService:
         import torch
         from transformers import TextIteratorStreamer
 
+        from rept.correct import corrected as applied
         from rept.examples import _uses_template, format_prompt
         from rept.generate import _decode_answer
 
         _check_text("prompt", prompt)
         self._check_new_tokens(max_new_tokens)
+        correction = self._use_correction(corrected)
         loaded = self.tracer.loaded
         tok = loaded.tokenizer
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
@@ -167,7 +192,7 @@ class AuditService:
 
         def run():
             try:
-                with self.lock, torch.no_grad():
+                with self.lock, torch.no_grad(), applied(loaded.model, correction):
                     enc = tok([format_prompt(tok, prompt)], return_tensors="pt",
                               add_special_tokens=not _uses_template(tok)).to(loaded.device)
                     ids = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,

@@ -14,6 +14,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-queries", type=_positive, default=None, help="the first N queries only")
     p.add_argument("--mitigation", action="append", default=[], metavar="DIR",
                    help="a `rept mitigate` output folder (or its results.json): its before/after charts; repeatable")
+    p.add_argument("--correction", metavar="DIR", help="answer with the correction `rept correct` saved in DIR "
+                   "(the Ask view can turn it off per answer); traces use the model as indexed")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.set_defaults(mode=None)  # _tracer reads it; the app switches modes per request
@@ -35,11 +37,20 @@ def run(args) -> int:
     queries = load_queries(args.queries) if args.queries else None  # bad files fail before the model loads
     for path in args.mitigation:
         mitigation_section(load_mitigation(path))
+    correction = None
+    if args.correction:
+        from rept.correct import Correction
+
+        correction = Correction.load(args.correction)  # a bad folder fails before the model loads
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"rept: warning: binding {args.host}: anyone who can reach this address can use the app and read "
               "the training rows (no login)", file=sys.stderr)
     port = _bindable(args.host, args.port)  # a taken port fails before the model loads
-    service = AuditService(_tracer(args), queries, mitigations=args.mitigation, max_queries=args.max_queries)
+    tracer = _tracer(args)
+    if correction is not None:
+        correction.check_model(tracer.loaded)  # refused, naming what differs, on another model
+    service = AuditService(tracer, queries, mitigations=args.mitigation, max_queries=args.max_queries,
+                           correction=correction, correction_folder=args.correction)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"rept serve: http://{shown}:{port}/ ({service.info()['rows']} rows, {len(service.queries)} queries); "
           "Ctrl+C stops", file=sys.stderr)
