@@ -333,8 +333,11 @@ def load_mitigation(path: str | Path) -> dict:
         results = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise ReportError(f"{path} is not JSON: {exc}") from None
-    if not isinstance(results, dict) or not isinstance(results.get("before"), (int, float)) \
-            or not isinstance(results.get("clean_loss"), dict):
+    rounds = isinstance(results, dict) and results.get("kind") == "rounds"
+    if rounds and not (isinstance(results.get("before"), dict) and isinstance(results.get("rounds"), list)):
+        raise ReportError(f"{path} is not a `rept mitigate --rounds` results.json (no 'before' or 'rounds')")
+    if not rounds and (not isinstance(results, dict) or not isinstance(results.get("before"), (int, float))
+                       or not isinstance(results.get("clean_loss"), dict)):
         raise ReportError(f"{path} is not a `rept mitigate` results.json (no 'before' behaviour rate or 'clean_loss')")
     results["_path"] = str(path)
     return results
@@ -432,8 +435,98 @@ def bar_chart_svg(bars: list[dict], key: str, seeds_key: str, fmt, top: float, a
     return Markup("".join(parts))
 
 
+def rounds_chart_svg(results: dict, width: int = 760, height: int = 230) -> Markup:
+    """Behaviour rate against rows removed, over the rounds of `rept mitigate --rounds`: the
+    culprits (one point per round, from the model before any removal), random removal of as many
+    rows (mean, whisker from the lowest to the highest seed) and the oracle (every row carrying the
+    behaviour's label removed) as one point."""
+    rounds, oracle = results["rounds"], results.get("oracle")
+    before = float(results["before"]["rate"])
+    culprit = [(0, before)] + [(int(e["removed"]), float(e["rate"])) for e in rounds]
+    random = [(int(e["removed"]), [float(v) for v in e.get("random", [])]) for e in rounds]
+    most = max([n for n, _ in culprit] + ([int(oracle["removed"])] if oracle else [])) or 1
+    left, right, top, bottom = 52, width - 150, 10, height - 34
+    x = lambda n: left + (right - left) * n / most  # noqa: E731
+    y = lambda r: bottom - (bottom - top) * max(0.0, min(r, 1.0))  # noqa: E731
+    parts = [f'<svg class="mitigation-chart rounds" viewBox="0 0 {width} {height}" width="{width}" '
+             f'height="{height}" style="max-width:100%;height:auto" role="img" '
+             'aria-label="behaviour rate against rows removed, round by round">']
+    for frac in (0.25, 0.5, 0.75, 1.0):
+        parts.append(f'<line x1="{left}" x2="{right}" y1="{y(frac):.1f}" y2="{y(frac):.1f}" stroke="#e3e7eb"/>')
+        parts.append(f'<text x="{left - 4}" y="{y(frac) + 3:.1f}" font-size="9" text-anchor="end">{frac:.0%}</text>')
+    parts += [f'<line x1="{left}" x2="{left}" y1="{top}" y2="{bottom}" stroke="#555"/>',
+              f'<line x1="{left}" x2="{right}" y1="{bottom}" y2="{bottom}" stroke="#555"/>',
+              f'<text x="{left - 4}" y="{bottom + 3}" font-size="9" text-anchor="end">0%</text>',
+              f'<text x="{left}" y="{bottom + 12}" font-size="9" text-anchor="middle">0</text>',
+              f'<text x="{right}" y="{bottom + 12}" font-size="9" text-anchor="middle">{most}</text>',
+              f'<text x="{(left + right) / 2:.1f}" y="{height - 4}" font-size="9" text-anchor="middle">'
+              f'rows removed (behaviour detector {html.escape(str(results.get("detector", "")))} on '
+              f'{results.get("prompts", "?")} prompts)</text>']
+    means = [(0, before)] + [(n, float(np.mean(v))) for n, v in random if v]
+    series = (("random removal (mean)", means, "#9aa5b1", "4 3"), ("culprits removed", culprit, "#3b6ea5", None))
+    for i, (name, points, colour, dash) in enumerate(series):
+        style = f' stroke-dasharray="{dash}"' if dash else ""
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2"{style} points="'
+                     + " ".join(f"{x(n):.1f},{y(r):.1f}" for n, r in points) + '"/>')
+        parts.append(f'<line x1="{right + 12}" x2="{right + 32}" y1="{top + 8 + 16 * i}" y2="{top + 8 + 16 * i}" '
+                     f'stroke="{colour}" stroke-width="2"{style}/><text x="{right + 36}" y="{top + 11 + 16 * i}" '
+                     f'font-size="10">{name}</text>')
+    for n, values in random:
+        if values:
+            lo, hi = min(values), max(values)
+            parts.append(f'<line class="spread" x1="{x(n):.1f}" x2="{x(n):.1f}" y1="{y(lo):.1f}" y2="{y(hi):.1f}" '
+                         'stroke="#5d6873" stroke-width="1.2"/>')
+    for k, (n, r) in enumerate(culprit):
+        name = "before" if k == 0 else f"round {k}"
+        parts.append(f'<circle cx="{x(n):.1f}" cy="{y(r):.1f}" r="3.5" fill="#3b6ea5"><title>{name}: {n} rows '
+                     f'removed, behaviour {_pct(r)}</title></circle>')
+        parts.append(f'<text x="{x(n) + 5:.1f}" y="{y(r) - 5:.1f}" font-size="9" fill="#3b6ea5">{_pct(r)}</text>')
+    if oracle:
+        n, r = int(oracle["removed"]), float(oracle["rate"])
+        parts.append(f'<rect x="{x(n) - 4:.1f}" y="{y(r) - 4:.1f}" width="8" height="8" fill="#d6450d">'
+                     f'<title>oracle: every {html.escape(str(oracle.get("label")))!s} row removed ({n}), behaviour '
+                     f'{_pct(r)}</title></rect>')
+        parts.append(f'<rect x="{right + 18}" y="{top + 36}" width="8" height="8" fill="#d6450d"/>'
+                     f'<text x="{right + 36}" y="{top + 43}" font-size="10">oracle ({_pct(r)})</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def rounds_section(results: dict) -> dict:
+    """What the report shows for a `rept mitigate --rounds` results.json: the rate-by-rows chart and
+    one table row per round (rows removed, how many carry the label, rate, clean loss, random)."""
+    try:
+        rate_svg = rounds_chart_svg(results)
+        before, label = results["before"], results.get("label")
+        base_loss = float(before["clean_loss"])
+        change = lambda loss: f"{(loss - base_loss) / base_loss:+.1%}" if base_loss else ""  # noqa: E731
+        rows = [{"label": "before", "rate": _pct(float(before["rate"])), "loss": _loss(base_loss), "change": ""}]
+        for e in results["rounds"]:
+            labelled = f", {e['labelled']} labelled {label!r} (precision {e['precision']:.2f}, recall " \
+                       f"{e['recall']:.2f})" if label and "labelled" in e else ""
+            random = ", ".join(_pct(float(v)) for v in e.get("random", []))
+            rows.append({"label": f"round {e['round']}: {e['removed']} rows removed (+{e['added']}){labelled}",
+                         "rate": _pct(float(e["rate"])) + (f" (random: {random})" if random else ""),
+                         "loss": _loss(float(e["clean_loss"])), "change": change(float(e["clean_loss"]))})
+        if results.get("oracle"):
+            o = results["oracle"]
+            rows.append({"label": f"oracle: every {label!r} row removed ({o['removed']})", "rate": _pct(float(o["rate"])),
+                         "loss": _loss(float(o["clean_loss"])), "change": change(float(o["clean_loss"]))})
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ReportError(f"{results.get('_path', 'mitigation results')} has an unexpected value ({exc}); "
+                          "is it a `rept mitigate --rounds` results.json?") from None
+    return {"title": f"{len(results['rounds'])} rounds of {results.get('selection', '?')} culprits chosen by "
+                     f"{results.get('culprits_from', 'rept')}; stopped: {results.get('stopped', '?')}",
+            "culprits_from": results.get("culprits_from", "rept"), "scored_by": None, "method": "rounds",
+            "detector": results.get("detector"), "prompts": results.get("prompts"), "path": results.get("_path"),
+            "seeds": results.get("seeds"), "loss_unit": results.get("clean_loss_unit"),
+            "rate_svg": rate_svg, "loss_svg": None, "rows": rows}
+
+
 def mitigation_section(results: dict) -> dict:
     """What the report shows for one results.json: a title, the two charts and a table."""
+    if results.get("kind") == "rounds":
+        return rounds_section(results)
     try:
         bars = mitigation_bars(results)
         rate_svg = bar_chart_svg(bars, "rate", "rates", _pct, 1.0, "behaviour rate before and after mitigation",
