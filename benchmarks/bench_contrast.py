@@ -92,7 +92,7 @@ def main(argv=None) -> int:
 
     pairs = [(q, reference(q)) for q in queries]
     pairs = [(q, ref) for q, ref in pairs if fits(q.prompt, ref)]
-    h, g = _signatures(bundle, [(r["prompt"], r["response"]) for r in rows], "training row")
+    h, g, _ = _signatures(bundle, [(r["prompt"], r["response"]) for r in rows], "training row")
     train_g, train_bal = _unit(g), np.concatenate([_unit(h, 2 ** -0.5), _unit(g, 2 ** -0.5)], axis=1)
     table, same, norms = {}, {}, {}
     for group in ("flagged", "control"):
@@ -100,8 +100,8 @@ def main(argv=None) -> int:
         if not chosen:
             continue
         same[group] = sum(q.response == ref for q, ref in chosen)
-        hq, gq = _signatures(bundle, [(q.prompt, q.response) for q, _ in chosen], "query")
-        _, gr = _signatures(bundle, [(q.prompt, ref) for q, ref in chosen], "reference")
+        hq, gq, _ = _signatures(bundle, [(q.prompt, q.response) for q, _ in chosen], "query")
+        _, gr, _ = _signatures(bundle, [(q.prompt, ref) for q, ref in chosen], "reference")
         norms[group] = (float(np.median(np.linalg.norm(gq, axis=1))), float(np.median(np.linalg.norm(gr, axis=1))))
         scores = {
             "repgrad": _unit(gq) @ train_g.T,
