@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     rf = extract(bundle, [(r["prompt"], r["response"]) for r in rows], "training row")
     print(f"training rows extracted in {time.time() - t0:.0f} s", file=sys.stderr)
     row_h, row_g, row_steer = unit(rf.h), unit(rf.g), unit(rf.steer)
-    balanced = signature_matrix(rf.h, rf.g, "balanced")
+    official, balanced = signature_matrix(rf.h, rf.g, "official"), signature_matrix(rf.h, rf.g, "balanced")
 
     import bm25s
 
@@ -189,12 +189,12 @@ def main(argv=None) -> int:
         out = _scores(pairs, spans)
         if topic is not None:
             qh, qg = last_prompt(topic[0], pairs)
-            official = signature_matrix(qh, qg, "official") @ topic[1].T
-            balanced = signature_matrix(qh, qg, "balanced") @ topic[2].T
+            topic_official = signature_matrix(qh, qg, "official") @ topic[1].T
+            topic_balanced = signature_matrix(qh, qg, "balanced") @ topic[2].T
             match = np.maximum(out["token h max (span query)"], 0)
-            out[f"official at layer {args.topic_layer}"] = official
-            out[f"official at layer {args.topic_layer} x token h max"] = np.maximum(official, 0) * match
-            out[f"balanced at layer {args.topic_layer} x token h max"] = np.maximum(balanced, 0) * match
+            out[f"official at layer {args.topic_layer}"] = topic_official
+            out[f"official at layer {args.topic_layer} x token h max"] = np.maximum(topic_official, 0) * match
+            out[f"balanced at layer {args.topic_layer} x token h max"] = np.maximum(topic_balanced, 0) * match
         return out
 
     def _scores(pairs, spans) -> dict:
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
         span = extract(bundle, pairs, "query", spans) if spans is not None else full
         return {
             "bm25, query = the span's text": bm25(span_text),
-            "official": signature_matrix(full.h, full.g, "official") @ signature_matrix(rf.h, rf.g, "official").T,
+            "official": signature_matrix(full.h, full.g, "official") @ official.T,
             "balanced": signature_matrix(full.h, full.g, "balanced") @ balanced.T,
             "repgrad": unit(full.g) @ row_g.T,
             "repsim": unit(full.h) @ row_h.T,

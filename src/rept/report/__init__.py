@@ -484,7 +484,7 @@ def rounds_chart_svg(results: dict, width: int = 760, height: int = 230) -> Mark
     if oracle:
         n, r = int(oracle["removed"]), float(oracle["rate"])
         parts.append(f'<rect x="{x(n) - 4:.1f}" y="{y(r) - 4:.1f}" width="8" height="8" fill="#d6450d">'
-                     f'<title>oracle: every {html.escape(str(oracle.get("label")))!s} row removed ({n}), behaviour '
+                     f'<title>oracle: every {html.escape(str(oracle.get("label")))} row removed ({n}), behaviour '
                      f'{_pct(r)}</title></rect>')
         parts.append(f'<rect x="{right + 18}" y="{top + 36}" width="8" height="8" fill="#d6450d"/>'
                      f'<text x="{right + 36}" y="{top + 43}" font-size="10">oracle ({_pct(r)})</text>')
