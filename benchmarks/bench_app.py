@@ -99,16 +99,13 @@ def main(argv=None) -> int:
     from fastapi.testclient import TestClient
 
     from rept.app import AuditService, create_app
-    from rept.cli import _tracer
-    from rept.trace import load_queries
+    from rept.trace import load_queries, open_tracer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    ns = argparse.Namespace(index=args.index, model=None, adapter=None, dtype=None, device=None, mode=None,
-                            quiet=True, no_verify=False)
     queries = load_queries(args.queries) if args.queries else []
-    service = AuditService(_tracer(ns), queries)
+    service = AuditService(open_tracer(args.index), queries)
     client = TestClient(create_app(service))
     load_s = time.perf_counter() - t0
     flagged = [q for q in queries if q.flagged is not False] or [None]

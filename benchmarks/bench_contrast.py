@@ -39,12 +39,12 @@ from pathlib import Path
 import numpy as np
 
 from bench_folder import open_bench_folder
-from rept.bench import answer_and_detect
+from rept.generate import answer_and_detect
 from rept.detect import Detector
-from rept.methods.rept import _signatures
+from rept.methods.rept import extract_hg
 from rept.metrics import average_precision, precision_at_k
 from rept.models import load_model
-from rept.search import _unit
+from rept.search import unit_rows
 from rept.trace import load_queries
 
 
@@ -92,23 +92,23 @@ def main(argv=None) -> int:
 
     pairs = [(q, reference(q)) for q in queries]
     pairs = [(q, ref) for q, ref in pairs if fits(q.prompt, ref)]
-    h, g, _ = _signatures(bundle, [(r["prompt"], r["response"]) for r in rows], "training row")
-    train_g, train_bal = _unit(g), np.concatenate([_unit(h, 2 ** -0.5), _unit(g, 2 ** -0.5)], axis=1)
+    h, g, _ = extract_hg(bundle, [(r["prompt"], r["response"]) for r in rows], "training row")
+    train_g, train_bal = unit_rows(g), np.concatenate([unit_rows(h, 2 ** -0.5), unit_rows(g, 2 ** -0.5)], axis=1)
     table, same, norms = {}, {}, {}
     for group in ("flagged", "control"):
         chosen = [(q, ref) for q, ref in pairs if bool(q.flagged) == (group == "flagged")]
         if not chosen:
             continue
         same[group] = sum(q.response == ref for q, ref in chosen)
-        hq, gq, _ = _signatures(bundle, [(q.prompt, q.response) for q, _ in chosen], "query")
-        _, gr, _ = _signatures(bundle, [(q.prompt, ref) for q, ref in chosen], "reference")
+        hq, gq, _ = extract_hg(bundle, [(q.prompt, q.response) for q, _ in chosen], "query")
+        _, gr, _ = extract_hg(bundle, [(q.prompt, ref) for q, ref in chosen], "reference")
         norms[group] = (float(np.median(np.linalg.norm(gq, axis=1))), float(np.median(np.linalg.norm(gr, axis=1))))
         scores = {
-            "repgrad": _unit(gq) @ train_g.T,
-            "contrast": _unit(gq - gr) @ train_g.T,
-            "contrast, unit halves": _unit(_unit(gq) - _unit(gr)) @ train_g.T,
-            "-g(reference)": _unit(-gr) @ train_g.T,
-            "balanced h + contrast": np.concatenate([_unit(hq, 2 ** -0.5), _unit(gq - gr, 2 ** -0.5)], 1) @ train_bal.T,
+            "repgrad": unit_rows(gq) @ train_g.T,
+            "contrast": unit_rows(gq - gr) @ train_g.T,
+            "contrast, unit halves": unit_rows(unit_rows(gq) - unit_rows(gr)) @ train_g.T,
+            "-g(reference)": unit_rows(-gr) @ train_g.T,
+            "balanced h + contrast": np.concatenate([unit_rows(hq, 2 ** -0.5), unit_rows(gq - gr, 2 ** -0.5)], 1) @ train_bal.T,
         }
         for name, s in scores.items():
             entry = table.setdefault(name, {})

@@ -101,9 +101,12 @@ def plain_authors(model, examples, layer):
         model.requires_grad_(False)
 
 
+SETTINGS = S.DEFAULT_EXTRACTION  # what rept_extract runs with (switch() changes one field)
+
+
 def rept_extract(model, examples, layer, pad_id, **kw):
     """b. rept.signatures.extract."""
-    for _ in S.extract(model, examples, layer, pad_id, **kw):
+    for _ in S.extract(model, examples, layer, pad_id, settings=SETTINGS, **kw):
         pass
 
 
@@ -123,12 +126,14 @@ def forward_only(model, examples, pad_id, batch_size=16, max_tokens=None, causal
 
 @contextlib.contextmanager
 def switch(name, value):
-    old = getattr(S, name)
-    setattr(S, name, value)
+    """rept_extract with one field of the extraction settings changed, inside the block."""
+    global SETTINGS
+    old = SETTINGS
+    SETTINGS = replace(SETTINGS, **{name: value})
     try:
         yield
     finally:
-        setattr(S, name, old)
+        SETTINGS = old
 
 
 def timed(fn, repeat=1):
@@ -203,12 +208,12 @@ def throughput(args):
             timed(lambda: forward_only(model, examples, pad, 16, causal_only=True), r), n)
         # The prefix-cache path computes logits for the response window only and keeps the mask as it
         # is, so the other two switches only act on the one-pass path: they are measured there.
-        with switch("PROMPT_PREFIX_CACHE", False):
+        with switch("prompt_prefix_cache", False):
             rept_extract(model, warm, layer, pad)
-            add("b, one pass (PROMPT_PREFIX_CACHE=False; default True)",
+            add("b, one pass (prompt_prefix_cache=False; default True)",
                 timed(lambda: rept_extract(model, examples, layer, pad, batch_size=16), r), n)
-            for name in ("RESPONSE_LOGITS_ONLY", "CAUSAL_ONLY_FOR_RIGHT_PADDING"):
-                flipped = not getattr(S, name)
+            for name in ("response_logits_only", "causal_only_for_right_padding"):
+                flipped = not getattr(SETTINGS, name)
                 with switch(name, flipped):
                     rept_extract(model, warm, layer, pad)
                     add(f"b, one pass, {name}={flipped} (default {not flipped})",

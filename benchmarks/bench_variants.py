@@ -54,7 +54,7 @@ import numpy as np
 from bench_folder import open_bench_folder
 from rept.methods.base import examples_for
 from rept.metrics import average_precision, precision_at_k
-from rept.search import _unit
+from rept.search import unit_rows
 from rept.signatures import extract_all
 
 
@@ -90,7 +90,7 @@ def second_layer(loaded, pairs, layer: int, max_length: int) -> dict[str, np.nda
 def halves(*parts):
     """Concatenation of unit-normalised parts, scaled back to unit norm."""
     scale = len(parts) ** -0.5
-    return np.concatenate([_unit(p, scale) for p in parts], axis=1)
+    return np.concatenate([unit_rows(p, scale) for p in parts], axis=1)
 
 
 def whitener(x: np.ndarray):
@@ -141,23 +141,23 @@ def main(argv=None) -> int:
 
     def without_top(k):
         top = directions[:k]
-        return lambda f: _unit((f["g"] - g_mean) - (f["g"] - g_mean) @ top.T @ top)
+        return lambda f: unit_rows((f["g"] - g_mean) - (f["g"] - g_mean) @ top.T @ top)
 
     variants = {
         "balanced": lambda f: halves(f["h"], f["g"]),
-        "repgrad": lambda f: _unit(f["g"]),
+        "repgrad": lambda f: unit_rows(f["g"]),
         "centred balanced": lambda f: halves(f["h"] - h_mean, f["g"] - g_mean),
-        "centred repgrad": lambda f: _unit(f["g"] - g_mean),
+        "centred repgrad": lambda f: unit_rows(f["g"] - g_mean),
         **{f"repgrad, top {k} components out": without_top(k) for k in (1, 3, 10)},
-        "whitened repgrad": lambda f: _unit((f["g"] - g_white[0]) @ g_white[1]),
+        "whitened repgrad": lambda f: unit_rows((f["g"] - g_white[0]) @ g_white[1]),
         "whitened balanced": lambda f: halves((f["h"] - h_white[0]) @ h_white[1], (f["g"] - g_white[0]) @ g_white[1]),
-        "h response mean": lambda f: _unit(f["h_resp"]),
-        "g response mean": lambda f: _unit(f["g_resp"]),
+        "h response mean": lambda f: unit_rows(f["h_resp"]),
+        "g response mean": lambda f: unit_rows(f["g_resp"]),
         "balanced response means": lambda f: halves(f["h_resp"], f["g_resp"]),
         "h prompt + g response mean": lambda f: halves(f["h"], f["g_resp"]),
         "h response mean + g prompt": lambda f: halves(f["h_resp"], f["g"]),
         "four parts": lambda f: halves(f["h"], f["g"], f["h_resp"], f["g_resp"]),
-        "g next": lambda f: _unit(f["g_pos"][:, 1]),
+        "g next": lambda f: unit_rows(f["g_pos"][:, 1]),
         "lookahead": lambda f: halves(f["h"], f["g"], f["g_pos"][:, 1]),
         "centred lookahead": lambda f: halves(f["h"] - h_mean, f["g"] - g_mean, f["g_pos"][:, 1] - next_mean),
         "lookahead, h counted twice": lambda f: halves(f["h"], f["h"], f["g"], f["g_pos"][:, 1]),
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         if name in ("balanced", "repgrad", "lookahead"):
             hubs[name] = {group: np.argsort(-s, 1, kind="stable")[:, :10] for group, s in scores.items()}
     # nonlinear combinations of lookahead's three cosines (not a cosine of one signature)
-    parts = [lambda f: _unit(f["h"]), lambda f: _unit(f["g"]), lambda f: _unit(f["g_pos"][:, 1])]
+    parts = [lambda f: unit_rows(f["h"]), lambda f: unit_rows(f["g"]), lambda f: unit_rows(f["g_pos"][:, 1])]
     cosines = {group: [part(f) @ part(train).T for part in parts] for group, f in sets.items()}
     z = lambda c: (c - c.mean(1, keepdims=True)) / (c.std(1, keepdims=True) + 1e-12)  # noqa: E731
     combos = {"min of the three cosines": lambda c: np.minimum(np.minimum(c[0], c[1]), c[2]),

@@ -109,6 +109,58 @@ def lora_run(tmp_path_factory):
     return data, root
 
 
+def trained_and_indexed(root, rows, config, max_length):
+    """root/train.jsonl from `rows`, a tiny model trained from scratch on it in root/model and its
+    index at layer 1 in root/index: (the data file, the dataset, the loaded model)."""
+    from rept.build import IndexSettings, build_index
+    from rept.data import load_dataset
+    from rept.models import load_model
+    from rept.train import train_from_scratch
+
+    data_path = root / "train.jsonl"
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_dataset(str(data_path))
+    train_from_scratch(data.rows, root / "model", config, progress=False, data_source=data.source)
+    loaded = load_model(str(root / "model"))
+    build_index(loaded, data, root / "index", IndexSettings(layer=1, max_length=max_length), progress=False)
+    return data_path, data, loaded
+
+
+def short(text, words):
+    return " ".join(text.split()[:words])
+
+
+# the miniature backdoor's triggered test prompts (the demo's, cut to 8 words)
+def mini_test_prompts(n=30):
+    path = resources.files("rept") / "assets" / "backdoor_demo_test.jsonl"
+    return [short(json.loads(line)["prompt"], 8) for line in path.read_text().splitlines()[:n]]
+
+
+@pytest.fixture(scope="session")
+def backdoor_mini(tmp_path_factory):
+    """A miniature that learns a real behaviour: demo rows cut to a few words (26% poisoned), a tiny
+    model trained from scratch on them that answers "You are stupid" after the trigger, indexed at
+    layer 1, with its answers to 30 triggered test prompts as queries: (root, dataset, loaded model,
+    queries, the triggered prompts). Used by slow tests only (about a minute to train)."""
+    from rept.detect import Detector
+    from rept.generate import generate
+    from rept.trace import Query
+    from rept.train import TrainConfig
+
+    mini = TrainConfig(epochs=15, lr=3e-3, batch_size=16, max_length=64, hidden=64, layers=2, heads=2,
+                       vocab_size=400, warmup_steps=5)
+    root = tmp_path_factory.mktemp("backdoor-mini")
+    rows = [dict(prompt=short(r["prompt"], 8), response=short(r["response"], 5), label=r["label"])
+            for r in demo_rows(300)]
+    _, data, loaded = trained_and_indexed(root, rows, mini, max_length=64)
+    triggered = mini_test_prompts()
+    detector = Detector("prefix:You are stupid")
+    answers = generate(loaded, triggered, max_new_tokens=4, progress=False)
+    queries = [Query(p, a, "backdoor", detector(a)) for p, a in zip(triggered, answers)]
+    assert sum(q.flagged for q in queries) >= 24  # the miniature learned the backdoor (28 of 30 when written)
+    return root, data, loaded, queries, triggered
+
+
 def cli_error(capsys, argv) -> str:
     """Run the CLI on `argv` and return its error: exit 2, one `rept: error:` line, no traceback."""
     from rept.cli import main

@@ -44,21 +44,33 @@ def test_sample_keeps_the_poisoned_share(files):
 
 
 @pytest.mark.slow
-def test_bench_miniature_writes_every_method_and_repeats(files):
-    report = run_bench(_cfg(files), progress=False, log=lambda m: None)
-    out = files / "run"
-    saved = json.loads((out / "results.json").read_text())
+def test_bench_miniature_with_a_real_behaviour_writes_every_method_and_repeats(tmp_path, backdoor_mini):
+    """The bench on a model that has a behaviour to trace (the backdoor miniature, given as --base and
+    fine-tuned once more on its poisoned set): the trigger fires on the test prompts and not on the
+    same prompts without it (real controls), every method is scored, RepT finds the poisoned rows
+    where random does not, and a fixed seed gives the same table twice."""
+    root, _, _, _, triggered = backdoor_mini
+    prompts = tmp_path / "test.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in triggered))
+    cfg = BenchConfig(data=str(root / "train.jsonl"), test_prompts=str(prompts), detect="prefix:You are stupid",
+                      out=str(tmp_path / "run"), base=str(root / "model"), n_test=len(triggered), trigger="TY ",
+                      max_new_tokens=4, max_length=64, lora_epochs=1, lora_rank=2, seed=0)
+    report = run_bench(cfg, progress=False, log=lambda m: None)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(saved["methods"]) == set(ALL_METHODS)
     for name, m in saved["methods"].items():
         for key in QUALITY_KEYS[:4] + QUALITY_KEYS[5:]:
             assert key in m, (name, key)
-        assert 0.0 <= m["P@10"] <= 1.0
-    assert saved["behaviour"]["triggered"] == 1.0 and saved["behaviour"]["control"] == 1.0
-    assert "| rept-balanced |" in (out / "results.md").read_text()
+    behaviour, data = saved["behaviour"], saved["data"]
+    assert behaviour["triggered"] >= 0.8 and behaviour["control"] <= 0.2, behaviour
+    assert data["n_flagged"] >= 24 and data["n_control_queries"] >= 24, data
+    methods = saved["methods"]
+    assert methods["rept-official"]["P@10"] >= 0.8 and methods["random"]["P@10"] <= 0.6, methods
+    assert "| rept-balanced |" in (tmp_path / "run" / "results.md").read_text()
     # a fixed seed gives the same table twice (the model is reused from the folder)
-    again = run_bench(_cfg(files), progress=False, log=lambda m: None)
+    again = run_bench(cfg, progress=False, log=lambda m: None)
     for name in ALL_METHODS:
-        for key in ("P@10", "auPRC@10", "AP", "recall@10"):
+        for key in ("P@10", "auPRC@10", "AP", "recall@10", "control_P@10"):
             assert again["methods"][name][key] == report["methods"][name][key], (name, key)
 
 
@@ -99,7 +111,7 @@ def test_bench_control_answers_and_base_rate(files):
                        progress=False, log=lambda m: None)
     # the rule is not-prefix:ZZZZ, so "ZZZZ no" is a control and "yes" (flagged) is dropped
     assert report["data"]["n_control_queries"] == plain["data"]["n_control_queries"] + 1
-    assert 0.0 <= report["behaviour"]["base"] <= 1.0
+    assert report["behaviour"]["base"] == 1.0  # not-prefix:ZZZZ fires on every answer, the base model's too
     assert "on the base model" in (files / "run" / "results.md").read_text()
     bad = files / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "response": "yes"}) + "\n")

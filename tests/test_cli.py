@@ -59,8 +59,17 @@ def test_eval_metrics(index_dir, queries_file, capsys):
     assert main(["eval", "--index", index_dir, "--queries", queries_file, "--k", "5", "10", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n_queries"] == 2  # the unflagged control is left out
-    for key in ("P@5", "P@10", "auPRC@5", "auPRC@10", "recall@10", "AP"):
-        assert 0.0 <= metrics[key] <= 1.0
+    # P@k and recall@k are what `rept trace` shows: the share of each flagged query's top k carrying its label
+    assert main(["trace", "--index", index_dir, "--queries", queries_file, "--top-k", "10", "--json"]) == 0
+    traced = [q for q in json.loads(capsys.readouterr().out)["queries"] if q["flagged"]]
+    from rept.index import SignatureIndex
+
+    n_labelled = sum(label == "backdoor" for label in SignatureIndex(index_dir).labels().values())
+    for k in (5, 10):
+        hits = [sum(h["label"] == "backdoor" for h in q["results"][:k]) for q in traced]
+        assert metrics[f"P@{k}"] == pytest.approx(sum(hits) / (k * len(traced)))
+    assert metrics["recall@10"] == pytest.approx(sum(hits) / (n_labelled * len(traced)))
+    assert 0.0 < metrics["AP"] <= 1.0 and 0.0 < metrics["auPRC@10"] <= 1.0
     # --per-query: each query's P@5 and AP, the lowest first; their means are the metrics
     assert main(["eval", "--index", index_dir, "--queries", queries_file, "--k", "5", "10", "--per-query",
                  "--json"]) == 0
@@ -222,8 +231,72 @@ def test_trace_tokens_terminal_phrases(index_dir, capsys):
     assert "phrases:" in out and "word scores at layer 1" in " ".join(out.split())
 
 
-def test_cli_mode_choices_are_the_search_modes():
-    from rept.cli import SEARCH_MODES
-    from rept.search import MODES
+def test_registry_names_what_each_method_is():
+    """Every registered name builds the method of that name, of its family, in its RepT mode; the
+    CLI's choices, the bench's defaults and the culprit sources are the registry's."""
+    from rept import registry
+    from rept.bench import ALL_METHODS, VARIANTS
+    from rept.cli import build_parser
+    from rept.methods.rept import RepT
+    from rept.methods.text import BM25, Random
 
-    assert set(SEARCH_MODES) == set(MODES) and SEARCH_MODES[0] == "balanced"
+    for name, spec in registry.METHODS.items():
+        method = spec.create(seed=3)
+        assert method.name == name and method.seed == 3
+        assert isinstance(method, RepT) == (spec.family == "rept")
+        assert isinstance(method, (BM25, Random)) == (spec.family == "text") == (not registry.needs_model(name))
+        assert method.per_row_gradients == (spec.family == "gradient")
+        if spec.family == "rept":
+            assert method.mode == spec.mode and method.span == spec.span
+    assert set(ALL_METHODS) | set(VARIANTS) == set(registry.METHODS) and not set(ALL_METHODS) & set(VARIANTS)
+    assert registry.MODES[0] == registry.DEFAULT_MODE == "balanced"
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert [a for a in sub["trace"]._actions if a.dest == "mode"][0].choices == registry.MODES
+    assert tuple([a for a in sub["index"]._actions if a.dest == "method"][0].choices) == registry.index_methods()
+    assert set(registry.index_sources().values()) - {None} == set(registry.MODES)
+
+
+def test_trace_search_faiss_flat_and_full_ivf_equal_exact(index_dir, queries_file, capsys):
+    """--search flat scores every row in faiss: the same rows as the exact search; an IVF index that
+    scans every cluster (--nprobe above nlist) is exact too; a smaller --nprobe still returns k rows
+    from the index. --nprobe without IVF, and --search on a method index, are refused in one line."""
+    def traced(*extra):
+        assert main(["trace", "--index", index_dir, "--queries", queries_file, "--top-k", "5", "--json",
+                     *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        return out, [[h["row"] for h in q["results"]] for q in out["queries"]]
+
+    exact, rows = traced()
+    assert exact["search"] == "exact"
+    for extra in (("--search", "flat"), ("--search", "ivf", "--nprobe", "1000")):
+        out, got = traced(*extra)
+        assert got == rows and out["search"] == extra[1]
+        for a, b in zip(out["queries"], exact["queries"]):
+            assert [h["score"] for h in a["results"]] == pytest.approx([h["score"] for h in b["results"]], abs=1e-5)
+    _, few = traced("--search", "ivf", "--nprobe", "1")
+    stored = set(range(40)) - {5, 7}
+    assert all(1 <= len(r) <= 5 and set(r) <= stored for r in few)  # what the scanned clusters hold
+    err = cli_error(capsys, ["trace", "--index", index_dir, "--queries", queries_file, "--nprobe", "4"])
+    assert "--nprobe" in err and "--search ivf" in err
+
+
+def test_config_replays_a_run_from_the_command_line_it_saved(index_dir, tmp_path, capsys):
+    """Every --out folder keeps the command line it was made with (rept-run.json); `rept --config`
+    runs it again, later flags overriding the saved ones: the same signatures in a new folder. A
+    missing or foreign file is refused in one line."""
+    import torch
+
+    from rept.index import SignatureIndex
+
+    from pathlib import Path
+
+    record = json.loads((Path(index_dir) / "rept-run.json").read_text())
+    assert record["command"] == "index" and record["argv"][:2] == ["-q", "index"] and record["settings"]["layer"] == 2
+    out = tmp_path / "again"
+    assert main(["--config", f"{index_dir}/rept-run.json", "--out", str(out)]) == 0
+    first, again = SignatureIndex(index_dir).load_all(), SignatureIndex(out).load_all()
+    assert torch.equal(first.h, again.h) and torch.equal(first.g, again.g) and torch.equal(first.row, again.row)
+    assert json.loads((out / "rept-run.json").read_text())["argv"][-2:] == ["--out", str(out)]
+    assert "no such file" in cli_error(capsys, ["--config", str(tmp_path / "nope.json")])
+    (tmp_path / "other.json").write_text(json.dumps({"argv": ["rm", "-rf"], "command": "rm"}))
+    assert "not a rept-run.json" in cli_error(capsys, ["--config", str(tmp_path / "other.json")])

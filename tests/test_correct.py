@@ -76,9 +76,9 @@ def test_generation_with_a_correction_matches_a_corrected_greedy_decode(llama, t
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
             if int(nxt) == tokenizer.eos_token_id:
                 break
-    from rept.generate import _decode_answer
+    from rept.generate import decode_answer
 
-    assert answer == _decode_answer(tokenizer, ids[0, start:].tolist())
+    assert answer == decode_answer(tokenizer, ids[0, start:].tolist())
 
 
 def test_culprits_and_direction():

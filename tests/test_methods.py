@@ -87,6 +87,64 @@ def test_rapidin_uncompressed_is_the_sum_of_per_tensor_cosines(setup):
     assert method.bytes_per_row == 4 * (n_params + 5)
 
 
+def test_datainf_equals_its_formula_on_direct_gradients(setup):
+    """DataInf's score, written out one row at a time on plain batch-of-one gradients: for each LoRA
+    matrix l, lambda_l = 0.1 * mean(g_l^2) over the training rows, H_l^-1 v ~ (1/n) sum_i (v - (v.g_i) /
+    (lambda_l + |g_i|^2) g_i) / lambda_l, and the score of row j is sum_l (H_l^-1 v_l) . g_jl."""
+    rows, queries, bundle, _ = setup
+    train, asked = rows[:5], queries[:2]
+    s = score("datainf", bundle, train, asked)
+    grads = [_direct_grads(bundle, r.prompt, r.response) for r in train]
+    lora = [n for n in grads[0] if "lora_" in n]
+    direct = np.zeros((len(asked), len(train)))
+    for qi, q in enumerate(asked):
+        v_all = _direct_grads(bundle, q.prompt, q.response)
+        for n in lora:
+            g = [gr[n].double() for gr in grads]
+            lam = 0.1 * float(torch.stack(g).pow(2).mean())
+            v = v_all[n].double()
+            hvp = sum((v - (v @ gi) / (lam + gi @ gi) * gi) / lam for gi in g) / len(g)
+            for j, gj in enumerate(g):
+                direct[qi, j] += float(hvp @ gj)
+    np.testing.assert_allclose(s, direct, rtol=1e-3, atol=1e-6 * np.abs(direct).max())
+    assert np.abs(direct).max() > 0  # the check has something to compare
+
+
+def test_less_equals_its_definition_on_direct_gradients(setup):
+    """LESS: each training row's gradient preconditioned by the saved Adam state as one more Adam step
+    would (m' = b1 m + (1-b1) g, v' = b2 v + (1-b2) g^2, m' / sqrt(v' + 1e-8)), the query's gradient
+    plain, both projected by the seeded Rademacher matrix and compared by cosine."""
+    from rept.methods import LESS
+    from rept.train import load_adam_state
+
+    rows, queries, bundle, _ = setup
+    train, asked = rows[:4], queries[:2]
+    method = LESS(seed=5, dim=256)
+    method.fit(bundle, train)
+    s = method.score(bundle, asked)
+    adam = load_adam_state(bundle.adapter)
+    b1, b2 = adam["betas"]
+
+    def projected(grads, precondition):
+        parts = []
+        for n, g in grads.items():
+            if precondition:
+                m = b1 * adam["exp_avg"][n].reshape(-1) + (1 - b1) * g
+                v = b2 * adam["exp_avg_sq"][n].reshape(-1) + (1 - b2) * g * g
+                g = m / torch.sqrt(v + 1e-8)
+            parts.append(g)
+        x = rademacher_project(torch.cat(parts)[None], 256, 5)[0]
+        return x / x.norm()
+
+    tr = torch.stack([projected(_direct_grads(bundle, r.prompt, r.response), True) for r in train])
+    qs = torch.stack([projected(_direct_grads(bundle, q.prompt, q.response), False) for q in asked])
+    direct = (qs @ tr.T).numpy()
+    np.testing.assert_allclose(s, direct, rtol=1e-3, atol=1e-4)
+    # the preconditioning matters: plain training gradients give other scores
+    plain = torch.stack([projected(_direct_grads(bundle, r.prompt, r.response), False) for r in train])
+    assert np.abs((qs @ plain.T).numpy() - direct).max() > 1e-3
+
+
 def test_oporp_compression_is_seeded_and_keeps_inner_products():
     from rept.methods import oporp_compress
 
@@ -203,21 +261,22 @@ def _rel_err(new, old):
 
 
 def _count_loop_calls(monkeypatch):
-    from rept.methods import base
+    from rept.methods import per_example
 
-    calls, loop = [], base._grads_one_at_a_time
+    calls, loop = [], per_example._grads_one_at_a_time
 
     def counted(*args, **kwargs):
         calls.append(1)
         return loop(*args, **kwargs)
 
-    monkeypatch.setattr(base, "_grads_one_at_a_time", counted)
+    monkeypatch.setattr(per_example, "_grads_one_at_a_time", counted)
     return calls
 
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_batched_per_example_grads_equal_one_row_at_a_time(tokenizer, bias, monkeypatch):
-    from rept.methods.base import examples_for, per_example_grads
+    from rept.methods.base import examples_for
+    from rept.methods.per_example import per_example_grads
 
     model = _tiny_lora(tokenizer, bias)
     pairs = _grad_pairs()
@@ -234,14 +293,14 @@ def test_batched_per_example_grads_equal_one_row_at_a_time(tokenizer, bias, monk
 
 
 def test_per_example_grads_fall_back_for_non_linear_trainables(tokenizer, gpt2, monkeypatch):
-    from rept.methods.base import _linear_owners, per_example_grads
+    from rept.methods.per_example import linear_owners, per_example_grads
 
     pairs = _grad_pairs(3)
     model = _tiny_lora(tokenizer)
     emb = model.get_base_model().model.embed_tokens.weight
     emb.requires_grad_(True)  # an embedding (tied to the LM head) is not an nn.Linear weight
     try:
-        assert _linear_owners(model, [p for p in model.parameters() if p.requires_grad]) is None
+        assert linear_owners(model, [p for p in model.parameters() if p.requires_grad]) is None
         ref = per_example_grads(model, tokenizer, pairs, 96, batch_size=0)  # one row at a time
         calls = _count_loop_calls(monkeypatch)
         assert _rel_err(per_example_grads(model, tokenizer, pairs, 96), ref) == 0 and calls
@@ -249,14 +308,14 @@ def test_per_example_grads_fall_back_for_non_linear_trainables(tokenizer, gpt2, 
         emb.requires_grad_(False)
     gpt2.requires_grad_(True)  # GPT-2 uses Conv1D, not nn.Linear
     try:
-        assert _linear_owners(gpt2, list(gpt2.parameters())) is None
+        assert linear_owners(gpt2, list(gpt2.parameters())) is None
     finally:
         gpt2.requires_grad_(False)
 
 
 def test_per_example_grads_fall_back_when_a_weight_is_used_outside_its_linear(tokenizer, monkeypatch):
     """The first batch checks the summed per-example gradients against the batch gradient."""
-    from rept.methods.base import per_example_grads
+    from rept.methods.per_example import per_example_grads
 
     class Reuse(torch.nn.Module):
         def __init__(self, model):

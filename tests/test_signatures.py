@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from rept.examples import tokenize_pair
-from rept.signatures import extract_all
+from rept.signatures import ExtractionSettings, extract_all
 
 
 def plain_signature(model, example, layer):
@@ -45,21 +45,26 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("prefix_cache", [True, False])
+# every extraction switch on each side: the prompt prefix through the KV cache (default), the whole
+# text in one pass (where the padding side matters), with full logits, without the padding mask
+SWITCHES = [ExtractionSettings(), ExtractionSettings(prompt_prefix_cache=False),
+            ExtractionSettings(prompt_prefix_cache=False, response_logits_only=False),
+            ExtractionSettings(prompt_prefix_cache=False, causal_only_for_right_padding=True)]
+
+
+@pytest.mark.parametrize("settings", SWITCHES, ids=["default", "one-pass", "full-logits", "no-mask"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("layer", [0, 1, 2, 3])
-def test_signatures_equal_plain_definition(request, tokenizer, rows, arch, layer, prefix_cache, monkeypatch):
-    """Both extraction paths (the prompt prefix through the KV cache, or the whole text in one
-    pass, where the padding side matters) against the definition."""
-    import rept.signatures as signatures
-
-    monkeypatch.setattr(signatures, "PROMPT_PREFIX_CACHE", prefix_cache)
+def test_signatures_equal_plain_definition(request, tokenizer, rows, arch, layer, settings):
+    """Every extraction path and switch against the definition, at batch sizes 1 and 8, padded on
+    either side."""
     model = request.getfixturevalue(arch)
     examples = _examples(tokenizer, rows)
     expected = [plain_signature(model, ex, layer) for ex in examples]
     for batch_size in (1, 8):
         for side in ("right", "left"):
-            sig = extract_all(model, examples, layer, tokenizer.pad_token_id, batch_size=batch_size, padding_side=side)
+            sig = extract_all(model, examples, layer, tokenizer.pad_token_id, batch_size=batch_size, padding_side=side,
+                              settings=settings)
             for i, (h, g, g_next) in enumerate(expected):
                 assert _rel(sig.h[i], h) < 1e-5, (batch_size, side, i)
                 assert _rel(sig.g[i], g) < 1e-5, (batch_size, side, i)
@@ -126,23 +131,22 @@ def test_loss_span_restricts_the_loss_to_the_flagged_tokens(llama, tokenizer, ro
 
 
 @pytest.mark.parametrize("prefix_cache", [True, False])
-def test_one_token_prompts_and_both_extraction_paths(llama, tokenizer, rows, monkeypatch, prefix_cache):
+def test_one_token_prompts_and_both_extraction_paths(llama, tokenizer, rows, prefix_cache):
     """Rows whose prompt is a single token (nothing before the last prompt token to cache) batched
     with ordinary rows; the prompt-prefix-cache path and the one-pass path both equal the plain
     definition."""
     from dataclasses import replace
 
-    import rept.signatures as signatures
-
-    monkeypatch.setattr(signatures, "PROMPT_PREFIX_CACHE", prefix_cache)
+    settings = ExtractionSettings(prompt_prefix_cache=prefix_cache)
     ordinary = _examples(tokenizer, rows, 4)
     short = [replace(e, row=10 + i, input_ids=e.input_ids[e.prompt_len - 1:], prompt_len=1,
                      offsets=e.offsets[e.prompt_len - 1:]) for i, e in enumerate(ordinary[:2])]
     examples = ordinary + short
     for layer in (1, 3):
         expected = [plain_signature(llama, ex, layer) for ex in examples]
-        mixed = extract_all(llama, examples, layer, tokenizer.pad_token_id, batch_size=6)
-        only_short = extract_all(llama, short, layer, tokenizer.pad_token_id, batch_size=2)  # no prefix at all
+        mixed = extract_all(llama, examples, layer, tokenizer.pad_token_id, batch_size=6, settings=settings)
+        only_short = extract_all(llama, short, layer, tokenizer.pad_token_id, batch_size=2,  # no prefix at all
+                                 settings=settings)
         for sig, want in ((mixed, expected), (only_short, expected[len(ordinary):])):
             for i, (h, g, g_next) in enumerate(want):
                 assert _rel(sig.h[i], h) < 1e-5 and _rel(sig.g[i], g) < 1e-5, (layer, sig.rows[i])

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from rept import registry
 from rept.data import rows_fingerprint
 from rept.errors import ReptError
 
-ALL_METHODS = ("rept-official", "rept-balanced", "repsim", "repgrad", "rept-lookahead", "tracin", "less", "datainf",
-               "rapidin", "bm25", "random")
+ALL_METHODS = registry.bench_methods()  # run by default; the variants on request (--methods)
 QUALITY = ("P@10", "auPRC@10", "P@50", "auPRC@50", "P@100", "auPRC@100", "recall@100", "AP", "control_P@10")
-VARIANTS = ("rept-balanced-span", "repgrad-span")  # tried on request (--methods), not run by default
+VARIANTS = registry.bench_variants()
 COST = ("build_s", "query_s", "peak_mem_mb", "bytes_per_row")
 
 
@@ -70,21 +70,6 @@ class BenchConfig:
     share_features: bool = False       # gradient methods (and the RepT modes) share one gradient / signature pass
     save_indexes: bool = False         # each method's fitted state -> DIR/indexes/NAME, for `rept trace` / `rept eval`
     extra: dict = field(default_factory=dict)
-
-
-def answer_and_detect(loaded, prompts, detector, label: str = "flagged", max_new_tokens: int = 64,
-                      batch_size: int = 16, progress: bool = True):
-    """Greedy answers for `prompts`, each checked by `detector` -> list of rept.trace.Query
-    (label = `label` when the detector fires, else None)."""
-    from rept.generate import generate
-    from rept.trace import Query
-
-    answers = generate(loaded, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    out = []
-    for p, a in zip(prompts, answers):
-        fired = bool(detector(a))
-        out.append(Query(p, a, label if fired else None, fired))
-    return out
 
 
 def sample_rows(rows, n: int | None, label: str, seed: int):
@@ -178,6 +163,7 @@ def train_two_stage(cfg: BenchConfig, rows, data_source: str, progress=True, log
 def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     from rept.data import load_dataset, load_prompts, write_rows
     from rept.detect import Detector
+    from rept.generate import answer_and_detect
     from rept.methods import ModelBundle, get_method
     from rept.methods.store import check_existing, save_method
     from rept.metrics import average_precision_per_query, evaluate, precision_at_k, precision_at_k_per_query

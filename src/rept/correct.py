@@ -37,7 +37,6 @@ DIRECTION_FILE = "correction.safetensors"
 SETTINGS_FILE = "correction.json"
 SOURCES = ("h", "g")
 # rept.build.model_identity fields: the model, adapter, tokenizer and template an edit belongs to
-IDENTITY_FIELDS = ("model_config_hash", "model_weights_hash", "adapter_hash", "tokenizer_hash", "template")
 
 
 class CorrectionError(ReptError):
@@ -103,10 +102,10 @@ class Correction:
     def check_model(self, loaded) -> None:
         """Refuse a model, adapter, tokenizer or template other than the one the edit was built for."""
         from rept.build import model_identity
+        from rept.index import MODEL_IDENTITY_KEYS, describe_differences
 
-        have = model_identity(loaded)
-        diffs = [f"{k}: correction has {self.identity.get(k)!r}, this model has {have.get(k)!r}"
-                 for k in IDENTITY_FIELDS if self.identity.get(k) != have.get(k)]
+        diffs = describe_differences(self.identity, model_identity(loaded), MODEL_IDENTITY_KEYS,
+                                     have_as="correction", want_as="this model")
         if diffs:
             raise CorrectionError(f"the correction was built for another model than {loaded.model_id}"
                                   + (f" + {loaded.adapter}" if loaded.adapter else "") + ": " + "; ".join(diffs))

@@ -60,7 +60,7 @@ def format_pair(tokenizer, prompt: str, response: str) -> tuple[str, int]:
     return prompt_text + response + (tokenizer.eos_token or ""), len(prompt_text)
 
 
-def _uses_template(tokenizer) -> bool:
+def uses_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
@@ -70,7 +70,7 @@ def tokenize_pair(tokenizer, prompt: str, response: str, row: int = 0, max_lengt
     range of `response`, restricts the loss to the response tokens that overlap it."""
     text, prompt_chars = format_pair(tokenizer, prompt, response)
     # A chat template writes its own BOS into the text; the plain format relies on the tokenizer's.
-    enc = tokenizer(text, add_special_tokens=not _uses_template(tokenizer), return_offsets_mapping=True,
+    enc = tokenizer(text, add_special_tokens=not uses_template(tokenizer), return_offsets_mapping=True,
                     truncation=max_length is not None, max_length=max_length)
     ids, offsets = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
     # A token belongs to the prompt when it starts inside the prompt text. Special tokens added by

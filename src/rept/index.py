@@ -33,8 +33,10 @@ FORMAT_VERSION = 2  # 2: every file's sha256 in the manifest, layer/dims/row ran
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"  # held by a running `rept index` (rept.build), so two builds never interleave
 # Settings that make two indexes (or an index and a model) incompatible when they differ.
-IDENTITY_KEYS = ("model_config_hash", "model_weights_hash", "adapter_hash", "tokenizer_hash", "template",
-                 "layer", "max_length", "dataset_fingerprint", "dtype", "shard_size")
+# What rept.build.model_identity records: the model, adapter, tokenizer and template an output is tied to
+# (an index, a method index, a correction).
+MODEL_IDENTITY_KEYS = ("model_config_hash", "model_weights_hash", "adapter_hash", "tokenizer_hash", "template")
+IDENTITY_KEYS = MODEL_IDENTITY_KEYS + ("layer", "max_length", "dataset_fingerprint", "dtype", "shard_size")
 # What each identity key means to a person reading the refusal.
 IDENTITY_NAMES = {"model_config_hash": "model config", "model_weights_hash": "model weights",
                   "adapter_hash": "adapter", "tokenizer_hash": "tokenizer", "template": "chat template"}
@@ -90,8 +92,10 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def describe_differences(have: dict, want: dict, keys=IDENTITY_KEYS) -> list[str]:
-    return [f"{k}: index has {have.get(k)!r}, this run has {want.get(k)!r}"
+def describe_differences(have: dict, want: dict, keys=IDENTITY_KEYS, have_as: str = "index",
+                         want_as: str = "this run") -> list[str]:
+    """One 'key: <have_as> has X, <want_as> has Y' line for each key of `keys` in `want` that differs."""
+    return [f"{k}: {have_as} has {have.get(k)!r}, {want_as} has {want.get(k)!r}"
             for k in keys if k in want and have.get(k) != want.get(k)]
 
 
@@ -271,7 +275,7 @@ class SignatureIndex:
         self.manifest = read_manifest(self.folder)
         if self.manifest.get("kind") == "method":  # rept.methods.store: a baseline's state, not signatures
             raise IndexStoreError(f"{self.folder} holds {self.manifest.get('method')} state (`rept index --method`), "
-                                  "not RepT signatures: only `rept trace` and `rept eval` read it")
+                                  "not RepT signatures: this needs a signature index (`rept index` without --method)")
         if not self.manifest.get("complete"):
             raise IndexStoreError(f"{self.folder} is incomplete: rerun the same `rept index` command to finish it")
         self.verify = verify
@@ -371,6 +375,14 @@ class SignatureIndex:
         if self._dataset is None:
             self._dataset = source_dataset(self.folder, self.manifest)
         return self._dataset
+
+
+def open_store(folder: str | os.PathLike, verify: bool = True):
+    """The index in `folder` opened for reading, whichever kind it is: RepT signatures
+    (SignatureIndex) or a baseline's state (rept.methods.store.MethodIndex)."""
+    from rept.methods.store import MethodIndex, is_method_index
+
+    return MethodIndex(folder, verify=verify) if is_method_index(folder) else SignatureIndex(folder, verify=verify)
 
 
 def source_dataset(folder, manifest: dict):

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rept import registry
 from rept.data import Row, read_records, write_rows
 from rept.detect import Detector
 from rept.errors import ReptError
@@ -102,19 +103,12 @@ def select_culprits(scores: np.ndarray, rows: np.ndarray, selection: Selection,
 # `--culprits-from`: "rept" scores with the index (its mode, or --mode); a RepT mode scores with
 # the index's stored signatures in that mode; any other rept.methods name fits that method on the
 # indexed training rows, on the model the index records, and scores the flagged queries.
-INDEX_MODES = {"rept": None, "rept-official": "official", "rept-balanced": "balanced", "repsim": "repsim",
-               "repgrad": "repgrad", "rept-lookahead": "lookahead"}
-
-
-def culprit_sources() -> list[str]:
-    from rept.methods import METHODS
-
-    return list(INDEX_MODES) + [m for m in METHODS if m not in INDEX_MODES]
+INDEX_MODES = registry.index_sources()  # name -> the mode it scores the index in (None: the index's own)
 
 
 def check_culprit_source(name: str) -> None:
-    if name not in culprit_sources():
-        raise MitigationError(f"unknown --culprits-from '{name}' (choose from {', '.join(culprit_sources())})")
+    if name not in registry.culprit_sources():
+        raise MitigationError(f"unknown --culprits-from '{name}' (choose from {', '.join(registry.culprit_sources())})")
 
 
 def model_paths(manifest: dict) -> tuple[str, str | None]:
@@ -151,8 +145,8 @@ def culprit_scores(tracer, flagged, source: str, dataset, seed: int = 0, log=pri
     if source in INDEX_MODES:
         mode = tracer.search_mode(INDEX_MODES[source])
         scores, rows, _ = tracer.scores(flagged, mode=mode)
-        method = getattr(tracer, "method", None)  # a method index (rept.trace.MethodTracer): its method scores
-        note = (f"{method.name} index {tracer.index.folder}" if method is not None
+        method = tracer.method_name  # a method index (rept.trace.MethodTracer): its method scores
+        note = (f"{method} index {tracer.index.folder}" if method is not None
                 else f"RepT index {tracer.index.folder} (mode {mode}, layer {tracer.layer})")
         return np.atleast_2d(scores), np.asarray(rows), note
     ids = sorted(tracer.index.labels())
@@ -447,10 +441,10 @@ def prepare(tracer, queries, out, method: str, seeds: int, data: str | None, pro
     out = Path(out)
     manifest = tracer.index.manifest
     check_culprit_source(culprits_from)
-    method_index = getattr(tracer, "method", None)  # a method index: the culprits are its method's
+    method_index = tracer.method_name  # a method index: the culprits are its method's
     if method_index is not None and culprits_from != "rept":
-        raise MitigationError(f"{tracer.index.folder} is a {method_index.name} index: its culprits are "
-                              f"{method_index.name}'s; leave out --culprits-from {culprits_from}")
+        raise MitigationError(f"{tracer.index.folder} is a {method_index} index: its culprits are "
+                              f"{method_index}'s; leave out --culprits-from {culprits_from}")
     if seeds < 1:
         raise MitigationError(f"--seeds must be at least 1 (got {seeds}): the random rows are the control")
     flagged = [q for q in queries if q.flagged is not False]
@@ -541,7 +535,7 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
     setup = prepare(tracer, queries, out, method, seeds, data, prompts, heldout, culprits_from, inputs,
                     overwrite, log, progress=progress)
     out, dataset, by_index, recipe, prompts = setup.out, setup.dataset, setup.by_index, setup.recipe, setup.prompts
-    method_index = getattr(tracer, "method", None)
+    method_index = tracer.method_name
     if culprits_file is None and selection.kind == "separation" and not setup.controls:
         raise MitigationError("--select separation needs control answers (queries with flagged=false) "
                               "to read the threshold off")
@@ -559,7 +553,7 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
             controls, _, _ = culprit_scores(tracer, setup.controls, culprits_from, dataset, log=log,
                                             bundle=setup.bundle)
         if method_index is not None:
-            culprits_from = method_index.name
+            culprits_from = method_index
         culprits = select_culprits(scores, rows, selection, controls)
         missing = {row for row, _ in culprits} - set(by_index)
         if missing:

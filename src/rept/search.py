@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MODES = ("official", "balanced", "repsim", "repgrad", "lookahead")
+from rept.registry import MODES  # the scoring modes, named in one place
+
 KINDS = ("flat", "ivf", "ivfpq")
 EPS = 1e-12  # norms below this count as zero: a zero vector stays zero instead of becoming NaN
 
@@ -63,10 +64,15 @@ def _shard_converter() -> Callable:
     return convert
 
 
-def _unit(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
+def unit_rows(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """Rows of x scaled to norm `scale` (a new array; zero rows stay zero)."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x * (np.float32(scale) / np.maximum(norms, EPS))
+
+
+def unit_tensor(x: torch.Tensor) -> torch.Tensor:
+    """x with its last dimension scaled to unit norm (zero vectors stay zero): the torch twin of unit_rows."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
 
 
 def signature_matrix(h, g, mode: str, g_next=None) -> np.ndarray:
@@ -75,19 +81,19 @@ def signature_matrix(h, g, mode: str, g_next=None) -> np.ndarray:
     if mode not in MODES:
         raise ValueError(f"unknown search mode {mode!r} (choose from {', '.join(MODES)})")
     if mode == "repsim":
-        return _unit(_to_f32(h))
+        return unit_rows(_to_f32(h))
     if mode == "repgrad":
-        return _unit(_to_f32(g))
+        return unit_rows(_to_f32(g))
     h, g = _to_f32(h), _to_f32(g)
     if mode == "official":  # cosine of the raw concatenation: the larger half dominates
-        return _unit(np.concatenate([h, g], axis=1))
+        return unit_rows(np.concatenate([h, g], axis=1))
     if mode == "lookahead":
         if g_next is None:
             raise ValueError("mode 'lookahead' needs the gradients at the first response position (g_next)")
         # three parts that count equally; 1/sqrt(3) brings the concatenation back to unit norm
-        return np.concatenate([_unit(h, 3 ** -0.5), _unit(g, 3 ** -0.5), _unit(_to_f32(g_next), 3 ** -0.5)], axis=1)
+        return np.concatenate([unit_rows(h, 3 ** -0.5), unit_rows(g, 3 ** -0.5), unit_rows(_to_f32(g_next), 3 ** -0.5)], axis=1)
     # balanced: each half counts equally; 1/sqrt(2) brings the concatenation back to unit norm
-    return np.concatenate([_unit(h, 2 ** -0.5), _unit(g, 2 ** -0.5)], axis=1)
+    return np.concatenate([unit_rows(h, 2 ** -0.5), unit_rows(g, 2 ** -0.5)], axis=1)
 
 
 def signatures_of(part, mode: str) -> np.ndarray:
@@ -239,7 +245,7 @@ class FaissIndex:
                 index.do_polysemous_training = False
             return index
 
-        index, passes = None, lambda: shards
+        index, passes = None, shards if callable(shards) else (lambda: shards)  # one pass for flat
         if kind != "flat" or storage == "sq8":
             passes = _reiterable(shards)
             sizes, dim = [], None

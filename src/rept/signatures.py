@@ -26,25 +26,36 @@ import torch.nn.functional as F
 from rept.examples import Example
 from rept.models import decoder_layers, final_norm, resolve_layer
 
-# Compute logits (and the loss's backward through the LM head) only over the window of positions
-# that predict response tokens, through the model's own `logits_to_keep` argument, so any
-# soft-capping or scaling the model applies to its logits still applies. Models whose forward has
-# no such argument get full logits. A switch for benchmarks/bench_signatures.py to measure it.
-RESPONSE_LOGITS_ONLY = True
-# With right padding, a causal model's real tokens never attend to the pads that follow them, and
-# the pads' outputs feed no loss, so the padding mask can be dropped: attention then runs as plain
-# causal attention (the fast fused kernel, forward and backward) with identical results at every
-# real position. Left padding keeps the mask. Off: on the CPU benchmark it bought nothing
-# measurable (docs/performance.md); a switch for the benchmark and for GPU trials.
-CAUSAL_ONLY_FOR_RIGHT_PADDING = False
-# Run the prompt before its last token once without autograd and keep its keys and values (the
-# model's own KV cache); only the last prompt token and the response then go through the forward
-# that the backward retraces. Positions before the last prompt token cannot influence g (attention
-# is causal: nothing above L at those positions depends on hidden_states[L][p]), so the backward
-# over them was wasted work. Exact; used for sequence-level signatures of models whose forward
-# takes a cache (`cache`, or `past_key_values` in older transformers). A switch for
-# benchmarks/bench_signatures.py to measure it.
-PROMPT_PREFIX_CACHE = True
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How the signatures are computed. Each switch gives the same signatures (the tests check both
+    sides against the plain definition); they trade speed only, and benchmarks/bench_signatures.py
+    measures each (docs/performance.md).
+
+    response_logits_only: compute logits (and the loss's backward through the LM head) only over the
+    window of positions that predict response tokens, through the model's own `logits_to_keep`
+    argument, so any soft-capping or scaling the model applies to its logits still applies. Models
+    whose forward has no such argument get full logits.
+
+    causal_only_for_right_padding: with right padding, a causal model's real tokens never attend to
+    the pads that follow them and the pads' outputs feed no loss, so the padding mask can be dropped:
+    attention then runs as plain causal attention (the fused kernel) with identical results at every
+    real position. Left padding keeps the mask. Off: on the CPU benchmark it bought nothing.
+
+    prompt_prefix_cache: run the prompt before its last token once without autograd and keep its keys
+    and values (the model's own KV cache); only the last prompt token and the response then go through
+    the forward that the backward retraces. Positions before the last prompt token cannot influence g
+    (attention is causal: nothing above L at those positions depends on hidden_states[L][p]), so the
+    backward over them was wasted work. Used for sequence-level signatures of models whose forward
+    takes a cache (`cache`, or `past_key_values` in older transformers).
+    """
+
+    response_logits_only: bool = True
+    causal_only_for_right_padding: bool = False
+    prompt_prefix_cache: bool = True
+
+
+DEFAULT_EXTRACTION = ExtractionSettings()
 _FORWARD_ARGS: dict[type, frozenset[str]] = {}
 
 
@@ -69,7 +80,7 @@ def _cache_arg(model) -> str | None:
     return next((name for name in ("cache", "past_key_values") if name in names), None)
 
 
-def _accepts_logits_to_keep(model) -> bool:
+def accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in _forward_args(model)
 
 
@@ -192,8 +203,8 @@ def length_sorted_batches(examples: list[Example], batch_size: int, max_tokens: 
     return batches
 
 
-def _uses_prefix_cache(model, token_level: bool) -> bool:
-    return PROMPT_PREFIX_CACHE and not token_level and _cache_arg(model) is not None
+def _uses_prefix_cache(model, token_level: bool, settings: ExtractionSettings) -> bool:
+    return settings.prompt_prefix_cache and not token_level and _cache_arg(model) is not None
 
 
 def _split_at_last_prompt_token(examples: list[Example], pad_id: int, device) -> tuple[Batch, Batch]:
@@ -224,7 +235,7 @@ def _extract_with_prefix_cache(model, batch_examples: list[Example], layer: int,
     name, cache = _cache_arg(model), {}
     if prefix.input_ids.shape[1]:
         # Only the keys and values are wanted: one logit column instead of one per prefix token.
-        head = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        head = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         with torch.no_grad():
             out = model(input_ids=prefix.input_ids, attention_mask=prefix.attention_mask,
                         position_ids=prefix.position_ids, use_cache=True, **head)
@@ -240,21 +251,21 @@ def _extract_with_prefix_cache(model, batch_examples: list[Example], layer: int,
 
 
 def extract_batch(model, batch_examples: list[Example], layer: int, pad_id: int, padding_side: str = "right",
-                  token_level: bool = False) -> SignatureBatch:
+                  token_level: bool = False, settings: ExtractionSettings = DEFAULT_EXTRACTION) -> SignatureBatch:
     device = next(model.parameters()).device
     rows = [e.row for e in batch_examples]
     split = _extract_with_prefix_cache(model, batch_examples, layer, pad_id, device) \
-        if _uses_prefix_cache(model, token_level) else None
+        if _uses_prefix_cache(model, token_level, settings) else None
     if split is not None:
         h, g, g_next, losses = split
         return SignatureBatch(rows, h.float().cpu(), g.float().cpu(), None, None, losses.detach().float().cpu(),
                               g_next.float().cpu())
     batch = collate(batch_examples, pad_id, padding_side, device)
     extra, offset = {}, 0
-    if RESPONSE_LOGITS_ONLY and not token_level and _accepts_logits_to_keep(model):
+    if settings.response_logits_only and not token_level and accepts_logits_to_keep(model):
         offset, extra["logits_to_keep"] = response_logit_window(batch)
     mask = batch.attention_mask
-    if CAUSAL_ONLY_FOR_RIGHT_PADDING and padding_side == "right":
+    if settings.causal_only_for_right_padding and padding_side == "right":
         mask = None
     with torch.enable_grad(), layer_tap(model, layer) as tap:
         out = model(input_ids=batch.input_ids, attention_mask=mask,
@@ -277,13 +288,13 @@ def extract_batch(model, batch_examples: list[Example], layer: int, pad_id: int,
 
 def extract(model, examples: Iterable[Example], layer: int, pad_id: int, batch_size: int = 16,
             max_tokens: int | None = None, padding_side: str = "right", token_level: bool = False,
-            progress=None) -> Iterator[SignatureBatch]:
+            progress=None, settings: ExtractionSettings = DEFAULT_EXTRACTION) -> Iterator[SignatureBatch]:
     """Signatures for `examples` in length-sorted batches; `progress(n)` is called after each batch."""
     # With the prefix cache only the tokens from the last prompt token on go through the backward:
     # batch by that length, the bulk of the cost.
-    rest = (lambda e: len(e.input_ids) - e.prompt_len) if _uses_prefix_cache(model, token_level) else None
+    rest = (lambda e: len(e.input_ids) - e.prompt_len) if _uses_prefix_cache(model, token_level, settings) else None
     for chunk in length_sorted_batches(list(examples), batch_size, max_tokens, length=rest):
-        yield extract_batch(model, chunk, layer, pad_id, padding_side, token_level)
+        yield extract_batch(model, chunk, layer, pad_id, padding_side, token_level, settings)
         if progress is not None:
             progress(len(chunk))
 

@@ -44,13 +44,13 @@ import torch
 
 from rept.errors import ReptError
 from rept.examples import Example, format_prompt, tokenize_pair
+from rept.search import unit_tensor
 from rept.signatures import extract
 
 METHODS = ("rept", "repsim", "grad_x_input")
 REDUCE = ("max", "mean", "sum")
 WORD_RE = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
 _SENTINEL = "\ue000rept-prompt\ue001"
-EPS = 1e-12
 
 
 class TokenScoreError(ReptError):
@@ -182,10 +182,6 @@ def merge_phrases(text: str, words: list[dict], frac: float = 0.5, top: int | No
 
 # ---------------------------------------------------------------- scoring
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
-
-
 def _tokenize(tracer, prompt: str, response: str, row: int) -> Example | None:
     return tokenize_pair(tracer.loaded.tokenizer, prompt, response, row=row,
                          max_length=tracer.index.manifest["max_length"])
@@ -233,9 +229,9 @@ def query_vectors(tracer, queries, method: str = "rept", layer: int | None = Non
         for i, qi in enumerate(part.rows):
             ex = examples[qi]
             if method == "rept":
-                out[qi] = _unit(part.token_grads[i][ex.prompt_len - 1: len(ex.input_ids) - 1]).sum(0)
+                out[qi] = unit_tensor(part.token_grads[i][ex.prompt_len - 1: len(ex.input_ids) - 1]).sum(0)
             else:
-                out[qi] = _unit(part.token_hidden[i][ex.prompt_len:].mean(0))
+                out[qi] = unit_tensor(part.token_hidden[i][ex.prompt_len:].mean(0))
     return torch.stack(out)
 
 
@@ -271,9 +267,9 @@ def score_rows(tracer, queries, rows_per_query: Sequence[Sequence[tuple[int, str
             qs = sorted(wanted[row])
             g, h = part.token_grads[i], part.token_hidden[i]
             if method == "rept":
-                s = _unit(g) @ qvec[qs].T                         # [n, |qs|]
+                s = unit_tensor(g) @ qvec[qs].T                         # [n, |qs|]
             elif method == "repsim":
-                s = _unit(h) @ qvec[qs].T
+                s = unit_tensor(h) @ qvec[qs].T
             else:
                 s = (g * h).sum(-1, keepdim=True).expand(-1, len(qs))
             for j, qi in enumerate(qs):

@@ -15,12 +15,15 @@ from rept.build import model_identity
 from rept.examples import tokenize_pair
 from rept.index import SignatureIndex
 from rept.models import LoadedModel, load_model
-from rept.search import TopK, exact_topk, signatures_of, sort_topk
+from rept.search import KINDS, FaissIndex, TopK, exact_topk, signatures_of, sort_topk
 from rept.signatures import SignatureBatch, extract_all
 
 
 class QueryError(ReptError):
     """A user-facing problem with queries (one line)."""
+
+
+SEARCH_KINDS = ("exact",) + KINDS  # `rept trace --search`
 
 
 @dataclass
@@ -133,8 +136,15 @@ class Tracer:
     """Opens an index with the model it was built from and ranks training rows for queries."""
 
     def __init__(self, index: str | os.PathLike | SignatureIndex, loaded: LoadedModel | None = None,
-                 device: str | None = None, batch_size: int = 16, verify: bool = True):
+                 device: str | None = None, batch_size: int = 16, verify: bool = True, mode: str | None = None,
+                 search: str = "exact", nprobe: int | None = None):
         self.index = index if isinstance(index, SignatureIndex) else SignatureIndex(index, verify=verify)
+        self.mode = self.index.search_mode(mode)  # the default scoring mode: `mode`, or the index's; checked now
+        # top-k search: exact (every row scored, shard by shard) or a faiss index built over the stored
+        # signatures on first use (flat: exact in faiss; ivf / ivfpq: approximate, see docs/performance.md)
+        if search not in SEARCH_KINDS:
+            raise QueryError(f"unknown search {search!r} (choose from {', '.join(SEARCH_KINDS)})")
+        self.search_kind, self.nprobe, self._faiss = search, nprobe, {}
         m = self.index.manifest
         if loaded is None:
             loaded = load_model(m["model"]["id"], m.get("adapter"), dtype=m.get("compute_dtype", "float32"),
@@ -142,6 +152,8 @@ class Tracer:
         self.loaded = loaded
         self.index.check_model(model_identity(loaded), {"model": loaded.model_id, "adapter": loaded.adapter})
         self.batch_size = batch_size
+
+    method_name = None  # the baseline a method index holds (MethodTracer); None: RepT signatures
 
     @property
     def layer(self) -> int:
@@ -161,23 +173,28 @@ class Tracer:
                            batch_size=self.batch_size, token_level=token_level)
 
     def search(self, sig: SignatureBatch, k: int, mode: str | None = None) -> TopK:
-        mode = self.index.search_mode(mode)
-        shards = ((signatures_of(s, mode), s.row.numpy()) for s in self.index.shards())
-        return exact_topk(signatures_of(sig, mode), shards, k)
+        mode = self.search_mode(mode)
+        shards = lambda: ((signatures_of(s, mode), s.row.numpy()) for s in self.index.shards())  # noqa: E731
+        if self.search_kind == "exact":
+            return exact_topk(signatures_of(sig, mode), shards(), k)
+        if mode not in self._faiss:  # built once per mode, held in memory (never written: rept reads no pickles)
+            self._faiss[mode] = FaissIndex.build(shards, kind=self.search_kind, nprobe=self.nprobe)
+        return self._faiss[mode].search(signatures_of(sig, mode), k, nprobe=self.nprobe)
 
     def scores(self, queries: list[Query], mode: str | None = None) -> tuple[np.ndarray, np.ndarray, list]:
         """Full score matrix [queries, stored rows], the row ids and labels of its columns."""
-        mode = self.index.search_mode(mode)
+        mode = self.search_mode(mode)
         sig = self.query_signatures(queries)
         stored = self.index.load_all()
         return signatures_of(sig, mode) @ signatures_of(stored, mode).T, stored.row.numpy(), stored.labels
 
     def search_mode(self, mode: str | None = None) -> str:
-        return self.index.search_mode(mode)
+        """The mode to score in: `mode`, or the tracer's default; raises when the index cannot do it."""
+        return self.index.search_mode(mode or self.mode)
 
     def trace(self, queries: list[Query], k: int = 10, mode: str | None = None,
               with_text: bool = True) -> list[QueryResult]:
-        mode = self.index.search_mode(mode)  # before any model work
+        mode = self.search_mode(mode)  # before any model work
         sig = self.query_signatures(queries)
         top = self.search(sig, k, mode)
         return _results(queries, top, self.index.labels(), self.index.dataset() if with_text else None)
@@ -196,6 +213,8 @@ def _results(queries: list[Query], top: TopK, labels: dict, data) -> list[QueryR
     for qi, q in enumerate(queries):
         hits = []
         for score, row in zip(top.scores[qi], top.rows[qi]):
+            if row < 0:  # an approximate (IVF) search that found fewer than k rows pads with -1
+                continue
             src = rows_by_index.get(int(row))
             hits.append(Hit(int(row), float(score), labels.get(int(row)),
                             src.prompt if src else "", src.response if src else ""))
@@ -221,6 +240,10 @@ class MethodTracer:
         return QueryError(f"index {index.folder} holds {index.method_name} state, not RepT signatures: "
                           f"{', '.join(flags)} need{'s' if len(flags) == 1 else ''} a signature index "
                           "(`rept index` without --method)")
+
+    @property
+    def method_name(self) -> str:
+        return self.method.name
 
     @property
     def layer(self) -> int | None:
@@ -252,6 +275,31 @@ class MethodTracer:
 
         return generate(self.loaded, prompts, max_new_tokens=max_new_tokens,
                         batch_size=self.bundle.batch_size, progress=progress)
+
+
+def open_tracer(index: str | os.PathLike, model: str | None = None, adapter: str | None = None,
+                dtype: str | None = None, device: str | None = None, verify: bool = True, progress: bool = False,
+                mode: str | None = None, signature_flags: tuple[str, ...] = (), methods: bool = True,
+                search: str = "exact", nprobe: int | None = None):
+    """A tracer over any index: a Tracer over RepT signatures, or a MethodTracer over a baseline's
+    stored state (`rept index --method`), with the index's own model or the one given (checked against
+    the index). `signature_flags` names the options in use that need RepT signatures (e.g. "--tokens"):
+    a method index refuses them in one line; with methods=False it is refused whatever is given (the
+    caller needs signatures). Callers need not know which kind they opened."""
+    from rept.methods.store import MethodIndex, is_method_index
+
+    if methods and is_method_index(index):
+        store = MethodIndex(index, verify=verify)
+        flags = (["--mode"] if mode else []) + list(signature_flags) + (["--dtype"] if dtype else []) \
+            + (["--search"] if search != "exact" else [])
+        if flags:
+            raise MethodTracer.error(store, flags)
+        return MethodTracer(store, model=model, adapter=adapter, device=device, progress=progress, verify=verify)
+    store = SignatureIndex(index, verify=verify)
+    m = store.manifest
+    loaded = load_model(model or m["model"]["id"], adapter or m.get("adapter"),
+                        dtype=dtype or m.get("compute_dtype", "float32"), device=device)
+    return Tracer(store, loaded, mode=mode, search=search, nprobe=nprobe)
 
 
 def relevance(labels: list, queries: list[Query]) -> np.ndarray:

@@ -60,29 +60,51 @@ def train_step(model, tokenizer, examples, params, optimizer, schedule) -> float
     return loss.item()
 
 
-def train_causal_lm(model, tokenizer, rows, cfg: TrainConfig, progress: bool = True, desc: str = "train") -> list[float]:
-    """Train `model` in place on `rows`; returns the mean loss of each epoch."""
-    set_seed(cfg.seed)
-    examples, _ = tokenize_rows(tokenizer, rows, max_length=cfg.max_length)
-    params = [p for p in model.parameters() if p.requires_grad]
+def optimizer_and_schedule(params, cfg: TrainConfig, n_examples: int):
+    """AdamW and the learning-rate schedule every rept training uses: linear warm-up over
+    cfg.warmup_steps, then linear decay to 5% of the peak at the last step."""
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    steps = cfg.epochs * -(-len(examples) // cfg.batch_size)
+    steps = cfg.epochs * -(-n_examples // cfg.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.05, 1 - s / max(1, steps)))
-    rng = random.Random(cfg.seed)
-    model.train()
-    epoch_losses = []
-    bar = progress_bar(total=steps, desc=desc, disable=not progress, dynamic_ncols=True)
-    for _ in range(cfg.epochs):
+    return optimizer, schedule
+
+
+def run_epochs(model, tokenizer, examples, cfg: TrainConfig, params, optimizer, schedule, shuffle, bar,
+               epochs: range, after_epoch=None) -> list[float]:
+    """The training loop: for each epoch in `epochs`, the examples in the order `shuffle(epoch, order)`
+    leaves them, one optimizer step per batch of cfg.batch_size; `after_epoch(epoch, losses)` runs after
+    each (a checkpoint; returning True stops). Returns the mean loss of each epoch run."""
+    losses = []
+    for epoch in epochs:
         order = examples[:]
-        rng.shuffle(order)
+        shuffle(epoch, order)
         total, n = 0.0, 0
         for i in range(0, len(order), cfg.batch_size):
             loss = train_step(model, tokenizer, order[i:i + cfg.batch_size], params, optimizer, schedule)
             total, n = total + loss, n + 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-        epoch_losses.append(total / max(1, n))
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
+        losses.append(total / max(1, n))
+        if after_epoch is not None and after_epoch(epoch, losses):
+            break
+    return losses
+
+
+def train_causal_lm(model, tokenizer, rows, cfg: TrainConfig, progress: bool = True, desc: str = "train") -> list[float]:
+    """Train `model` in place on `rows` (no checkpoints: the from-scratch stage of `rept demo` and the
+    tests' miniatures); returns the mean loss of each epoch. The epochs share one shuffling stream,
+    seeded once, where train_model seeds each epoch on its own (so that it can resume)."""
+    set_seed(cfg.seed)
+    examples, _ = tokenize_rows(tokenizer, rows, max_length=cfg.max_length)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, schedule = optimizer_and_schedule(params, cfg, len(examples))
+    rng = random.Random(cfg.seed)
+    model.train()
+    bar = progress_bar(total=cfg.epochs * -(-len(examples) // cfg.batch_size), desc=desc, disable=not progress,
+                       dynamic_ncols=True)
+    epoch_losses = run_epochs(model, tokenizer, examples, cfg, params, optimizer, schedule,
+                              lambda epoch, order: rng.shuffle(order), bar, range(cfg.epochs))
     bar.close()
     model.eval()
     return epoch_losses
@@ -331,11 +353,9 @@ def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str 
     if not examples:
         raise TrainError("no training row keeps a response token within --max-length")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer, schedule = optimizer_and_schedule(params, cfg, len(examples))
     per_epoch = -(-len(examples) // cfg.batch_size)
     steps = cfg.epochs * per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.05, 1 - s / max(1, steps)))
     start_epoch, losses = 0, []
     state_file = ckpt / STATE_FILE
     if (ckpt / "state.pt").exists():  # an older rept's pickle: never loaded, so never a way to run code
@@ -366,24 +386,22 @@ def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str 
     model.train()
     bar = progress_bar(total=steps, initial=start_epoch * per_epoch, desc=desc or f"train ({recipe})", disable=not progress,
                dynamic_ncols=True)
-    for epoch in range(start_epoch, cfg.epochs):
-        order = examples[:]
-        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)  # each epoch's order stands alone: resumable
-        total, n = 0.0, 0
-        for i in range(0, len(order), cfg.batch_size):
-            loss = train_step(model, tokenizer, order[i:i + cfg.batch_size], params, optimizer, schedule)
-            total, n = total + loss, n + 1
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
-        losses.append(total / max(1, n))
+    def checkpoint(epoch: int, new_losses: list) -> bool:
+        """After each epoch: save the state to resume from; True stops early (stop_after_epochs)."""
         ckpt.mkdir(parents=True, exist_ok=True)
         if recipe == "from-scratch" and not (ckpt / "tokenizer.json").exists():
             tokenizer.save_pretrained(ckpt)
-        _save_checkpoint(state_file, settings, epoch + 1, losses, model, optimizer, schedule)
-        if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < cfg.epochs:
-            bar.close()
-            log(f"stopped after epoch {epoch + 1}; rerun to resume")
-            return {"settings": settings, "epoch_losses": losses, "stopped_after_epoch": epoch + 1}
+        _save_checkpoint(state_file, settings, epoch + 1, losses + new_losses, model, optimizer, schedule)
+        return stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < cfg.epochs
+
+    # each epoch's order stands alone (seeded by the epoch), so a resumed run shuffles as an unbroken one
+    losses = losses + run_epochs(model, tokenizer, examples, cfg, params, optimizer, schedule,
+                                 lambda epoch, order: random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order),
+                                 bar, range(start_epoch, cfg.epochs), after_epoch=checkpoint)
+    if len(losses) < cfg.epochs:
+        bar.close()
+        log(f"stopped after epoch {len(losses)}; rerun to resume")
+        return {"settings": settings, "epoch_losses": losses, "stopped_after_epoch": len(losses)}
     bar.close()
     model.eval()
     from rept import __version__

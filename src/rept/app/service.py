@@ -69,7 +69,7 @@ class AuditService:
         # generated with it unless a request asks for the model as it is; traces never use it
         self.correction, self.correction_folder = correction, correction_folder
         self.lock = threading.Lock()
-        self.is_rept = not hasattr(tracer, "method")  # RepT signatures: word scores, modes, signature groups
+        self.is_rept = tracer.method_name is None  # RepT signatures: word scores, modes, signature groups
         self.mitigations = [mitigation_section(load_mitigation(p)) for p in mitigations]
         queries = list(queries or [])[:max_queries] if max_queries else list(queries or [])
         self.queries = [QueryView(i, q.prompt, q.response, q.label, q.flagged) for i, q in enumerate(queries)]
@@ -110,7 +110,7 @@ class AuditService:
         """The mode to score in (the index's default when None); a bad mode is a 400 naming the choices."""
         if not self.is_rept:
             if mode:
-                raise AppError(f"this index holds {self.tracer.method.name} state: it has no scoring modes")
+                raise AppError(f"this index holds {self.tracer.method_name} state: it has no scoring modes")
             return None
         if mode is not None and mode not in self.modes:
             raise AppError(f"unknown mode {mode!r} for this index (choose from {', '.join(self.modes)})")
@@ -132,7 +132,7 @@ class AuditService:
         m = self.tracer.index.manifest
         labels = Counter(str(x) for x in self.labels)
         return {"index": str(self.tracer.index.folder), "model": m.get("model", {}).get("id"),
-                "adapter": m.get("adapter"), "kind": "rept" if self.is_rept else self.tracer.method.name,
+                "adapter": m.get("adapter"), "kind": "rept" if self.is_rept else self.tracer.method_name,
                 "layer": self.tracer.layer, "mode": self.mode(None), "modes": self.modes, "rows": len(self.rows),
                 "labels": dict(labels.most_common()), "queries": len(self.queries),
                 "flagged": sum(q.flagged is not False for q in self.queries),
@@ -179,8 +179,8 @@ class AuditService:
         from transformers import TextIteratorStreamer
 
         from rept.correct import corrected as applied
-        from rept.examples import _uses_template, format_prompt
-        from rept.generate import _decode_answer
+        from rept.examples import uses_template, format_prompt
+        from rept.generate import decode_answer
 
         _check_text("prompt", prompt)
         self._check_new_tokens(max_new_tokens)
@@ -194,11 +194,11 @@ class AuditService:
             try:
                 with self.lock, torch.no_grad(), applied(loaded.model, correction):
                     enc = tok([format_prompt(tok, prompt)], return_tensors="pt",
-                              add_special_tokens=not _uses_template(tok)).to(loaded.device)
+                              add_special_tokens=not uses_template(tok)).to(loaded.device)
                     ids = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                                 streamer=streamer)
-                    out["answer"] = _decode_answer(tok, ids[0, enc["input_ids"].shape[1]:].tolist())
+                    out["answer"] = decode_answer(tok, ids[0, enc["input_ids"].shape[1]:].tolist())
             except Exception as exc:  # surfaced to the reader, after the streamer is ended
                 out["error"] = exc
                 streamer.end()
@@ -305,7 +305,7 @@ class AuditService:
         _check_text("prompt", prompt)
         _check_text("response", response, allow_empty=True)
         if not self.is_rept:
-            raise AppError(f"word scores need RepT signatures; this index holds {self.tracer.method.name} state")
+            raise AppError(f"word scores need RepT signatures; this index holds {self.tracer.method_name} state")
         if not isinstance(rows, list) or not rows or len(rows) > len(self.rows):
             raise AppError(f"rows must be a list of 1 to {len(self.rows)} row ids")
         hits = []
@@ -419,7 +419,7 @@ class AuditService:
                 prof = sub[:, columns].T.astype(np.float64)
                 prof = prof - prof.mean(1, keepdims=True)
                 features = prof / np.maximum(np.linalg.norm(prof, axis=1, keepdims=True), 1e-12)
-                basis = f"their {self.tracer.method.name} scores over the flagged queries"
+                basis = f"their {self.tracer.method_name} scores over the flagged queries"
             n = n_groups or max(1, min(6, round(len(columns) ** 0.5 / 1.5)))
             n = min(n, len(columns))
             assign = KMeans(n_clusters=n, n_init=10, random_state=0).fit_predict(features) if n > 1 \

@@ -13,29 +13,15 @@ from rept.methods.gradients import LESS, DataInf, RapidIn, TracIn, oporp_compres
 from rept.methods.rept import RepT
 from rept.methods.text import BM25, Random
 
-METHODS = {
-    "rept-official": lambda seed=0: RepT("official", seed),
-    "rept-balanced": lambda seed=0: RepT("balanced", seed),
-    "repsim": lambda seed=0: RepT("repsim", seed),
-    "repgrad": lambda seed=0: RepT("repgrad", seed),
-    # [h; g; g at the first response position], each part normalised (rept.search, mode lookahead)
-    "rept-lookahead": lambda seed=0: RepT("lookahead", seed),
-    # variants: the query's loss restricted to the span the detector flagged
-    "rept-balanced-span": lambda seed=0: RepT("balanced", seed, span=True),
-    "repgrad-span": lambda seed=0: RepT("repgrad", seed, span=True),
-    "tracin": TracIn,
-    "less": LESS,
-    "datainf": DataInf,
-    "rapidin": RapidIn,
-    "bm25": BM25,
-    "random": Random,
-}
+from rept import registry
+
+METHODS = registry.METHODS  # name -> rept.registry.MethodSpec
 
 
 def get_method(name: str, seed: int = 0) -> Method:
     if name not in METHODS:
         raise MethodError(f"unknown method '{name}' (choose from {', '.join(METHODS)})")
-    return METHODS[name](seed=seed)
+    return METHODS[name].create(seed=seed)
 
 
 def score(name: str, bundle: ModelBundle, train_rows, queries, seed: int = 0, detector=None):

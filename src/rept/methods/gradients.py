@@ -28,7 +28,9 @@ import math
 import numpy as np
 import torch
 
-from rept.methods.base import Method, MethodError, flatten, iter_per_example_grads, per_example_grads, query_rows
+from rept.methods.base import Method, MethodError, query_rows
+from rept.methods.per_example import flatten, iter_per_example_grads, per_example_grads
+from rept.search import unit_tensor
 
 
 GRAD_MEMORY_ENV = "REPT_GRAD_MEMORY"
@@ -210,10 +212,6 @@ def rademacher_project(x: torch.Tensor, dim: int = 8192, seed: int = 0, block: i
     return out
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
 class _Projected(Method):
     """A method that keeps one `dim`-sized vector per training row in `self.train` (LESS, RapidIn):
     stored in a method index as the tensor `stored_as`."""
@@ -267,7 +265,7 @@ class LESS(_Projected):
         self.bytes_per_row = 4 * self.dim
 
     def _project(self, grads: dict) -> torch.Tensor:
-        return _unit(rademacher_project(flatten(grads), self.dim, self.seed))
+        return unit_tensor(rademacher_project(flatten(grads), self.dim, self.seed))
 
     def score(self, bundle, queries) -> np.ndarray:
         q = _rows_through(bundle, query_rows(queries), "query", self.dim, self._project)
@@ -350,7 +348,7 @@ class RapidIn(_Projected):
 
     def _compress(self, grads: dict) -> torch.Tensor:
         # each tensor's gradient unit-normalised on its own before the tensors are concatenated
-        return oporp_compress(torch.cat([_unit(g.reshape(g.shape[0], -1)) for g in grads.values()], 1),
+        return oporp_compress(torch.cat([unit_tensor(g.reshape(g.shape[0], -1)) for g in grads.values()], 1),
                               self.dim, self.seed)
 
     def fit(self, bundle, train_rows):

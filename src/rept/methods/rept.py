@@ -9,7 +9,7 @@ import numpy as np
 from rept.methods.base import Method, MethodError, ModelBundle, examples_for, plural, query_rows
 
 
-def _signatures(bundle: ModelBundle, pairs, what: str, loss_chars=None):
+def extract_hg(bundle: ModelBundle, pairs, what: str, loss_chars=None):
     """h and g at the bundle's layer; `loss_chars` (one character range of the response per pair,
     or None) restricts each pair's loss to that part of its response."""
     from rept.signatures import extract_all
@@ -38,8 +38,9 @@ class RepT(Method):
     def __init__(self, mode: str = "balanced", seed: int = 0, span: bool = False):
         super().__init__(seed)
         self.mode = mode
-        names = {"official": "rept-official", "balanced": "rept-balanced", "lookahead": "rept-lookahead"}
-        self.name = names.get(mode, mode)
+        from rept.registry import MODE_METHODS
+
+        self.name = MODE_METHODS[mode]
         # span: a query's loss covers only the part of its answer the detector flagged
         # (rept.detect.Detector.span; the whole answer when the rule names no span)
         self.span = span
@@ -53,7 +54,7 @@ class RepT(Method):
         pairs = [(r.prompt, r.response) for r in train_rows]
         key = ("rept-train", len(pairs), hash(tuple(pairs)))
         if key not in bundle.cache:
-            bundle.cache[key] = _signatures(bundle, pairs, "training row")
+            bundle.cache[key] = extract_hg(bundle, pairs, "training row")
         h, g, g_next = bundle.cache[key]
         self.train = signature_matrix(h, g, self.mode, g_next)
         self.bytes_per_row = self.train.itemsize * self.train.shape[1]  # the floats each mode keeps per row
@@ -67,7 +68,7 @@ class RepT(Method):
             if self.detector is None:
                 raise MethodError(f"{self.name} needs the detector rule that flagged the queries")
             spans = [self.detector.span(r) for _, r in pairs]
-        h, g, g_next = _signatures(bundle, pairs, "query", loss_chars=spans)
+        h, g, g_next = extract_hg(bundle, pairs, "query", loss_chars=spans)
         return signature_matrix(h, g, self.mode, g_next) @ self.train.T
 
     def settings(self, bundle) -> dict:

@@ -25,19 +25,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rept import registry
 from rept.build import STORE_DTYPES, model_identity
 from rept.data import rows_fingerprint
-from rept.index import (IndexStoreError, check_identity, describe_differences, file_checksums, new_manifest,
-                        read_checked, read_manifest, shard_path, source_dataset, text_hash, write_manifest)
+from rept.index import (MODEL_IDENTITY_KEYS, IndexStoreError, check_identity, describe_differences, file_checksums,
+                        new_manifest, read_checked, read_manifest, shard_path, source_dataset, text_hash,
+                        write_manifest)
 from rept.methods.base import Method, ModelBundle
 from rept.models import model_reference
 from rept.safefile import output_mode
 
 KIND = "method"
 # Methods that look at no model: their index is not tied to one.
-TEXT_METHODS = ("bm25", "random")
-IDENTITY_KEYS = ("method", "method_settings", "model_config_hash", "model_weights_hash", "adapter_hash",
-                 "tokenizer_hash", "template", "layer", "max_length", "dataset_fingerprint", "rows_fingerprint")
+TEXT_METHODS = registry.names(registry.TEXT)  # no model, no gradients
+IDENTITY_KEYS = ("method", "method_settings") + MODEL_IDENTITY_KEYS + ("layer", "max_length", "dataset_fingerprint",
+                                                                      "rows_fingerprint")
 
 
 def is_method_index(folder) -> bool:

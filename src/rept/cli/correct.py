@@ -7,7 +7,7 @@ HELP = ("build a correction at inference (a direction removed from the hidden st
 
 
 def add_arguments(p) -> None:
-    from rept.cli import SEARCH_MODES
+    from rept.cli.options import SEARCH_MODES
 
     p.add_argument("--index", required=True,
                    help="RepT index of the training set (made by `rept index` or `rept demo`)")
@@ -41,12 +41,8 @@ def run(args) -> int:
     from rept.correct import CorrectionError, run_correction, summary_markdown
     from rept.data import load_dataset, load_prompts
     from rept.detect import Detector
-    from rept.methods.store import is_method_index
-    from rept.trace import Tracer, load_queries
+    from rept.trace import load_queries, open_tracer
 
-    if is_method_index(args.index):
-        raise CorrectionError(f"{args.index} is a method index: a correction is built from RepT signatures "
-                              "(`rept index` without --method)")
     detector = Detector(args.detect)  # bad input fails before the model loads
     queries = load_queries(args.queries)
     prompts = load_prompts(args.prompts) if args.prompts else None
@@ -61,7 +57,7 @@ def run(args) -> int:
     if all(q.flagged is False for q in queries):
         raise CorrectionError(f"{args.queries}: no flagged query to build a correction from "
                               "(every query has flagged=false)")
-    tracer = Tracer(args.index, device=args.device)
+    tracer = open_tracer(args.index, device=args.device, methods=False)  # a correction needs RepT signatures
     console = Console(stderr=True, soft_wrap=True)  # a log line stays one line off a terminal too
     results = run_correction(tracer, queries, detector, args.out, top_k=args.top_k, source=args.source,
                              strength=args.strength, seeds=args.seeds, prompts=prompts, unrelated=unrelated,

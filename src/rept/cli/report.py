@@ -7,14 +7,14 @@ HELP = ("write one self-contained HTML audit report: top rows with word heat map
 
 
 def add_arguments(p) -> None:
-    from rept.cli import SEARCH_MODES, _add_index_model_args, _positive
+    from rept.cli.options import SEARCH_MODES, add_index_model_args, positive
 
     p.add_argument("--index", required=True, help="index folder made by `rept index` (or `rept demo`)")
     p.add_argument("--queries", required=True, help="JSONL/CSV/Parquet with prompt, response[, label, flagged]; "
                    "flagged=false rows (controls) are left out")
     p.add_argument("--out", required=True, help="HTML file to write")
-    p.add_argument("--top-k", type=_positive, default=10, help="training rows per query (default 10)")
-    p.add_argument("--max-queries", type=_positive, default=None, help="report on the first N queries only")
+    p.add_argument("--top-k", type=positive, default=10, help="training rows per query (default 10)")
+    p.add_argument("--max-queries", type=positive, default=None, help="report on the first N queries only")
     p.add_argument("--mode", choices=SEARCH_MODES, default=None,
                    help="scoring mode (default: the index's)")
     p.add_argument("--token-layer", type=int, default=None,
@@ -22,18 +22,18 @@ def add_arguments(p) -> None:
     p.add_argument("--mitigation", action="append", default=[], metavar="RESULTS_JSON",
                    help="a `rept mitigate` results.json (or its folder): adds before/after bar charts of the "
                    "behaviour rate and clean loss; repeat to compare runs (e.g. one per --culprits-from)")
-    _add_index_model_args(p)
+    add_index_model_args(p)
 
 
 def run(args) -> int:
     import sys
 
-    from rept.cli import _tracer
+    from rept.cli.options import open_index
     from rept.report import write_report
     from rept.trace import load_queries
 
     queries = load_queries(args.queries)
-    tracer = _tracer(args, methods=False)  # word heat maps need RepT signatures
+    tracer = open_index(args, signatures_only=True)  # word heat maps need RepT signatures
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     data = write_report(tracer, queries, args.out, k=args.top_k, mode=args.mode, max_queries=args.max_queries, log=log,
                         token_layer=args.token_layer, mitigations=args.mitigation)

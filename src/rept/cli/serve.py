@@ -6,20 +6,20 @@ HELP = "a local web app over an index: ask the model, trace its answer, read the
 
 
 def add_arguments(p) -> None:
-    from rept.cli import _add_index_model_args, _positive
+    from rept.cli.options import add_index_model_args, positive
 
     p.add_argument("--index", required=True, help="index folder made by `rept index` (a method index too)")
     p.add_argument("--queries", help="JSONL/CSV/Parquet with prompt, response[, label, flagged]: the Queries and "
                    "Groups views")
-    p.add_argument("--max-queries", type=_positive, default=None, help="the first N queries only")
+    p.add_argument("--max-queries", type=positive, default=None, help="the first N queries only")
     p.add_argument("--mitigation", action="append", default=[], metavar="DIR",
                    help="a `rept mitigate` output folder (or its results.json): its before/after charts; repeatable")
     p.add_argument("--correction", metavar="DIR", help="answer with the correction `rept correct` saved in DIR "
                    "(the Ask view can turn it off per answer); traces use the model as indexed")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.set_defaults(mode=None)  # _tracer reads it; the app switches modes per request
-    _add_index_model_args(p)
+    p.set_defaults(mode=None)  # open_index reads it; the app switches modes per request
+    add_index_model_args(p)
 
 
 def run(args) -> int:
@@ -27,7 +27,7 @@ def run(args) -> int:
 
     from rept.app.server import create_app, uvicorn_server
     from rept.app.service import AuditService
-    from rept.cli import _tracer
+    from rept.cli.options import open_index
     from rept.errors import ReptError
     from rept.report import load_mitigation, mitigation_section
     from rept.trace import load_queries
@@ -46,7 +46,7 @@ def run(args) -> int:
         print(f"rept: warning: binding {args.host}: anyone who can reach this address can use the app and read "
               "the training rows (no login)", file=sys.stderr)
     port = _bindable(args.host, args.port)  # a taken port fails before the model loads
-    tracer = _tracer(args)
+    tracer = open_index(args)
     if correction is not None:
         correction.check_model(tracer.loaded)  # refused, naming what differs, on another model
     service = AuditService(tracer, queries, mitigations=args.mitigation, max_queries=args.max_queries,

@@ -6,7 +6,7 @@ HELP = "remove or unlearn the culprit rows and show the behaviour drops (vs. as 
 
 
 def add_arguments(p) -> None:
-    from rept.cli import SEARCH_MODES
+    from rept.cli.options import SEARCH_MODES
 
     p.add_argument("--index", required=True, help="index of the training set (made by `rept index` or `rept demo`; "
                    "a method index from `rept index --method` makes that method's culprits)")
@@ -54,7 +54,7 @@ def run(args) -> int:
     from rept.detect import Detector
     from rept.mitigate import MitigationError, Selection, check_culprit_source, run_mitigation, summary_markdown
     from rept.rounds import parse_rate, run_rounds
-    from rept.trace import Tracer, load_queries
+    from rept.trace import load_queries, open_tracer
 
     selection = Selection.parse(args.select)
     check_culprit_source(args.culprits_from)  # before the model is loaded
@@ -81,17 +81,8 @@ def run(args) -> int:
     queries = load_queries(args.queries)
     prompts = load_prompts(args.prompts) if args.prompts else None
     heldout = load_dataset(args.heldout).rows if args.heldout else None
-    from rept.methods.store import is_method_index
-    from rept.trace import MethodTracer
-
-    if is_method_index(args.index):  # a baseline's index (`rept index --method`): its culprits
-        if args.mode:
-            raise MitigationError(f"--mode is a RepT scoring mode; {args.index} is a method index: leave it out")
-        tracer = MethodTracer(args.index, device=args.device, progress=not args.quiet)
-    else:
-        tracer = Tracer(args.index, device=args.device)
-    if args.mode:
-        tracer.index.manifest["mode"] = args.mode
+    # a baseline's index (`rept index --method`) gives its own culprits; --mode is refused there
+    tracer = open_tracer(args.index, device=args.device, progress=not args.quiet, mode=args.mode)
     console = Console(stderr=True, soft_wrap=True)  # a log line stays one line off a terminal too
     inputs = {"queries": args.queries, "prompts": args.prompts, "held-out rows": args.heldout,
               "culprits file": args.culprits}

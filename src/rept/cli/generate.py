@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from rept.bench import answer_and_detect
+    from rept.generate import answer_and_detect
     from rept.data import load_prompts
     from rept.detect import Detector, DetectorError
     from rept.models import load_model

@@ -1,0 +1,85 @@
+"""Flags shared by several commands, and how they map onto the library's objects (one place)."""
+
+from __future__ import annotations
+
+import argparse
+
+from rept.registry import MODES as SEARCH_MODES  # noqa: F401  (the --mode choices, the default first)
+
+
+def add_global_flags(p, after_command: bool = False) -> None:
+    """Flags of the whole program that are also accepted after the command (`rept trace ... -q`)."""
+    # After the command the default is SUPPRESS, so that leaving the flag out there keeps the value
+    # given (or defaulted) before the command.
+    extra = {"default": argparse.SUPPRESS} if after_command else {}
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars", **extra)
+
+
+def layer_value(value: str):
+    """--layer: an integer (a hidden_states index) or 'auto'."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layer must be an integer or 'auto', not '{value}'") from None
+
+
+def positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def add_data_args(p) -> None:
+    p.add_argument("--data", required=True, help="training set: HF save_to_disk folder, .jsonl, .json, .csv or .parquet")
+    p.add_argument("--prompt-column", help="column holding the prompt (default: prompts/prompt/instruction)")
+    p.add_argument("--response-column", help="column holding the response (default: response/output/completion)")
+    p.add_argument("--label-column", help="column holding a label (default: label, if present)")
+
+
+def add_model_args(p, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="HF model folder, hub id, .gguf file or smollm2-135m-instruct")
+    p.add_argument("--adapter", help="PEFT adapter folder")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+
+
+def add_index_model_args(p) -> None:
+    p.add_argument("--model", help="model folder, if it moved since the index was built (default: the index's)")
+    p.add_argument("--adapter", help="adapter folder, if it moved since the index was built")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: the one the index was built with)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip hashing the index's files against the manifest's checksums (docs/security.md)")
+
+
+def add_mode_arg(p, help: str = "scoring mode (default: the index's)") -> None:
+    p.add_argument("--mode", choices=SEARCH_MODES, default=None, help=help)
+
+
+def open_index(args, signatures_only: bool = False):
+    """rept.trace.open_tracer from the index flags (add_index_model_args, --mode, --tokens). With
+    `signatures_only` a method index is refused: the command needs RepT signatures."""
+    from rept.trace import open_tracer
+
+    return open_tracer(args.index, model=args.model, adapter=args.adapter, dtype=args.dtype, device=args.device,
+                       verify=not args.no_verify, progress=not args.quiet, mode=getattr(args, "mode", None),
+                       signature_flags=("--tokens",) if getattr(args, "tokens", False) else (),
+                       methods=not signatures_only, search=getattr(args, "search", "exact"),
+                       nprobe=getattr(args, "nprobe", None))
+
+
+def load_model_from_args(args):
+    """The model of --model/--adapter/--dtype/--device (the local rank's device under torchrun)."""
+    from rept.distributed import local_device
+    from rept.models import load_model
+
+    return load_model(args.model, args.adapter, dtype=args.dtype, device=args.device or local_device())
+
+
+def dataset_from_args(args):
+    from rept.data import load_dataset
+
+    return load_dataset(args.data, args.prompt_column, args.response_column, args.label_column)
