@@ -174,7 +174,10 @@ class Tracer:
 
     def search(self, sig: SignatureBatch, k: int, mode: str | None = None) -> TopK:
         mode = self.search_mode(mode)
-        shards = lambda: ((signatures_of(s, mode), s.row.numpy()) for s in self.index.shards())  # noqa: E731
+
+        def shards():  # one pass over the stored signatures in this mode (IVF training takes several)
+            return ((signatures_of(s, mode), s.row.numpy()) for s in self.index.shards())
+
         if self.search_kind == "exact":
             return exact_topk(signatures_of(sig, mode), shards(), k)
         if mode not in self._faiss:  # built once per mode, held in memory (never written: rept reads no pickles)
@@ -296,6 +299,7 @@ def open_tracer(index: str | os.PathLike, model: str | None = None, adapter: str
             raise MethodTracer.error(store, flags)
         return MethodTracer(store, model=model, adapter=adapter, device=device, progress=progress, verify=verify)
     store = SignatureIndex(index, verify=verify)
+    store.search_mode(mode)  # a mode the index cannot score in fails before the model loads
     m = store.manifest
     loaded = load_model(model or m["model"]["id"], adapter or m.get("adapter"),
                         dtype=dtype or m.get("compute_dtype", "float32"), device=device)

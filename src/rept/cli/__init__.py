@@ -69,6 +69,7 @@ def _quiet_libraries() -> None:
 
 def replayed_argv(argv: list[str]) -> list[str]:
     """argv with `--config FILE` replaced by the command line that FILE recorded (a RUN_FILE)."""
+    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--config=") else [a])]
     if "--config" not in argv:
         return argv
     at = argv.index("--config")
