@@ -12,6 +12,18 @@ def test_choose_layer_takes_later_layer_of_least_similar_pair():
     assert layer == 2
 
 
+def test_a_deep_model_leaves_out_its_first_two_pairs():
+    """SmolLM2-135M's curve on 32 backdoor rows (`rept layers`, docs/results.md): the embeddings-to-block
+    pairs are the least similar on any pretrained model; the dip inside the network is 24 -> 25."""
+    curve = [0.018, 0.686, 0.976, 0.958, 0.961, 0.957, 0.971, 0.948, 0.932, 0.936, 0.941, 0.959, 0.951, 0.953,
+             0.95, 0.944, 0.95, 0.961, 0.941, 0.943, 0.906, 0.932, 0.943, 0.95, 0.844, 0.99, 0.982, 0.961, 0.949,
+             0.297]
+    layer, reason = choose_layer(curve)
+    assert layer == 25 and "first 2 pairs left out" in reason
+    # below DEEP_MODEL_BLOCKS blocks every pair but the last counts, as before
+    assert choose_layer([0.1, 0.5, 0.8, 0.3])[0] == 1
+
+
 def test_no_clear_minimum_gives_last_layer():
     layer, reason = choose_layer([0.80, 0.801, 0.802, 0.3])
     assert layer == 4 and "no clear minimum" in reason
