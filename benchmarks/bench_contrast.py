@@ -108,7 +108,8 @@ def main(argv=None) -> int:
             "contrast": unit_rows(gq - gr) @ train_g.T,
             "contrast, unit halves": unit_rows(unit_rows(gq) - unit_rows(gr)) @ train_g.T,
             "-g(reference)": unit_rows(-gr) @ train_g.T,
-            "balanced h + contrast": np.concatenate([unit_rows(hq, 2 ** -0.5), unit_rows(gq - gr, 2 ** -0.5)], 1) @ train_bal.T,
+            "balanced h + contrast": np.concatenate([unit_rows(hq, 2 ** -0.5), unit_rows(gq - gr, 2 ** -0.5)], 1)
+            @ train_bal.T,
         }
         for name, s in scores.items():
             entry = table.setdefault(name, {})

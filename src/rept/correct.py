@@ -36,7 +36,6 @@ FORMAT_VERSION = 1
 DIRECTION_FILE = "correction.safetensors"
 SETTINGS_FILE = "correction.json"
 SOURCES = ("h", "g")
-# rept.build.model_identity fields: the model, adapter, tokenizer and template an edit belongs to
 
 
 class CorrectionError(ReptError):

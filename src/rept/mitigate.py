@@ -35,7 +35,7 @@ from rept.generate import generate
 from rept.index import atomic_write_bytes
 from rept.models import LoadedModel, attach_adapter
 from rept.signatures import collate, response_losses
-from rept.train import OPTIMIZER_FILE, read_recipe
+from rept.train import OPTIMIZER_FILE, read_recipe, steps_per_epoch
 
 
 class MitigationError(ReptError):
@@ -402,7 +402,7 @@ def retrain_steps(recipe: dict, n_rows: int) -> tuple[int, int]:
     """(epochs, optimizer steps) of one retrain on `n_rows` rows with `recipe`."""
     cfg = recipe.get("config", {})
     epochs, batch = int(cfg.get("epochs", 4)), int(cfg.get("batch_size", 16))
-    return epochs, epochs * -(-n_rows // batch)
+    return epochs, epochs * steps_per_epoch(n_rows, batch)
 
 
 def plan_note(recipe: dict, n_rows: int, retrains: int, generations: int, prompts: int, max_new_tokens: int) -> str:
@@ -441,10 +441,10 @@ def prepare(tracer, queries, out, method: str, seeds: int, data: str | None, pro
     out = Path(out)
     manifest = tracer.index.manifest
     check_culprit_source(culprits_from)
-    method_index = tracer.method_name  # a method index: the culprits are its method's
-    if method_index is not None and culprits_from != "rept":
-        raise MitigationError(f"{tracer.index.folder} is a {method_index} index: its culprits are "
-                              f"{method_index}'s; leave out --culprits-from {culprits_from}")
+    index_method = tracer.method_name  # a method index: the culprits are its method's
+    if index_method is not None and culprits_from != "rept":
+        raise MitigationError(f"{tracer.index.folder} is a {index_method} index: its culprits are "
+                              f"{index_method}'s; leave out --culprits-from {culprits_from}")
     if seeds < 1:
         raise MitigationError(f"--seeds must be at least 1 (got {seeds}): the random rows are the control")
     flagged = [q for q in queries if q.flagged is not False]
@@ -535,7 +535,7 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
     setup = prepare(tracer, queries, out, method, seeds, data, prompts, heldout, culprits_from, inputs,
                     overwrite, log, progress=progress)
     out, dataset, by_index, recipe, prompts = setup.out, setup.dataset, setup.by_index, setup.recipe, setup.prompts
-    method_index = tracer.method_name
+    index_method = tracer.method_name
     if culprits_file is None and selection.kind == "separation" and not setup.controls:
         raise MitigationError("--select separation needs control answers (queries with flagged=false) "
                               "to read the threshold off")
@@ -552,8 +552,8 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
         if selection.kind == "separation" and setup.controls:
             controls, _, _ = culprit_scores(tracer, setup.controls, culprits_from, dataset, log=log,
                                             bundle=setup.bundle)
-        if method_index is not None:
-            culprits_from = method_index
+        if index_method is not None:
+            culprits_from = index_method
         culprits = select_culprits(scores, rows, selection, controls)
         missing = {row for row, _ in culprits} - set(by_index)
         if missing:

@@ -91,7 +91,8 @@ def signature_matrix(h, g, mode: str, g_next=None) -> np.ndarray:
         if g_next is None:
             raise ValueError("mode 'lookahead' needs the gradients at the first response position (g_next)")
         # three parts that count equally; 1/sqrt(3) brings the concatenation back to unit norm
-        return np.concatenate([unit_rows(h, 3 ** -0.5), unit_rows(g, 3 ** -0.5), unit_rows(_to_f32(g_next), 3 ** -0.5)], axis=1)
+        third = 3 ** -0.5
+        return np.concatenate([unit_rows(h, third), unit_rows(g, third), unit_rows(_to_f32(g_next), third)], axis=1)
     # balanced: each half counts equally; 1/sqrt(2) brings the concatenation back to unit norm
     return np.concatenate([unit_rows(h, 2 ** -0.5), unit_rows(g, 2 ** -0.5)], axis=1)
 

@@ -60,11 +60,21 @@ def train_step(model, tokenizer, examples, params, optimizer, schedule) -> float
     return loss.item()
 
 
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+    """Optimizer steps of one epoch: one per batch (the last one may be short)."""
+    return -(-n_examples // batch_size)
+
+
+def total_steps(cfg: TrainConfig, n_examples: int) -> int:
+    """Optimizer steps of a whole training."""
+    return cfg.epochs * steps_per_epoch(n_examples, cfg.batch_size)
+
+
 def optimizer_and_schedule(params, cfg: TrainConfig, n_examples: int):
     """AdamW and the learning-rate schedule every rept training uses: linear warm-up over
     cfg.warmup_steps, then linear decay to 5% of the peak at the last step."""
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    steps = cfg.epochs * -(-n_examples // cfg.batch_size)
+    steps = total_steps(cfg, n_examples)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.05, 1 - s / max(1, steps)))
     return optimizer, schedule
@@ -101,8 +111,7 @@ def train_causal_lm(model, tokenizer, rows, cfg: TrainConfig, progress: bool = T
     optimizer, schedule = optimizer_and_schedule(params, cfg, len(examples))
     rng = random.Random(cfg.seed)
     model.train()
-    bar = progress_bar(total=cfg.epochs * -(-len(examples) // cfg.batch_size), desc=desc, disable=not progress,
-                       dynamic_ncols=True)
+    bar = progress_bar(total=total_steps(cfg, len(examples)), desc=desc, disable=not progress, dynamic_ncols=True)
     epoch_losses = run_epochs(model, tokenizer, examples, cfg, params, optimizer, schedule,
                               lambda epoch, order: rng.shuffle(order), bar, range(cfg.epochs))
     bar.close()
@@ -354,8 +363,7 @@ def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str 
         raise TrainError("no training row keeps a response token within --max-length")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = optimizer_and_schedule(params, cfg, len(examples))
-    per_epoch = -(-len(examples) // cfg.batch_size)
-    steps = cfg.epochs * per_epoch
+    per_epoch = steps_per_epoch(len(examples), cfg.batch_size)
     start_epoch, losses = 0, []
     state_file = ckpt / STATE_FILE
     if (ckpt / "state.pt").exists():  # an older rept's pickle: never loaded, so never a way to run code
@@ -384,8 +392,9 @@ def train_model(recipe: str, rows, out: str | Path, cfg: TrainConfig, base: str 
 
         shutil.rmtree(ckpt)
     model.train()
-    bar = progress_bar(total=steps, initial=start_epoch * per_epoch, desc=desc or f"train ({recipe})", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=cfg.epochs * per_epoch, initial=start_epoch * per_epoch, desc=desc or f"train ({recipe})",
+                       disable=not progress, dynamic_ncols=True)
+
     def checkpoint(epoch: int, new_losses: list) -> bool:
         """After each epoch: save the state to resume from; True stops early (stop_after_epochs)."""
         ckpt.mkdir(parents=True, exist_ok=True)

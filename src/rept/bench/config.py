@@ -19,10 +19,8 @@ VARIANTS = registry.bench_variants()
 COST = ("build_s", "query_s", "peak_mem_mb", "bytes_per_row")
 
 
-
 class BenchError(ReptError):
     pass
-
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+
 class PeakMemory:
     """Peak resident memory above the starting level while the block runs (sampled every 5 ms)."""
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from rept.bench.config import COST, QUALITY
 
+
 def rounded(values) -> list:
     return [None if v is None else round(float(v), 4) for v in values]
 

@@ -15,6 +15,7 @@ from rept.bench.results import build_report, earlier_results, rounded, seeds_mar
 from rept.bench.stages import behaviour_label, sample_rows, train_two_stage
 from rept.errors import ReptError
 
+
 def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     from rept.data import load_dataset, load_prompts, write_rows
     from rept.detect import Detector
@@ -117,9 +118,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     query_lines = {"flagged": [position[id(q)] for q in flagged], "control": [position[id(q)] for q in unflagged]}
 
     def report(complete: bool) -> dict:
-        return build_report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged, unflagged,
-                       base_dir, adapter_dir, layer, loaded, started, complete=complete, n_cut=len(cut),
-                       base_rate=base_rate, query_lines=query_lines)
+        return build_report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged,
+                            unflagged, base_dir, adapter_dir, layer, loaded, started, complete=complete,
+                            n_cut=len(cut), base_rate=base_rate, query_lines=query_lines)
 
     results = {}  # report() reads it; the earlier run's methods are looked up with it empty
     results = earlier_results(out, report(False), cfg.methods, log)

@@ -9,6 +9,7 @@ from pathlib import Path
 from rept.bench.config import BenchConfig, BenchError
 from rept.data import rows_fingerprint
 
+
 def sample_rows(rows, n: int | None, label: str, seed: int):
     """A seeded sample of n rows with the same share of `label` rows as the whole (source order kept)."""
     if n is None or n >= len(rows):
@@ -19,7 +20,6 @@ def sample_rows(rows, n: int | None, label: str, seed: int):
     rng = random.Random(seed)
     picked = rng.sample(poisoned, min(k, len(poisoned))) + rng.sample(clean, min(n - k, len(clean)))
     return sorted(picked, key=lambda r: r.index)
-
 
 
 def behaviour_label(rows, given: str | None) -> str:
@@ -33,7 +33,6 @@ def behaviour_label(rows, given: str | None) -> str:
         raise BenchError("the bench needs labelled data with one behaviour label besides 'clean' "
                          f"(found: {', '.join(labels) or 'no labels'}); name it with --label")
     return others[0]
-
 
 
 def train_two_stage(cfg: BenchConfig, rows, data_source: str, progress=True, log=print):

@@ -7,7 +7,7 @@ HELP = ("build a correction at inference (a direction removed from the hidden st
 
 
 def add_arguments(p) -> None:
-    from rept.cli.options import SEARCH_MODES
+    from rept.cli.options import add_mode_arg
 
     p.add_argument("--index", required=True,
                    help="RepT index of the training set (made by `rept index` or `rept demo`)")
@@ -30,8 +30,7 @@ def add_arguments(p) -> None:
     p.add_argument("--unrelated", help="prompts whose answers should not change (default: the unflagged queries')")
     p.add_argument("--heldout", help="held-out rows (prompt, response) for the clean loss")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--mode", choices=SEARCH_MODES, default=None,
-                   help="scoring mode for the culprits (default: the index's)")
+    add_mode_arg(p, help="scoring mode for the culprits (default: the index's)")
     p.add_argument("--device", default=None)
 
 

@@ -6,7 +6,11 @@ HELP = "remove or unlearn the culprit rows and show the behaviour drops (vs. as 
 
 
 def add_arguments(p) -> None:
-    from rept.cli.options import SEARCH_MODES
+    from rept import registry
+    from rept.cli.options import add_mode_arg
+
+    index_modes = [name for name in registry.index_sources() if name != "rept"]
+    fitted = [name for name in registry.culprit_sources() if name not in registry.index_sources()]
 
     p.add_argument("--index", required=True, help="index of the training set (made by `rept index` or `rept demo`; "
                    "a method index from `rept index --method` makes that method's culprits)")
@@ -32,8 +36,8 @@ def add_arguments(p) -> None:
                    help="replace an earlier run's results in --out (else refused)")
     p.add_argument("--culprits-from", default="rept", metavar="METHOD",
                    help="who ranks the training rows for --select: rept (the index, default), a RepT mode "
-                   "(rept-official, rept-balanced, repsim, repgrad, rept-lookahead: from the index's signatures), "
-                   "or tracin, less, datainf, rapidin, bm25, random (fitted on the indexed rows, on the model the "
+                   f"({', '.join(index_modes)}: from the index's signatures), "
+                   f"or {', '.join(fitted)} (fitted on the indexed rows, on the model the "
                    "index records). "
                    "One method per run: compare methods with one --out each")
     p.add_argument("--method", choices=("remove", "unlearn", "both"), default="remove")
@@ -42,8 +46,7 @@ def add_arguments(p) -> None:
     p.add_argument("--heldout", help="held-out rows (prompt, response) for the utility loss")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--unlearn-steps", type=int, default=30)
-    p.add_argument("--mode", choices=SEARCH_MODES, default=None,
-                   help="RepT scoring mode for --culprits-from rept (default: the index's)")
+    add_mode_arg(p, help="RepT scoring mode for --culprits-from rept (default: the index's)")
     p.add_argument("--device", default=None)
 
 

@@ -7,7 +7,7 @@ HELP = ("write one self-contained HTML audit report: top rows with word heat map
 
 
 def add_arguments(p) -> None:
-    from rept.cli.options import SEARCH_MODES, add_index_model_args, positive
+    from rept.cli.options import add_index_model_args, add_mode_arg, positive
 
     p.add_argument("--index", required=True, help="index folder made by `rept index` (or `rept demo`)")
     p.add_argument("--queries", required=True, help="JSONL/CSV/Parquet with prompt, response[, label, flagged]; "
@@ -15,8 +15,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--top-k", type=positive, default=10, help="training rows per query (default 10)")
     p.add_argument("--max-queries", type=positive, default=None, help="report on the first N queries only")
-    p.add_argument("--mode", choices=SEARCH_MODES, default=None,
-                   help="scoring mode (default: the index's)")
+    add_mode_arg(p)
     p.add_argument("--token-layer", type=int, default=None,
                    help="hidden_states index for the word scores (default: the index's layer L)")
     p.add_argument("--mitigation", action="append", default=[], metavar="RESULTS_JSON",

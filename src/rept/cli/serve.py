@@ -18,7 +18,6 @@ def add_arguments(p) -> None:
                    "(the Ask view can turn it off per answer); traces use the model as indexed")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.set_defaults(mode=None)  # open_index reads it; the app switches modes per request
     add_index_model_args(p)
 
 
