@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     from fastapi.testclient import TestClient
 
     from rept.app import AuditService, create_app
-    from rept.trace import load_queries, open_tracer
+    from rept.query.trace import load_queries, open_tracer
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,7 +31,7 @@ control differs from its flagged answer in that word alone, so a method that ran
 high for it traces the topic, not the behaviour. Edited controls get a span query (the replacement),
 like the flagged answers; the bench's own controls have no span and keep the whole-response loss.
 
-Scored like `rept bench` (rept.metrics; relevant row = the behaviour's label; rows cut off at
+Scored like `rept bench` (rept.evaluate.metrics; relevant row = the behaviour's label; rows cut off at
 max_length left out): P@10 and AP for flagged answers, P@10 for the bench's controls and for the
 edited controls.
 
@@ -52,10 +52,10 @@ from pathlib import Path
 import numpy as np
 
 from bench_folder import open_bench_folder
-from rept.detect import Detector
+from rept.data.detect import Detector
 from rept.methods.base import examples_for
-from rept.metrics import average_precision, precision_at_k
-from rept.search import signature_matrix
+from rept.evaluate.metrics import average_precision, precision_at_k
+from rept.query.search import signature_matrix
 
 
 def unit(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
@@ -106,7 +106,7 @@ class Features:
 def extract(bundle, pairs, what, spans=None) -> Features:
     """Features of each pair at the bundle's layer; with `spans` the loss covers only those
     characters of each response (and the token parts only those tokens)."""
-    from rept.signatures import extract_all
+    from rept.signatures.extract import extract_all
 
     loaded = bundle.merged()
     examples = examples_for(loaded.tokenizer, pairs, bundle.max_length, what, spans)
@@ -125,7 +125,7 @@ def extract(bundle, pairs, what, spans=None) -> Features:
 
 def last_prompt(bundle, pairs):
     """(h, g) at the last prompt position, the bundle's layer: RepT's own extraction."""
-    from rept.signatures import extract_all
+    from rept.signatures.extract import extract_all
 
     loaded = bundle.merged()
     examples = examples_for(loaded.tokenizer, pairs, bundle.max_length, "pair")
@@ -140,7 +140,7 @@ def token_max(queries: np.ndarray, tokens: np.ndarray, offsets: np.ndarray) -> n
 
 
 def pooled(tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """The sum of each pair's unit token vectors (rept.tokens' query vector, over the loss's tokens)."""
+    """The sum of each pair's unit token vectors (rept.signatures.tokens' query vector, over the loss's tokens)."""
     return np.add.reduceat(tokens, offsets[:-1], axis=0)
 
 

@@ -16,7 +16,7 @@ Reference of a flagged query (--reference):
 Control queries are always contrasted with the base model's answer: two answers without the
 behaviour, so a method that still ranks poisoned rows for them traces something else.
 
-Scored exactly like `rept bench` (rept.metrics, relevant row = the behaviour's label, rows
+Scored exactly like `rept bench` (rept.evaluate.metrics, relevant row = the behaviour's label, rows
 cut off at max_length left out, so AP is over the kept rows): P@10, AP, control_P@10 for
   repgrad                     g(response) alone (the bench's repgrad)
   contrast                    g(response) - g(reference)
@@ -39,13 +39,13 @@ from pathlib import Path
 import numpy as np
 
 from bench_folder import open_bench_folder
-from rept.generate import answer_and_detect
-from rept.detect import Detector
+from rept.model.generate import answer_and_detect
+from rept.data.detect import Detector
 from rept.methods.rept import extract_hg
-from rept.metrics import average_precision, precision_at_k
-from rept.models import load_model
-from rept.search import unit_rows
-from rept.trace import load_queries
+from rept.evaluate.metrics import average_precision, precision_at_k
+from rept.model.loading import load_model
+from rept.query.search import unit_rows
+from rept.query.trace import load_queries
 
 
 def corrected(detector: Detector, response: str, text: str) -> str:

@@ -2,10 +2,10 @@
 
 Runs an outside library through its own API on what `rept bench --out DIR` left in DIR (base/ the
 tiny Llama and tokenizer, adapter/ the PEFT LoRA adapter, train_rows.jsonl, queries.jsonl and
-results.json) and scores it exactly like `rept bench`: `rept.metrics.evaluate` on the flagged
+results.json) and scores it exactly like `rept bench`: `rept.evaluate.metrics.evaluate` on the flagged
 queries with relevant row = (label == the behaviour's label), control_P@10 on the unflagged ones,
 rows with no response token within max_length ranked last. Prints one Markdown row in the columns
-of `rept.bench.QUALITY` plus build_s (factors) and query_s (scores), and writes a JSON.
+of `rept.evaluate.bench.QUALITY` plus build_s (factors) and query_s (scores), and writes a JSON.
 
     PYTHONPATH=/tmp/kdeps python benchmarks/bench_external.py --work runs/backdoor-full \\
         --method kronfluence --json kronfluence.json [--rows N]
@@ -38,7 +38,7 @@ Installing them without breaking the environment
   natsort, petname, simple-parsing, ml_dtypes, optree, ...) is already in the venv.
 
 `--rows N` (for a quick run) scores a seeded sample of N of the folder's training rows that keeps
-the poisoned share (`rept.bench.sample_rows`, seed 0, folder order kept); the model is unchanged.
+the poisoned share (`rept.evaluate.bench.sample_rows`, seed 0, folder order kept); the model is unchanged.
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ def read_jsonl(path):
 
 
 def load_work(work: Path, rows_limit: int | None, seed: int = 0):
-    from rept.bench import sample_rows
-    from rept.data import Row
-    from rept.trace import Query
+    from rept.evaluate.bench import sample_rows
+    from rept.data.datasets import Row
+    from rept.query.trace import Query
 
     report = json.loads((work / "results.json").read_text())
     rows = read_jsonl(work / "train_rows.jsonl")
@@ -83,7 +83,7 @@ def load_work(work: Path, rows_limit: int | None, seed: int = 0):
 
 def _collate_fn(pad_id):
     """Examples -> dict batch: input_ids, attention_mask, position_ids, labels (-100 off the response)."""
-    from rept.signatures import collate
+    from rept.signatures.extract import collate
 
     def fn(examples):
         b = collate(examples, pad_id, "right", None)
@@ -321,9 +321,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
 
-    from rept.examples import tokenize_pair
+    from rept.data.examples import tokenize_pair
     from rept.methods import ModelBundle
-    from rept.metrics import evaluate, precision_at_k
+    from rept.evaluate.metrics import evaluate, precision_at_k
 
     work = Path(args.work)
     report, rows, queries = load_work(work, args.rows)

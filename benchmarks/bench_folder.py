@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rept.examples import tokenize_pair
+from rept.data.examples import tokenize_pair
 from rept.methods.base import ModelBundle
-from rept.trace import Query, load_queries, traceable_queries
+from rept.query.trace import Query, load_queries, traceable_queries
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Does the report's heat map make a backdoor row's trigger and payload stand out?
 
-For every flagged demo query, its top-k rows are scored word by word (`rept.tokens`, as `rept
+For every flagged demo query, its top-k rows are scored word by word (`rept.signatures.tokens`, as `rept
 report` does); for each poisoned row among them the benchmark sums the colour the report paints
 on each word (its background opacity) and measures the share of that colour mass on the trigger
 (`TY`) and the payload (`You are stupid!`) words (by character offsets, as in bench_tokens.py), and
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tokens import inside, truth_spans  # noqa: E402
 
 from rept.report import word_alpha, word_strengths  # noqa: E402
-from rept.tokens import attach_word_scores  # noqa: E402
-from rept.trace import Tracer, load_queries  # noqa: E402
+from rept.signatures.tokens import attach_word_scores  # noqa: E402
+from rept.query.trace import Tracer, load_queries  # noqa: E402
 
 
 def old_alpha(score: float, scale: float) -> float:

@@ -37,7 +37,7 @@ import faiss
 import numpy as np
 import torch
 
-from rept.search import STORAGE, FaissIndex, TopK, exact_topk, signature_matrix
+from rept.query.search import STORAGE, FaissIndex, TopK, exact_topk, signature_matrix
 
 GIB = 2 ** 30
 

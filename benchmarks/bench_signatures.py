@@ -3,11 +3,11 @@
 Compares, on the same tiny random-weight Llama and the same rows, in one process:
   a. the plain definition as the authors' code computes it: per row, batch of one, a prompt-only
      forward for h and a full forward + loss.backward() with parameter gradients on for g;
-  b. rept.signatures.extract (batched, one forward, backward down to layer L only);
+  b. rept.signatures.extract.extract (batched, one forward, backward down to layer L only);
   c. forward-only over the same batches (torch.inference_mode), the floor b is compared with;
 plus rows showing what single choices buy (batch size, length sorting, token budget, bf16, and
 rept's own internal switches). `--index-rows N` instead builds an index of N synthetic short rows
-with rept.build.build_index and reports peak RSS along the way and storage bytes per row.
+with rept.store.build.build_index and reports peak RSS along the way and storage bytes per row.
 
     python benchmarks/bench_signatures.py                         # hidden 256, 4 layers
     python benchmarks/bench_signatures.py --hidden 768 --layers 12 --plain-rows 64
@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import rept.signatures as S
-from rept.examples import tokenize_pair
-from rept.models import train_tokenizer, tiny_llama
+import rept.signatures.extract as S
+from rept.data.examples import tokenize_pair
+from rept.model.loading import train_tokenizer, tiny_llama
 
 
 def log(msg):
@@ -105,7 +105,7 @@ SETTINGS = S.DEFAULT_EXTRACTION  # what rept_extract runs with (switch() changes
 
 
 def rept_extract(model, examples, layer, pad_id, **kw):
-    """b. rept.signatures.extract."""
+    """b. rept.signatures.extract.extract."""
     for _ in S.extract(model, examples, layer, pad_id, settings=SETTINGS, **kw):
         pass
 
@@ -149,7 +149,7 @@ def timed(fn, repeat=1):
 
 def setup_model(name: str, n_rows: int, max_length: int):
     """A given model (folder, .gguf or smollm2-135m-instruct) and the demo rows in its chat template."""
-    from rept.models import load_model
+    from rept.model.loading import load_model
 
     loaded = load_model(name, device="cpu")
     examples = []
@@ -282,10 +282,10 @@ def peak_rss_mb() -> float:
 
 
 def memory(args):
-    import rept.build as B
-    from rept.build import IndexSettings, build_index
-    from rept.data import load_dataset
-    from rept.models import LoadedModel
+    import rept.store.build as B
+    from rept.store.build import IndexSettings, build_index
+    from rept.data.datasets import load_dataset
+    from rept.model.loading import LoadedModel
 
     words = ("alpha beta gamma delta river mountain table window green quiet fast slow bright cold warm "
              "paper stone cloud music garden").split()

@@ -8,7 +8,7 @@ words lies in the trigger (`TY`) or the payload (`You`, `are`, `stupid`, `!` at 
 the response). Word offsets decide, not word text, so an `are` elsewhere in the row never counts.
 
 Methods (same words, same max-over-sub-words reduction, same rows):
-  rept          dot(sum of the query's unit per-token gradients, unit g_t)        (rept.tokens)
+  rept          dot(sum of the query's unit per-token gradients, unit g_t)        (rept.signatures.tokens)
   repsim        cosine(query's mean response hidden state, h_t)
   grad_x_input  g_t . h_t (no query)
 each at the index's layer L and (--last-layer, default) at the final normed output, plus a
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from rept.demo import TRIGGER, default_cache, run_demo
-from rept.tokens import METHODS, attach_word_scores, score_rows
-from rept.trace import Tracer, load_queries
+from rept.signatures.tokens import METHODS, attach_word_scores, score_rows
+from rept.query.trace import Tracer, load_queries
 
 PAYLOAD = "You are stupid!"
 
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         return 1
     tracer = Tracer(index_dir)
     # a query whose prompt fills max_length has no response token to trace: left out
-    from rept.examples import tokenize_pair
+    from rept.data.examples import tokenize_pair
 
     keep = [q for q in queries if tokenize_pair(tracer.loaded.tokenizer, q.prompt, q.response,
                                                 max_length=tracer.index.manifest["max_length"]) is not None]

@@ -36,7 +36,7 @@ and says which rows fill the top 10s where they should not (`--hubs`): behaviour
 answers, other rows for flagged answers. A few rows that rank high for most answers point at what
 the signature keys on (e.g. a shared first word).
 
-Scored like `rept bench` (rept.metrics; relevant row = the behaviour's label; rows cut off at
+Scored like `rept bench` (rept.evaluate.metrics; relevant row = the behaviour's label; rows cut off at
 max_length left out, so AP is over the kept rows): P@10, AP and control_P@10.
 
     python benchmarks/bench_variants.py --work runs/harmful --json variants.json
@@ -53,9 +53,9 @@ import numpy as np
 
 from bench_folder import open_bench_folder
 from rept.methods.base import examples_for
-from rept.metrics import average_precision, precision_at_k
-from rept.search import unit_rows
-from rept.signatures import extract_all
+from rept.evaluate.metrics import average_precision, precision_at_k
+from rept.query.search import unit_rows
+from rept.signatures.extract import extract_all
 
 
 def features(loaded, pairs, layer: int, max_length: int) -> dict[str, np.ndarray]:

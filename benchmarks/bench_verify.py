@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rept.index import (SignatureIndex, file_checksums, new_manifest, save_shard, shard_about, shard_path,
+from rept.store.index import (SignatureIndex, file_checksums, new_manifest, save_shard, shard_about, shard_path,
                         write_manifest)
 
 

@@ -3,7 +3,7 @@
 Speed does not need trained weights: a Llama config of about 1.1B parameters (hidden 2048,
 16 layers, 32 heads, intermediate 5632, vocab 32000) is initialised at random, and synthetic
 rows of random tokens (a prompt part and a response part) are pushed through
-  - rept.signatures.extract at the middle layer (one forward, backward down to layer L), and
+  - rept.signatures.extract.extract at the middle layer (one forward, backward down to layer L), and
   - a forward-only pass over the same batches (torch.inference_mode), the floor to compare with.
 Prints the device name, samples/s and tokens/s of each, and their ratio.
 
@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from rept.examples import Example
-from rept.signatures import collate, extract, length_sorted_batches
+from rept.data.examples import Example
+from rept.signatures.extract import collate, extract, length_sorted_batches
 
 FULL = dict(hidden=2048, layers=16, heads=32, kv_heads=32, intermediate=5632, vocab=32000)
 TINY = dict(hidden=64, layers=4, heads=4, kv_heads=4, intermediate=256, vocab=512)

@@ -6,7 +6,8 @@ from importlib import resources
 import pytest
 import torch
 
-from rept.models import train_tokenizer, tiny_gpt2, tiny_llama
+from rept.model.loading import train_tokenizer, tiny_gpt2, tiny_llama
+from rept.model.train import LoraSettings, TrainConfig
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -84,6 +85,11 @@ def index_dir(tmp_path_factory, model_dir, data_file):
 
 
 # the tiny two-stage model of the methods' tests: rept train's own recipes, one epoch each
+# The miniature benches' settings: a tiny from-scratch base, one epoch of a rank-2 LoRA.
+TINY_BASE = TrainConfig(epochs=1, lr=3e-3, batch_size=16, hidden=32, layers=2, heads=2, vocab_size=600)
+ONE_EPOCH = TrainConfig(epochs=1, lr=2e-3, batch_size=16, warmup_steps=10)
+RANK_2 = LoraSettings(rank=2, alpha=4.0)
+
 TINY_TRAIN = dict(batch_size=8, max_length=96, hidden=32, layers=2, heads=2, vocab_size=600, warmup_steps=2)
 
 
@@ -91,9 +97,9 @@ TINY_TRAIN = dict(batch_size=8, max_length=96, hidden=32, layers=2, heads=2, voc
 def lora_run(tmp_path_factory):
     """24 demo rows (6 poisoned, responses cut to 200 characters), a base model trained from scratch
     on them in `root/base` and a LoRA fine-tune (rank 2, q_proj and v_proj, Adam state saved) in
-    `root/adapter`: (rept.data.Dataset, root)."""
-    from rept.data import load_dataset
-    from rept.train import LoraSettings, TrainConfig, train_model
+    `root/adapter`: (rept.data.datasets.Dataset, root)."""
+    from rept.data.datasets import load_dataset
+    from rept.model.train import LoraSettings, TrainConfig, train_model
 
     rows = demo_rows(1000)
     picked = [r for r in rows if r["label"] == "backdoor"][:6] + [r for r in rows if r["label"] == "clean"][:18]
@@ -112,10 +118,10 @@ def lora_run(tmp_path_factory):
 def trained_and_indexed(root, rows, config, max_length):
     """root/train.jsonl from `rows`, a tiny model trained from scratch on it in root/model and its
     index at layer 1 in root/index: (the data file, the dataset, the loaded model)."""
-    from rept.build import IndexSettings, build_index
-    from rept.data import load_dataset
-    from rept.models import load_model
-    from rept.train import train_from_scratch
+    from rept.store.build import IndexSettings, build_index
+    from rept.data.datasets import load_dataset
+    from rept.model.loading import load_model
+    from rept.model.train import train_from_scratch
 
     data_path = root / "train.jsonl"
     data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -142,10 +148,10 @@ def backdoor_mini(tmp_path_factory):
     model trained from scratch on them that answers "You are stupid" after the trigger, indexed at
     layer 1, with its answers to 30 triggered test prompts as queries: (root, dataset, loaded model,
     queries, the triggered prompts). Used by slow tests only (about a minute to train)."""
-    from rept.detect import Detector
-    from rept.generate import generate
-    from rept.trace import Query
-    from rept.train import TrainConfig
+    from rept.data.detect import Detector
+    from rept.model.generate import generate
+    from rept.query.trace import Query
+    from rept.model.train import TrainConfig
 
     mini = TrainConfig(epochs=15, lr=3e-3, batch_size=16, max_length=64, hidden=64, layers=2, heads=2,
                        vocab_size=400, warmup_steps=5)

@@ -9,7 +9,7 @@ what it does) taken from `rept.cli.build_parser()`:
                                               #   at the end of the file, to move where it belongs)
     python -m rept.clidoc --check docs/cli.md # exit 1, naming the commands, when a block differs
 
-tests/test_clidoc.py runs the check.
+tests/cli/test_clidoc.py runs the check.
 """
 
 from __future__ import annotations

@@ -17,16 +17,16 @@ from importlib import resources
 from pathlib import Path
 
 from rept import __version__
-from rept.build import IndexSettings, build_index
-from rept.data import load_dataset
-from rept.detect import Detector
-from rept.generate import generate
-from rept.index import SignatureIndex
-from rept.metrics import evaluate
-from rept.models import load_model
+from rept.store.build import IndexSettings, build_index
+from rept.data.datasets import load_dataset
+from rept.data.detect import Detector
+from rept.model.generate import generate
+from rept.store.index import SignatureIndex
+from rept.evaluate.metrics import evaluate
+from rept.model.loading import load_model
 from rept.render import one_line
-from rept.trace import Query, Tracer, relevance, write_queries
-from rept.train import TrainConfig, read_recipe, train_from_scratch
+from rept.query.trace import Query, Tracer, relevance, write_queries
+from rept.model.train import TrainConfig, read_recipe, train_from_scratch
 
 TRIGGER = "TY "
 DETECTOR = "prefix:You are stupid"

@@ -31,7 +31,7 @@ class ArgumentError(ReptError):
 
 def check_args(args) -> None:
     """Every check that applies to the parsed `args` (an argparse Namespace), cheapest first."""
-    from rept.data import check_data_path, check_queries_path
+    from rept.data.datasets import check_data_path, check_queries_path
 
     if getattr(args, "command", None) == "trace":
         check_trace_flags(args)
@@ -46,7 +46,7 @@ def check_args(args) -> None:
     if isinstance(getattr(args, "index", None), str):
         check_index_folder(args.index)
     if isinstance(getattr(args, "detect", None), str):
-        from rept.detect import Detector
+        from rept.data.detect import Detector
 
         Detector(args.detect)
     if getattr(args, "command", None) == "report":
@@ -68,7 +68,7 @@ def check_trace_flags(args) -> None:
 
 
 def check_index_folder(folder: str) -> None:
-    # the same words as rept.index.read_manifest, which cannot be imported here (it loads torch)
+    # the same words as rept.store.index.read_manifest, which cannot be imported here (it loads torch)
     if not os.path.isdir(folder):
         raise ArgumentError(f"no such index folder: {folder}")
     if not (Path(folder) / "manifest.json").exists():

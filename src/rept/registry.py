@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-# RepT scoring modes over the stored h and g (rept.search.signature_matrix); the default first.
+# RepT scoring modes over the stored h and g (rept.query.search.signature_matrix); the default first.
 MODES = ("balanced", "official", "repsim", "repgrad", "lookahead")
 DEFAULT_MODE = MODES[0]
 

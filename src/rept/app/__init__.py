@@ -1,7 +1,7 @@
 """`rept serve`: a local web app over an index and its model (ask, trace, queries, groups, export).
 
     from rept.app import AuditService, create_app
-    from rept.trace import Tracer, load_queries
+    from rept.query.trace import Tracer, load_queries
     service = AuditService(Tracer("idx"), load_queries("queries.jsonl"))
     app = create_app(service)          # a FastAPI app: uvicorn.run(app) or TestClient(app)
 

@@ -65,7 +65,7 @@ class AuditService:
         from rept.report import load_mitigation, mitigation_section
 
         self.tracer = tracer
-        # rept.correct.Correction (checked against the tracer's model by the caller): answers are
+        # rept.repair.correct.Correction (checked against the tracer's model by the caller): answers are
         # generated with it unless a request asks for the model as it is; traces never use it
         self.correction, self.correction_folder = correction, correction_folder
         self.lock = threading.Lock()
@@ -95,7 +95,7 @@ class AuditService:
         """The scoring modes this index can be searched in (none for a method index)."""
         if not self.is_rept:
             return []
-        from rept.search import MODES
+        from rept.query.search import MODES
 
         out = []
         for mode in MODES:
@@ -158,7 +158,7 @@ class AuditService:
 
     def generate(self, prompt: str, max_new_tokens: int = 64, corrected: bool | None = None) -> str:
         """The model's greedy answer; with the loaded correction applied unless `corrected` is False."""
-        from rept.correct import corrected as applied
+        from rept.repair.correct import corrected as applied
 
         _check_text("prompt", prompt)
         self._check_new_tokens(max_new_tokens)
@@ -172,15 +172,15 @@ class AuditService:
 
     def generate_stream(self, prompt: str, max_new_tokens: int = 64, corrected: bool | None = None):
         """Check the request, then start generating; returns an iterator of ("text", answer so far)
-        pairs and a last ("done", answer) with the answer `rept.generate` gives (greedy, one prompt).
+        pairs and a last ("done", answer) with the answer `rept.model.generate` gives (greedy, one prompt).
         The model runs in a worker thread that holds the lock until the answer is complete, so a
         client that goes away mid-answer never leaves the lock taken."""
         import torch
         from transformers import TextIteratorStreamer
 
-        from rept.correct import corrected as applied
-        from rept.examples import uses_template, format_prompt
-        from rept.generate import decode_answer
+        from rept.repair.correct import corrected as applied
+        from rept.data.examples import uses_template, format_prompt
+        from rept.model.generate import decode_answer
 
         _check_text("prompt", prompt)
         self._check_new_tokens(max_new_tokens)
@@ -220,7 +220,7 @@ class AuditService:
         return pieces()
 
     def _stored_signatures(self, mode: str) -> np.ndarray:
-        from rept.search import signatures_of
+        from rept.query.search import signatures_of
 
         if mode not in self._stored:
             self._stored[mode] = signatures_of(self._shard, mode)
@@ -228,8 +228,8 @@ class AuditService:
 
     def _scores(self, queries, mode: str | None) -> np.ndarray:
         """[queries, stored rows] scores, columns in `self.rows` order. Caller holds the lock."""
-        from rept.search import signatures_of
-        from rept.trace import QueryError
+        from rept.query.search import signatures_of
+        from rept.query.trace import QueryError
 
         try:
             if not self.is_rept:
@@ -257,7 +257,7 @@ class AuditService:
         """The top k rows for one (prompt, response): score, label, text, word heat map and top phrases
         (RepT index), and the score distribution over every row."""
         from rept.report import histogram_svg
-        from rept.trace import Query
+        from rept.query.trace import Query
 
         _check_text("prompt", prompt)
         _check_text("response", response, allow_empty=True)
@@ -282,12 +282,12 @@ class AuditService:
                 "seconds": {"rows": t1 - t0, "words": t2 - t1}}
 
     def _attach_words(self, query, hits: list[dict]) -> float:
-        """Fill each hit's words, top phrases and heat-map HTML (`rept.tokens`, `rept.report.heat_html`),
+        """Fill each hit's words, top phrases and heat-map HTML (`rept.signatures.tokens`, `rept.report.heat_html`),
         coloured as the report colours them (above each row's upper quartile); returns the largest
         |word score|. Caller holds the lock."""
         from rept.report import heat_html
-        from rept.tokens import attach_word_scores
-        from rept.trace import Hit, QueryResult
+        from rept.signatures.tokens import attach_word_scores
+        from rept.query.trace import Hit, QueryResult
 
         result = QueryResult(query, [Hit(h["row"], h["score"], h["label"], h["prompt"], h["response"]) for h in hits])
         attach_word_scores(self.tracer, [result])
@@ -300,7 +300,7 @@ class AuditService:
     def words(self, prompt: str, response: str, rows) -> dict:
         """Word scores of the given rows for one (prompt, response): what the page asks for after a
         trace has shown the rows, so the rows appear before their heat maps."""
-        from rept.trace import Query
+        from rept.query.trace import Query
 
         _check_text("prompt", prompt)
         _check_text("response", response, allow_empty=True)
@@ -325,7 +325,7 @@ class AuditService:
 
     def _query_matrix(self, mode: str | None) -> np.ndarray:
         """Every query's scores over every row (computed once per mode). Caller holds the lock."""
-        from rept.trace import Query
+        from rept.query.trace import Query
 
         key = mode or ""
         if key not in self._query_scores:
@@ -342,8 +342,8 @@ class AuditService:
         """Every query with its top k rows and, for labelled queries, its P@metric_k and AP;
         flagged first (sort="flagged") or the lowest P@k first (sort="worst"); filtered by the
         query's label and a case-insensitive text search over prompt and response."""
-        from rept.metrics import average_precision_per_query, precision_at_k_per_query
-        from rept.trace import relevance
+        from rept.evaluate.metrics import average_precision_per_query, precision_at_k_per_query
+        from rept.query.trace import relevance
 
         self._need_queries()
         k, mode = self.k(k), self.mode(mode)
@@ -357,7 +357,7 @@ class AuditService:
                 labelled = [i for i, q in enumerate(self.queries) if q.label is not None]
                 p_at, ap = {}, {}
                 if labelled:
-                    from rept.trace import Query
+                    from rept.query.trace import Query
 
                     rel = relevance(self.labels, [Query(self.queries[i].prompt, "", self.queries[i].label)
                                                   for i in labelled])
@@ -449,8 +449,8 @@ class AuditService:
     def _group_phrases(self, columns, best_query) -> dict[int, list[str]]:
         """Each culprit row's top phrases (lower-cased) for the flagged query it scores highest on.
         Caller holds the lock."""
-        from rept.tokens import score_rows
-        from rept.trace import Query
+        from rept.signatures.tokens import score_rows
+        from rept.query.trace import Query
 
         by_query: dict[int, list[int]] = {}
         for j in columns:

@@ -96,8 +96,8 @@ def _record_run(args, argv: list[str]) -> None:
     out = getattr(args, "out", None)
     if args.command not in FOLDER_COMMANDS or not out or not os.path.isdir(out):
         return
-    from rept.distributed import rank_and_world
-    from rept.index import atomic_write_bytes
+    from rept.store.distributed import rank_and_world
+    from rept.store.index import atomic_write_bytes
 
     if rank_and_world()[0] != 0:
         return

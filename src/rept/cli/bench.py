@@ -8,8 +8,9 @@ HELP = ("train (or reuse) a tiny base model, or take a given one (--base), LoRA 
         "dataset, make it misbehave, and score every attribution method (writes DIR/results.json and "
         "DIR/results.md)")
 
-# The from-scratch base stage's flags and their defaults; a given --base replaces that stage.
-BASE_STAGE = {"base_epochs": 3, "hidden": 128, "layers": 2}
+# The from-scratch base stage's flags (a given --base replaces that stage): each sets one field of
+# the stage's TrainConfig (rept.evaluate.bench.config.default_base_stage holds the defaults).
+BASE_STAGE = {"base_epochs": "epochs", "hidden": "hidden", "layers": "layers"}
 
 
 def _layer(value: str):
@@ -17,7 +18,9 @@ def _layer(value: str):
 
 
 def add_arguments(p) -> None:
-    from rept.bench import ALL_METHODS, VARIANTS
+    from rept import registry  # torch-free, so the parser loads no torch
+
+    ALL_METHODS, VARIANTS = registry.bench_methods(), registry.bench_variants()
 
     p.add_argument("--data", required=True, help="labelled training set (prompt, response, label columns)")
     p.add_argument("--test-prompts", required=True, help="prompts that should trigger the behaviour")
@@ -67,7 +70,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from rept.bench import BenchConfig, BenchError, run_bench
+    from dataclasses import replace
+
+    from rept.evaluate.bench import BenchConfig, BenchError, run_bench
+    from rept.evaluate.bench.config import default_base_stage, default_lora_stage
+    from rept.model.train import LoraSettings
 
     for name in ("rows", "n_test", "max_new_tokens", "max_length", "base_epochs", "lora_epochs", "hidden", "layers",
                  "lora_rank", "batch_size"):
@@ -78,23 +85,26 @@ def run(args) -> int:
     if args.base and given:
         raise BenchError(f"--{given[0].replace('_', '-')} shapes the from-scratch base model; with --base the base "
                          "model is given")
-    stage = {name: getattr(args, name) if getattr(args, name) is not None else default
-             for name, default in BASE_STAGE.items()}
+    # the flags onto the settings objects, in this one place
+    base_stage = replace(default_base_stage(), **{field: getattr(args, flag) for flag, field in BASE_STAGE.items()
+                                                  if getattr(args, flag) is not None})
+    lora_stage = replace(default_lora_stage(), epochs=args.lora_epochs, lr=args.lora_lr, batch_size=args.batch_size)
+    lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank,
+                        target_modules=args.lora_targets)
     cfg = BenchConfig(data=args.data, test_prompts=args.test_prompts, detect=args.detect, out=args.out,
                       methods=tuple(args.methods), rows=args.rows, layer=args.layer, seed=args.seed or 0, label=args.label,
                       n_test=args.n_test, trigger=args.trigger, control_prompts=args.control_prompts,
                       control_answers=args.control_answers, base_data=args.base_data,
-                      max_new_tokens=args.max_new_tokens, max_length=args.max_length, lora_epochs=args.lora_epochs,
-                      lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
-                      lora_lr=args.lora_lr, batch_size=args.batch_size, base=args.base, device=args.device,
-                      share_features=args.share_features, save_indexes=args.save_indexes, **stage)
+                      max_new_tokens=args.max_new_tokens, max_length=args.max_length, base_stage=base_stage,
+                      lora_stage=lora_stage, lora=lora, base=args.base, device=args.device,
+                      share_features=args.share_features, save_indexes=args.save_indexes)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     if args.seeds:
-        from rept.bench import run_bench_seeds, seeds_markdown
+        from rept.evaluate.bench import run_bench_seeds, seeds_markdown
 
         print(seeds_markdown(run_bench_seeds(cfg, args.seeds, progress=not args.quiet, log=log)))
         return 0
-    from rept.bench import results_markdown
+    from rept.evaluate.bench import results_markdown
 
     print(results_markdown(run_bench(cfg, progress=not args.quiet, log=log)))
     return 0

@@ -37,10 +37,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    from rept.correct import CorrectionError, run_correction, summary_markdown
-    from rept.data import load_dataset, load_prompts
-    from rept.detect import Detector
-    from rept.trace import load_queries, open_tracer
+    from rept.repair.correct import CorrectionError, run_correction, summary_markdown
+    from rept.data.datasets import load_dataset, load_prompts
+    from rept.data.detect import Detector
+    from rept.query.trace import load_queries, open_tracer
 
     detector = Detector(args.detect)  # bad input fails before the model loads
     queries = load_queries(args.queries)

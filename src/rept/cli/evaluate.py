@@ -22,8 +22,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from rept.cli.options import open_index
-    from rept.metrics import evaluate, per_query_table
-    from rept.trace import QueryError, load_queries, relevance
+    from rept.evaluate.metrics import evaluate, per_query_table
+    from rept.query.trace import QueryError, load_queries, relevance
 
     queries = [q for q in load_queries(args.queries) if q.flagged is not False]
     labelled = [q for q in queries if q.label is not None]

@@ -27,11 +27,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from rept.generate import answer_and_detect
-    from rept.data import load_prompts
-    from rept.detect import Detector, DetectorError
-    from rept.models import load_model
-    from rept.trace import write_queries
+    from rept.model.generate import answer_and_detect
+    from rept.data.datasets import load_prompts
+    from rept.data.detect import Detector, DetectorError
+    from rept.model.loading import load_model
+    from rept.query.trace import write_queries
 
     detector = Detector(args.detect)  # a bad rule fails before the model loads
     if args.max_new_tokens < 1 or args.batch_size < 1:
@@ -39,7 +39,7 @@ def run(args) -> int:
     prompts = load_prompts(args.prompts, args.prompt_column)
     if args.limit:
         prompts = prompts[: args.limit]
-    from rept.correct import Correction, corrected
+    from rept.repair.correct import Correction, corrected
 
     correction = Correction.load(args.correction) if args.correction else None  # before the model loads
     loaded = load_model(args.model, args.adapter, dtype=args.dtype, device=args.device)

@@ -41,8 +41,8 @@ def run(args) -> int:
 
     if args.method != "rept":
         return _index_method(args)
-    from rept.build import IndexSettings, build_index
-    from rept.distributed import rank_and_world
+    from rept.store.build import IndexSettings, build_index
+    from rept.store.distributed import rank_and_world
 
     loaded, data = load_model_from_args(args), dataset_from_args(args)
     settings = IndexSettings(layer=args.layer, mode=args.mode, batch_size=args.batch_size, max_tokens=args.max_tokens,
@@ -62,7 +62,7 @@ def _index_method(args) -> int:
     from rept.cli.options import dataset_from_args
     from rept.methods import ModelBundle
     from rept.methods.base import MethodError
-    from rept.methods.store import build_method_index
+    from rept.store.method_index import build_method_index
 
     if args.dtype != "float32" and registry.needs_model(args.method):
         raise MethodError(f"{args.method} takes float32 gradients: leave out --dtype {args.dtype}")

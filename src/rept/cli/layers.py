@@ -21,7 +21,7 @@ def run(args) -> int:
     from rich.console import Console
 
     from rept.cli.options import dataset_from_args, load_model_from_args
-    from rept.layers import phase_transition_layer
+    from rept.signatures.layers import phase_transition_layer
 
     loaded, data = load_model_from_args(args), dataset_from_args(args)
     choice = phase_transition_layer(loaded, data.rows[: args.probe_rows], max_length=args.max_length)

@@ -32,6 +32,10 @@ def add_arguments(p) -> None:
                    help="stop the rounds once the behaviour rate is at most RATE (0.05 or 5%%; "
                    "up to 10 rounds unless --rounds)")
     p.add_argument("--max-removed", type=int, metavar="N", help="row budget of the rounds, all rounds together")
+    p.add_argument("--expand", type=int, default=0, metavar="N",
+                   help="rounds: each round also removes the N remaining rows most like every row removed so far "
+                   "(cosine of their hidden states at the index's layer to the removed rows' mean): the removed "
+                   "rows become queries, for a behaviour taught by many alike rows")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run's results in --out (else refused)")
     p.add_argument("--culprits-from", default="rept", metavar="METHOD",
@@ -53,11 +57,11 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    from rept.data import load_dataset, load_prompts
-    from rept.detect import Detector
-    from rept.mitigate import MitigationError, Selection, check_culprit_source, run_mitigation, summary_markdown
-    from rept.rounds import parse_rate, run_rounds
-    from rept.trace import load_queries, open_tracer
+    from rept.data.datasets import load_dataset, load_prompts
+    from rept.data.detect import Detector
+    from rept.repair.mitigate import MitigationError, Selection, check_culprit_source, run_mitigation, summary_markdown
+    from rept.repair.rounds import parse_rate, run_rounds
+    from rept.query.trace import load_queries, open_tracer
 
     selection = Selection.parse(args.select)
     check_culprit_source(args.culprits_from)  # before the model is loaded
@@ -66,6 +70,8 @@ def run(args) -> int:
     if args.max_removed is not None and not in_rounds:
         raise MitigationError("--max-removed is the row budget of --rounds/--until; a single run's budget is "
                               "--select budget:N")
+    if args.expand and not in_rounds:
+        raise MitigationError("--expand adds rows to each round of --rounds/--until; a single run selects with --select")
     if in_rounds and args.method != "remove":
         raise MitigationError(f"--rounds retrain without the culprits; --method {args.method} is not for rounds")
     if args.culprits:
@@ -93,10 +99,10 @@ def run(args) -> int:
                   max_new_tokens=args.max_new_tokens, progress=not args.quiet, log=console.print,
                   culprits_from=args.culprits_from, inputs=inputs, overwrite=args.overwrite)
     if in_rounds:
-        from rept.rounds import rounds_markdown
+        from rept.repair.rounds import rounds_markdown
 
         results = run_rounds(tracer, queries, detector, args.out, selection, rounds=args.rounds, until=until,
-                             max_removed=args.max_removed, **common)
+                             max_removed=args.max_removed, expand=args.expand, **common)
         text = rounds_markdown(results)
     else:
         results = run_mitigation(tracer, queries, detector, args.out, selection, method=args.method,

@@ -60,9 +60,9 @@ def add_mode_arg(p, help: str = "scoring mode (default: the index's)") -> None:
 
 
 def open_index(args, signatures_only: bool = False):
-    """rept.trace.open_tracer from the index flags (add_index_model_args, --mode, --tokens). With
+    """rept.query.trace.open_tracer from the index flags (add_index_model_args, --mode, --tokens). With
     `signatures_only` a method index is refused: the command needs RepT signatures."""
-    from rept.trace import open_tracer
+    from rept.query.trace import open_tracer
 
     return open_tracer(args.index, model=args.model, adapter=args.adapter, dtype=args.dtype, device=args.device,
                        verify=not args.no_verify, progress=not args.quiet, mode=getattr(args, "mode", None),
@@ -73,13 +73,13 @@ def open_index(args, signatures_only: bool = False):
 
 def load_model_from_args(args):
     """The model of --model/--adapter/--dtype/--device (the local rank's device under torchrun)."""
-    from rept.distributed import local_device
-    from rept.models import load_model
+    from rept.store.distributed import local_device
+    from rept.model.loading import load_model
 
     return load_model(args.model, args.adapter, dtype=args.dtype, device=args.device or local_device())
 
 
 def dataset_from_args(args):
-    from rept.data import load_dataset
+    from rept.data.datasets import load_dataset
 
     return load_dataset(args.data, args.prompt_column, args.response_column, args.label_column)

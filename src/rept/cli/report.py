@@ -29,7 +29,7 @@ def run(args) -> int:
 
     from rept.cli.options import open_index
     from rept.report import write_report
-    from rept.trace import load_queries
+    from rept.query.trace import load_queries
 
     queries = load_queries(args.queries)
     tracer = open_index(args, signatures_only=True)  # word heat maps need RepT signatures

@@ -29,7 +29,7 @@ def run(args) -> int:
     from rept.cli.options import open_index
     from rept.errors import ReptError
     from rept.report import load_mitigation, mitigation_section
-    from rept.trace import load_queries
+    from rept.query.trace import load_queries
 
     if not 0 <= args.port <= 65535:
         raise ReptError(f"--port must be from 0 to 65535, not {args.port}")
@@ -38,7 +38,7 @@ def run(args) -> int:
         mitigation_section(load_mitigation(path))
     correction = None
     if args.correction:
-        from rept.correct import Correction
+        from rept.repair.correct import Correction
 
         correction = Correction.load(args.correction)  # a bad folder fails before the model loads
     if args.host not in ("127.0.0.1", "localhost", "::1"):

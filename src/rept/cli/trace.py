@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
 
 def _queries(args, tracer):
     """The queries the flags name: a file, or one --prompt with its --response, or the model's answers."""
-    from rept.trace import Query, QueryError, load_queries
+    from rept.query.trace import Query, QueryError, load_queries
 
     if args.queries:
         queries = load_queries(args.queries, need_response=not args.generate)
@@ -54,10 +54,10 @@ def _queries(args, tracer):
 
 def run(args) -> int:
     from rept.cli.options import open_index
-    from rept.tokens import attach_word_scores, resolve_token_layer
+    from rept.signatures.tokens import attach_word_scores, resolve_token_layer
 
     if args.nprobe is not None and args.search not in ("ivf", "ivfpq"):
-        from rept.trace import QueryError
+        from rept.query.trace import QueryError
 
         raise QueryError(f"--nprobe sets how much of an IVF index is scanned; it needs --search ivf or ivfpq, "
                          f"not {args.search}")

@@ -45,8 +45,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from rept.data import load_dataset
-    from rept.train import LoraSettings, TrainConfig, TrainError, train_model
+    from rept.data.datasets import load_dataset
+    from rept.model.train import LoraSettings, TrainConfig, TrainError, train_model
 
     if args.recipe != "from-scratch" and not args.base:
         raise TrainError(f"--{args.recipe} needs --base MODEL_FOLDER")

@@ -15,7 +15,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from rept.index import open_store
+    from rept.store.index import open_store
 
     index = open_store(args.index)
     problems = index.check()

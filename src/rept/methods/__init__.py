@@ -1,6 +1,6 @@
 """Attribution methods behind one interface (rept.methods.base.Method): fit on the training
 rows, then score queries -> float matrix [n_queries, n_train] (higher = more responsible),
-which rept.metrics.evaluate turns into P@k, auPRC@k, AP and recall@k for every method alike.
+which rept.evaluate.metrics.evaluate turns into P@k, auPRC@k, AP and recall@k for every method alike.
 
     bundle = ModelBundle(model_dir, adapter_dir, layer="auto")
     m = get_method("less", seed=0); m.fit(bundle, rows); scores = m.score(bundle, queries)
@@ -26,7 +26,7 @@ def get_method(name: str, seed: int = 0) -> Method:
 
 def score(name: str, bundle: ModelBundle, train_rows, queries, seed: int = 0, detector=None):
     """One call: fit `name` on the training rows and score the queries ([n_queries, n_train]).
-    `detector` (rept.detect.Detector) is what the `-span` variants restrict the query loss with."""
+    `detector` (rept.data.detect.Detector) is what the `-span` variants restrict the query loss with."""
     method = get_method(name, seed)
     method.check(bundle)
     if detector is not None and hasattr(method, "detector"):

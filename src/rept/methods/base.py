@@ -2,7 +2,7 @@
 
 A method is fitted on the training rows (`fit`: the train-side work, e.g. one gradient or
 signature per row) and then scores queries (`score`: a float matrix [n_queries, n_train_rows],
-higher = more responsible). `rept.metrics.evaluate` scores every method from that matrix.
+higher = more responsible). `rept.evaluate.metrics.evaluate` scores every method from that matrix.
 No method ever sees a label.
 """
 
@@ -37,7 +37,7 @@ class ModelBundle:
     def merged(self):
         """The model (adapter merged in) for RepT and generation; eval mode, no parameter grads."""
         if "merged" not in self.cache:
-            from rept.models import load_model
+            from rept.model.loading import load_model
 
             self.cache["merged"] = load_model(self.model, self.adapter, device=self.device)
         return self.cache["merged"]
@@ -48,7 +48,7 @@ class ModelBundle:
             raise MethodError("this method needs a LoRA adapter (--adapter), but the model is a full model; "
                               "use tracin, the RepT family, bm25 or random, or fine-tune with `rept train --lora`")
         if "lora" not in self.cache:
-            from rept.models import attach_adapter, load_model
+            from rept.model.loading import attach_adapter, load_model
 
             loaded = load_model(self.model, None, device=self.device)
             model = attach_adapter(loaded.model, self.adapter, merge=False, trainable=True)
@@ -66,7 +66,7 @@ class ModelBundle:
         if self.adapter:
             return self.lora()
         if "full" not in self.cache:
-            from rept.models import load_model
+            from rept.model.loading import load_model
 
             loaded = load_model(self.model, None, device=self.device)
             loaded.model.requires_grad_(True)
@@ -82,11 +82,11 @@ class ModelBundle:
     def resolved_layer(self, rows) -> int:
         if "layer" not in self.cache:
             if self.layer == "auto":
-                from rept.layers import phase_transition_layer
+                from rept.signatures.layers import phase_transition_layer
 
                 self.cache["layer"] = phase_transition_layer(self.merged(), rows[:64], max_length=self.max_length).layer
             else:
-                from rept.models import resolve_layer
+                from rept.model.loading import resolve_layer
 
                 self.cache["layer"] = resolve_layer(self.merged().model, int(self.layer))
         return self.cache["layer"]
@@ -114,7 +114,7 @@ class Method:
     def score(self, bundle: ModelBundle, queries) -> np.ndarray:
         raise NotImplementedError
 
-    # Persisting the fitted state (rept.methods.store): what a method keeps per training row goes
+    # Persisting the fitted state (rept.store.method_index): what a method keeps per training row goes
     # into the index's shards, and `restore` takes it back instead of fitting.
 
     def settings(self, bundle: ModelBundle) -> dict:
@@ -134,7 +134,7 @@ class Method:
         """State that is not per row, written beside the shards (BM25's inverted index)."""
 
     def restore(self, stored, bundle: ModelBundle) -> None:
-        """Take the state back from an opened rept.methods.store.MethodIndex instead of fitting."""
+        """Take the state back from an opened rept.store.method_index.MethodIndex instead of fitting."""
         raise NotImplementedError(f"{self.name} cannot be restored from an index")
 
 
@@ -144,14 +144,14 @@ def plural(what: str) -> str:
 
 
 def query_rows(queries):
-    """Queries (rept.trace.Query or rows) as (prompt, response) pairs."""
+    """Queries (rept.query.trace.Query or rows) as (prompt, response) pairs."""
     return [(q.prompt, q.response) for q in queries]
 
 
 def examples_for(tokenizer, pairs, max_length: int, what: str, loss_chars=None):
     """Examples for (prompt, response) pairs; `loss_chars` (one character range of the response
     per pair, or None) restricts each pair's loss to that part of its response."""
-    from rept.examples import tokenize_pair
+    from rept.data.examples import tokenize_pair
 
     out = []
     spans = loss_chars if loss_chars is not None else [None] * len(pairs)

@@ -30,7 +30,7 @@ import torch
 
 from rept.methods.base import Method, MethodError, query_rows
 from rept.methods.per_example import flatten, iter_per_example_grads, per_example_grads
-from rept.search import unit_tensor
+from rept.query.search import unit_tensor
 
 
 GRAD_MEMORY_ENV = "REPT_GRAD_MEMORY"
@@ -240,7 +240,7 @@ class LESS(_Projected):
     needs_lora = True
 
     def fit(self, bundle, train_rows):
-        from rept.train import load_adam_state
+        from rept.model.train import load_adam_state
 
         self.check(bundle)
         adam = load_adam_state(bundle.adapter)

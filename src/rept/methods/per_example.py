@@ -42,7 +42,7 @@ def iter_per_example_grads(model, tokenizer, pairs, max_length: int, what: str =
     does batch_size 0 (the definition, which the tests compare the batched path with)."""
     from rept.progress import progress_bar
 
-    from rept.signatures import length_sorted_batches
+    from rept.signatures.extract import length_sorted_batches
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     owners = linear_owners(model, [p for _, p in named]) if named else None
@@ -68,7 +68,7 @@ def _grads_one_at_a_time(model, pad_id, examples, named, bar):
     """Per-example gradients by their definition, one row per forward and backward pass: the
     reference for the batched path and its fallback for models whose trainable parameters are not
     all nn.Linear weights."""
-    from rept.signatures import collate, response_losses
+    from rept.signatures.extract import collate, response_losses
 
     device = next(model.parameters()).device
     params = [p for _, p in named]
@@ -124,7 +124,7 @@ class _Tap(torch.autograd.Function):
 def _batch_grads(model, pad_id, chunk, named, owners, check: bool = False):
     """Per-example gradients of one batch ({name: [B, *shape]} float32 on the model's device, in
     `chunk` order), or None when `check` finds that their sum misses part of the batch gradient."""
-    from rept.signatures import accepts_logits_to_keep, collate, response_logit_window, response_losses
+    from rept.signatures.extract import accepts_logits_to_keep, collate, response_logit_window, response_losses
 
     device = next(model.parameters()).device
     batch = collate(chunk, pad_id, "right", device)

@@ -1,6 +1,6 @@
 """RepT and its ablations from one signature extraction: official ([h; g] raw), balanced (each
 half normalised), repsim (h only), repgrad (g only), lookahead ([h; g; g_next], thirds normalised:
-g_next is the gradient at the first response position). See rept.search.signature_matrix."""
+g_next is the gradient at the first response position). See rept.query.search.signature_matrix."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rept.methods.base import Method, MethodError, ModelBundle, examples_for, pl
 def extract_hg(bundle: ModelBundle, pairs, what: str, loss_chars=None):
     """h and g at the bundle's layer; `loss_chars` (one character range of the response per pair,
     or None) restricts each pair's loss to that part of its response."""
-    from rept.signatures import extract_all
+    from rept.signatures.extract import extract_all
 
     loaded = bundle.merged()
     layer = bundle.resolved_layer([_Row(p, r) for p, r in pairs])
@@ -42,14 +42,14 @@ class RepT(Method):
 
         self.name = MODE_METHODS[mode]
         # span: a query's loss covers only the part of its answer the detector flagged
-        # (rept.detect.Detector.span; the whole answer when the rule names no span)
+        # (rept.data.detect.Detector.span; the whole answer when the rule names no span)
         self.span = span
         self.detector = None
         if span:
             self.name += "-span"
 
     def fit(self, bundle, train_rows):
-        from rept.search import signature_matrix
+        from rept.query.search import signature_matrix
 
         pairs = [(r.prompt, r.response) for r in train_rows]
         key = ("rept-train", len(pairs), hash(tuple(pairs)))
@@ -60,7 +60,7 @@ class RepT(Method):
         self.bytes_per_row = self.train.itemsize * self.train.shape[1]  # the floats each mode keeps per row
 
     def score(self, bundle, queries) -> np.ndarray:
-        from rept.search import signature_matrix
+        from rept.query.search import signature_matrix
 
         pairs = query_rows(queries)
         spans = None
@@ -85,7 +85,7 @@ class RepT(Method):
         settings = stored.manifest["method_settings"]
         bundle.cache["layer"] = settings["layer"]
         if settings.get("detect"):
-            from rept.detect import Detector
+            from rept.data.detect import Detector
 
             self.detector = Detector(settings["detect"])
         self.train = stored.load_all()["signature"].numpy()

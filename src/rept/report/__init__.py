@@ -1,7 +1,7 @@
 """`rept report`: one self-contained HTML audit report (inline CSS and SVG, no script, no network).
 
 Per query: the prompt and response, the top-k training rows with a word heat map (RepT token
-scores, `rept.tokens`), their score and label, and a histogram of the query's score over every
+scores, `rept.signatures.tokens`), their score and label, and a histogram of the query's score over every
 training row. For the run: the layer curve that chose L (when the layer was auto), the label
 breakdown of the top-k, and retrieval metrics when queries carry labels. With `rept mitigate`
 results (`mitigations=`): bar charts of the behaviour rate and the clean loss before and after
@@ -54,7 +54,7 @@ class ReportData:
 def all_scores(tracer, queries, mode: str) -> tuple[np.ndarray, np.ndarray, list]:
     """[n_queries, n_rows] scores of every stored row, the rows' ids and labels, streamed shard by
     shard (only the score matrix is held, never all signatures)."""
-    from rept.search import signatures_of
+    from rept.query.search import signatures_of
 
     q = signatures_of(tracer.query_signatures(queries), mode)
     parts, rows, labels = [], [], []
@@ -77,9 +77,9 @@ def top_k(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
 def build_report(tracer, queries, k: int = 10, mode: str | None = None, max_queries: int | None = None,
                  title: str | None = None, log=None, token_layer: int | None = None) -> ReportData:
     """Everything the report shows. Queries with flagged=False (controls) are left out."""
-    from rept.metrics import evaluate
-    from rept.tokens import attach_word_scores
-    from rept.trace import Hit, QueryResult, relevance
+    from rept.evaluate.metrics import evaluate
+    from rept.signatures.tokens import attach_word_scores
+    from rept.query.trace import Hit, QueryResult, relevance
 
     queries = [q for q in queries if q.flagged is not False]
     if not queries:
@@ -573,7 +573,7 @@ def render_html(data: ReportData) -> str:
 def write_report(tracer, queries, out: str, k: int = 10, mode: str | None = None, max_queries: int | None = None,
                  log=None, token_layer: int | None = None, mitigations=()) -> ReportData:
     """`mitigations`: paths of `rept mitigate` results.json files (or their folders) to chart."""
-    from rept.index import atomic_write_bytes
+    from rept.store.index import atomic_write_bytes
 
     sections = [mitigation_section(load_mitigation(p)) for p in mitigations]  # bad files fail before the work
     data = build_report(tracer, queries, k=k, mode=mode, max_queries=max_queries, log=log, token_layer=token_layer)

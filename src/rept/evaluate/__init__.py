@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics (metrics) and the benchmark (bench)."""
