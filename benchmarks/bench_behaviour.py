@@ -22,6 +22,10 @@ token-level extraction at the bench's layer L (g_t = d loss / d hidden_states[L]
   token h max x token g max      their product (g clipped at 0)
   contrast ...                   g(flagged) - g(edited) at p, and the same for steer: flagged only (the
                                  edited control's contrast is the mirror image)
+  token g contrast max           the span query's pooled unit g_t of the flagged answer minus that of its
+                                 edit (the positions that predict "Na" against those that predict "Ag",
+                                 same prefix), a row's best cosine over its response positions; the
+                                 edited control gets the mirror image (edit minus flagged)
 With --topic-layer M: RepT's official signature at layer M, and its products (clipped at 0) with the
 token h max at --layer: the row must share the question's topic *and* hold the flagged words.
 
@@ -239,6 +243,18 @@ def main(argv=None) -> int:
                     "contrast steer(flagged) - steer(edited)": unit(a.steer - b.steer) @ row_steer.T}.items():
         table[name] = {"flagged P@10": round(precision_at_k(s, relevant, 10), 3),
                        "AP": round(average_precision(s, relevant), 3)}
+    # the same contrast at the positions that predict the flagged words (span queries on both sides:
+    # the flagged answer's "Na" against its edit's "Ag", after the same prefix), scored per token
+    a_span = extract(bundle, [(pr, fr) for pr, fr, _, _ in edits], "query",
+                     [match_span(detector, fr) for _, fr, _, _ in edits])
+    b_span = extract(bundle, [(pr, r) for pr, _, r, _ in edits], "query", [s for *_, s in edits])
+    direction = unit(pooled(a_span.tok_g, a_span.offsets)) - unit(pooled(b_span.tok_g, b_span.offsets))
+    flagged_s = token_max(direction, rf.tok_g, rf.offsets)
+    mirror_s = token_max(-direction, rf.tok_g, rf.offsets)
+    table["token g contrast max: span g(flagged) - span g(edited); edited control: the mirror"] = {
+        "flagged P@10": round(precision_at_k(flagged_s, relevant, 10), 3),
+        "AP": round(average_precision(flagged_s, relevant), 3),
+        "edited control P@10": round(precision_at_k(mirror_s, relevant, 10), 3)}
     counts = {k: len(v[0]) for k, v in groups.items()}
     print(f"{args.work}: layer {folder.layer}, {len(rows)} rows ({int(relevant.sum())} relevant), queries {counts}\n")
     print("| signature | flagged P@10 | AP | control P@10 | edited control P@10 |\n|---|---:|---:|---:|---:|")

@@ -84,12 +84,12 @@ def index_dir(tmp_path_factory, model_dir, data_file):
     return str(out)
 
 
-# the tiny two-stage model of the methods' tests: rept train's own recipes, one epoch each
 # The miniature benches' settings: a tiny from-scratch base, one epoch of a rank-2 LoRA.
 TINY_BASE = TrainConfig(epochs=1, lr=3e-3, batch_size=16, hidden=32, layers=2, heads=2, vocab_size=600)
 ONE_EPOCH = TrainConfig(epochs=1, lr=2e-3, batch_size=16, warmup_steps=10)
 RANK_2 = LoraSettings(rank=2, alpha=4.0)
 
+# the tiny two-stage model of the methods' tests: rept train's own recipes, one epoch each
 TINY_TRAIN = dict(batch_size=8, max_length=96, hidden=32, layers=2, heads=2, vocab_size=600, warmup_steps=2)
 
 

@@ -280,7 +280,7 @@ def test_trace_search_faiss_flat_and_full_ivf_equal_exact(index_dir, queries_fil
     assert "--nprobe" in err and "--search ivf" in err
 
 
-def test_config_replays_a_run_from_the_command_line_it_saved(index_dir, tmp_path, capsys):
+def test_config_replays_a_run_from_the_command_line_it_saved(index_dir, model_dir, data_file, tmp_path, capsys):
     """Every --out folder keeps the command line it was made with (rept-run.json); `rept --config`
     runs it again, later flags overriding the saved ones: the same signatures in a new folder. A
     missing or foreign file is refused in one line."""
@@ -292,6 +292,13 @@ def test_config_replays_a_run_from_the_command_line_it_saved(index_dir, tmp_path
 
     record = json.loads((Path(index_dir) / "rept-run.json").read_text())
     assert record["command"] == "index" and record["argv"][:2] == ["-q", "index"] and record["settings"]["layer"] == 2
+    # and the settings objects the flags became, as the library holds them
+    typed = record["typed"]
+    assert typed["data"] == {"class": "rept.data.datasets.DataSettings", "path": data_file, "prompt_column": None,
+                             "response_column": None, "label_column": None}
+    assert typed["model"]["class"] == "rept.model.loading.ModelSettings" and typed["model"]["model"] == model_dir
+    assert typed["index"]["class"] == "rept.store.build.IndexSettings"
+    assert (typed["index"]["layer"], typed["index"]["max_length"], typed["index"]["batch_size"]) == (2, 96, 4)
     out = tmp_path / "again"
     assert main(["--config", f"{index_dir}/rept-run.json", "--out", str(out)]) == 0
     first, again = SignatureIndex(index_dir).load_all(), SignatureIndex(out).load_all()

@@ -103,7 +103,9 @@ def _record_run(args, argv: list[str]) -> None:
         return
     settings = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
     record = {"rept_version": __import__("rept").__version__, "command": args.command, "argv": argv,
-              "cwd": os.getcwd(), "settings": settings}
+              "cwd": os.getcwd(), "settings": settings,
+              # the library's settings objects the flags became (cli.options.record_settings)
+              "typed": getattr(args, "typed_settings", {})}
     atomic_write_bytes(Path(out) / RUN_FILE, (json.dumps(record, indent=2) + "\n").encode())
 
 

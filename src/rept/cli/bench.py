@@ -98,6 +98,9 @@ def run(args) -> int:
                       max_new_tokens=args.max_new_tokens, max_length=args.max_length, base_stage=base_stage,
                       lora_stage=lora_stage, lora=lora, base=args.base, device=args.device,
                       share_features=args.share_features, save_indexes=args.save_indexes)
+    from rept.cli.options import record_settings
+
+    record_settings(args, bench=cfg)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     if args.seeds:
         from rept.evaluate.bench import run_bench_seeds, seeds_markdown

@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from rept.cli.options import dataset_from_args, load_model_from_args
+    from rept.cli.options import dataset_from_args, load_model_from_args, record_settings
 
     if args.method != "rept":
         return _index_method(args)
@@ -48,6 +48,7 @@ def run(args) -> int:
     settings = IndexSettings(layer=args.layer, mode=args.mode, batch_size=args.batch_size, max_tokens=args.max_tokens,
                              max_length=args.max_length, store_dtype=args.store_dtype, shard_size=args.shard_size,
                              probe_rows=args.probe_rows)
+    record_settings(args, index=settings)
     manifest = build_index(loaded, data, args.out, settings, progress=not args.quiet,
                            log=lambda msg: print(msg, file=sys.stderr))
     if rank_and_world()[0] == 0:

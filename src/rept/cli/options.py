@@ -71,15 +71,36 @@ def open_index(args, signatures_only: bool = False):
                        nprobe=getattr(args, "nprobe", None))
 
 
-def load_model_from_args(args):
-    """The model of --model/--adapter/--dtype/--device (the local rank's device under torchrun)."""
+def model_settings(args):
+    """--model/--adapter/--dtype/--device as rept.model.loading.ModelSettings (the local rank's device
+    under torchrun)."""
+    from rept.model.loading import ModelSettings
     from rept.store.distributed import local_device
-    from rept.model.loading import load_model
 
-    return load_model(args.model, args.adapter, dtype=args.dtype, device=args.device or local_device())
+    return ModelSettings(args.model, args.adapter, dtype=args.dtype, device=args.device or local_device())
+
+
+def data_settings(args):
+    """--data and the column flags as rept.data.datasets.DataSettings."""
+    from rept.data.datasets import DataSettings
+
+    return DataSettings(args.data, args.prompt_column, args.response_column, args.label_column)
+
+
+def load_model_from_args(args):
+    return record_settings(args, model=model_settings(args)).load()
 
 
 def dataset_from_args(args):
-    from rept.data.datasets import load_dataset
+    return record_settings(args, data=data_settings(args)).load()
 
-    return load_dataset(args.data, args.prompt_column, args.response_column, args.label_column)
+
+def record_settings(args, **objects):
+    """Keep settings objects (dataclasses) on `args`, for DIR/rept-run.json ("typed", one entry per
+    name); returns the last one given."""
+    from dataclasses import asdict
+
+    typed = vars(args).setdefault("typed_settings", {})
+    for name, obj in objects.items():
+        typed[name] = {"class": f"{type(obj).__module__}.{type(obj).__qualname__}", **asdict(obj)}
+    return obj

@@ -34,6 +34,18 @@ class Row:
     label: str | None   # None when the dataset has no label column (or the cell is empty)
 
 
+@dataclass(frozen=True)
+class DataSettings:
+    """Where a training set is and which columns hold what (a column left None is found by its name)."""
+    path: str
+    prompt_column: str | None = None
+    response_column: str | None = None
+    label_column: str | None = None
+
+    def load(self) -> "Dataset":
+        return load_dataset(self.path, self.prompt_column, self.response_column, self.label_column)
+
+
 @dataclass
 class Dataset:
     rows: list[Row]              # rows kept (empty responses removed)

@@ -28,6 +28,19 @@ class ModelError(ReptError):
     """A user-facing problem with a model, adapter or tokenizer (one line)."""
 
 
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which model to load and how: a folder, Hub id, .gguf file or known name; a PEFT adapter folder;
+    the compute dtype; the device (None: cuda when available, else cpu)."""
+    model: str
+    adapter: str | None = None
+    dtype: str = "float32"
+    device: str | None = None
+
+    def load(self) -> "LoadedModel":
+        return load_model(self.model, self.adapter, dtype=self.dtype, device=self.device)
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module

@@ -193,30 +193,63 @@ def shard_is_valid(folder: Path, k: int, manifest: dict | None = None) -> bool:
         return False
 
 
-class SignatureIndex:
-    """A finished index opened for reading. With `verify` (the default) every shard is checked
-    against the manifest's sha256 when it is first read; verify=False skips that hashing (the
-    shards' own layer, dims and row range are still checked)."""
+class StoredIndex:
+    """What every index opened for reading shares: its folder, its checked manifest, which shards'
+    bytes were hashed in this open, and the dataset it was built from. A subclass names its kind
+    (`KIND`, the manifest's "kind": None for RepT signatures) and says what a wrong kind or an
+    unfinished index should tell the user."""
+
+    KIND: str | None = None
+    UNFINISHED = "build it again"
 
     def __init__(self, folder: str | os.PathLike, verify: bool = True):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
-        if self.manifest.get("kind") == "method":  # rept.store.method_index: a baseline's state, not signatures
-            raise IndexStoreError(f"{self.folder} holds {self.manifest.get('method')} state (`rept index --method`), "
-                                  "not RepT signatures: this needs a signature index (`rept index` without --method)")
+        if self.manifest.get("kind") != self.KIND:
+            raise IndexStoreError(self.wrong_kind())
         if not self.manifest.get("complete"):
-            raise IndexStoreError(f"{self.folder} is incomplete: rerun the same `rept index` command to finish it")
+            raise IndexStoreError(f"{self.folder} is incomplete: {self.UNFINISHED}")
         self.verify = verify
         self._verified: dict[int, tuple[int, int]] = {}  # shard -> (size, mtime) when its bytes were checked
         self._dataset = None
 
-    @property
-    def layer(self) -> int:
-        return self.manifest["layer"]
+    def wrong_kind(self) -> str:
+        raise NotImplementedError
 
     @property
     def n_shards(self) -> int:
         return self.manifest["n_shards"]
+
+    def shard_stat(self, k: int) -> tuple[int, int] | None:
+        """Shard k's (size, mtime): a shard hashed once in this open is hashed again only if it changed."""
+        try:
+            st = shard_path(self.folder, k).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def dataset(self):
+        """The training rows the index was built from, checked against the stored fingerprint (the
+        rows' text is read from there: an index stores none)."""
+        if self._dataset is None:
+            self._dataset = source_dataset(self.folder, self.manifest)
+        return self._dataset
+
+
+class SignatureIndex(StoredIndex):
+    """A finished RepT signature index opened for reading. With `verify` (the default) every shard is
+    checked against the manifest's sha256 when it is first read; verify=False skips that hashing (the
+    shards' own layer, dims and row range are still checked)."""
+
+    UNFINISHED = "rerun the same `rept index` command to finish it"
+
+    def wrong_kind(self) -> str:
+        return (f"{self.folder} holds {self.manifest.get('method')} state (`rept index --method`), not RepT "
+                "signatures: this needs a signature index (`rept index` without --method)")
+
+    @property
+    def layer(self) -> int:
+        return self.manifest["layer"]
 
     @property
     def stores_g_next(self) -> bool:
@@ -232,16 +265,9 @@ class SignatureIndex:
                                   "build it with `rept index --mode lookahead` to search in that mode")
         return mode
 
-    def _stat(self, k: int) -> tuple[int, int] | None:
-        try:
-            st = shard_path(self.folder, k).stat()
-        except FileNotFoundError:
-            return None
-        return st.st_size, st.st_mtime_ns
-
     def shard(self, k: int) -> Shard:
         """Shard k; its bytes are hashed once per open (again only if the file changed since)."""
-        stat = self._stat(k)
+        stat = self.shard_stat(k)
         checked = self.verify and self._verified.get(k) != stat
         shard = load_shard(self.folder, k, self.manifest, verify=checked)
         if checked:
@@ -264,7 +290,7 @@ class SignatureIndex:
         """Row id -> label, from the shard headers alone where the shard was already checked."""
         out = {}
         for k in range(self.n_shards):
-            if self.verify and self._verified.get(k) != self._stat(k):
+            if self.verify and self._verified.get(k) != self.shard_stat(k):
                 shard = self.shard(k)  # not checked yet in this open: read it whole
                 out.update(zip(shard.row.tolist(), shard.labels))
                 continue
@@ -297,13 +323,6 @@ class SignatureIndex:
         """Raise when `want` (identity fields of the model about to be used) differs; `given`
         names the folders in use, for the message."""
         check_identity(self.folder, self.manifest, want, given)
-
-    def dataset(self):
-        """The training rows the index was built from, checked against the stored fingerprint."""
-        if self._dataset is None:
-            self._dataset = source_dataset(self.folder, self.manifest)
-        return self._dataset
-
 
 def open_store(folder: str | os.PathLike, verify: bool = True):
     """The index in `folder` opened for reading, whichever kind it is: RepT signatures

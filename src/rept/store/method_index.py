@@ -27,7 +27,7 @@ from rept import registry
 from rept.store.build import STORE_DTYPES
 from rept.data.datasets import rows_fingerprint
 from rept.store.identity import MethodStoreIdentity, ModelIdentity, differences, flat, from_fields
-from rept.store.index import check_identity, new_manifest, read_manifest, source_dataset, text_hash, write_manifest
+from rept.store.index import StoredIndex, check_identity, new_manifest, read_manifest, text_hash, write_manifest
 from rept.store.shards import IndexStoreError, file_checksums, read_ids, read_shard, shard_path, write_shard
 from rept.methods.base import Method, ModelBundle
 from rept.model.loading import model_reference
@@ -140,24 +140,21 @@ def _with_rows(chunks, n_rows: int):
         yield torch.arange(n_rows), {}
 
 
-class MethodIndex:
+class MethodIndex(StoredIndex):
     """A method index opened for reading."""
 
+    KIND = KIND
+
     def __init__(self, folder, verify: bool = True):
-        self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
-        if self.manifest.get("kind") != KIND:
-            raise IndexStoreError(f"{self.folder} is a RepT signature index, not a method index")
-        if not self.manifest.get("complete"):
-            raise IndexStoreError(f"{self.folder} is incomplete: build it again")
-        self.verify = verify
-        self._verified: dict[int, tuple[int, int]] = {}  # shard -> (size, mtime) when its bytes were checked
-        self._dataset = None
+        super().__init__(folder, verify)
         if verify:  # the method's own files (BM25's arrays) are read by a library: check them first
             for name, entry in self.manifest["files"].items():
                 if not name.startswith("shard-") and sha256_file_or_none(self.folder / name) != entry["sha256"]:
                     raise IndexStoreError(f"{self.folder / name} is missing or does not match the checksum in the "
                                           "manifest: build the index again")
+
+    def wrong_kind(self) -> str:
+        return f"{self.folder} is a RepT signature index, not a method index"
 
     @property
     def method_name(self) -> str:
@@ -172,7 +169,7 @@ class MethodIndex:
         entry = self.manifest["files"].get(path.name)
         if entry is None:
             raise IndexStoreError(f"{path.name} is not listed in {self.folder}'s manifest: {REBUILD}")
-        stat = (path.stat().st_size, path.stat().st_mtime_ns) if path.exists() else None
+        stat = self.shard_stat(k)
         if not tensors and (not self.verify or self._verified.get(k) == stat):
             out, meta = read_ids(self.folder, k, ("position", "row"), REBUILD)  # checked already in this open
             try:
@@ -195,7 +192,7 @@ class MethodIndex:
 
     def chunks(self):
         """(positions [c], {name: float32 tensor [c, ...]}) shard by shard: only one shard in memory."""
-        for k in range(self.manifest["n_shards"]):
+        for k in range(self.n_shards):
             tensors, _ = self._read(k)
             positions, _ = tensors.pop("position"), tensors.pop("row")
             yield positions, {n: t.float() for n, t in tensors.items()}
@@ -214,20 +211,20 @@ class MethodIndex:
         """Each score-matrix column's dataset row index and label (no per-row tensor is loaded)."""
         rows = np.full(self.n_rows, -1, dtype=np.int64)
         labels = [None] * self.n_rows
-        for k in range(self.manifest["n_shards"]):
+        for k in range(self.n_shards):
             tensors, shard_labels = self._read(k, tensors=False)
             positions = tensors["position"].numpy()
             rows[positions] = tensors["row"].numpy()
             for p, label in zip(positions.tolist(), shard_labels):
                 labels[p] = label
-        if self.manifest["n_shards"] and (rows < 0).any():
+        if self.n_shards and (rows < 0).any():
             raise IndexStoreError(f"{self.folder}: {int((rows < 0).sum())} rows are in no shard; build the index again")
         return rows, labels
 
     def check(self) -> list[str]:
         """Every check there is, for `rept verify`: each shard read and hashed, the rows counted."""
         problems, stored = [], 0
-        for k in range(self.manifest["n_shards"]):
+        for k in range(self.n_shards):
             try:
                 stored += self._read(k, tensors=True)[0]["row"].shape[0]
             except IndexStoreError as exc:
@@ -258,12 +255,6 @@ class MethodIndex:
         method = get_method(self.method_name, seed=self.manifest["method_settings"].get("seed", 0))
         method.restore(self, bundle)
         return method
-
-    def dataset(self):
-        """The source dataset, checked against the stored fingerprint (for the rows' text)."""
-        if self._dataset is None:
-            self._dataset = source_dataset(self.folder, self.manifest)
-        return self._dataset
 
 
 def check_existing(out, method: Method, bundle: ModelBundle, train_rows, dataset=None) -> bool:
