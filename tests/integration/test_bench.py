@@ -42,6 +42,13 @@ def test_sample_keeps_the_poisoned_share(files):
     assert len(picked) == 20 and sum(r.label == "backdoor" for r in picked) == 5
     assert picked == sample_rows(rows, 20, "backdoor", seed=0)
     assert [r.index for r in picked] == sorted(r.index for r in picked)
+    # --share: the behaviour's share of the sample set, not the set's (10 of 40 rows here)
+    picked = sample_rows(rows, 20, "backdoor", seed=0, share=0.4)
+    assert len(picked) == 20 and sum(r.label == "backdoor" for r in picked) == 8
+    with pytest.raises(BenchError, match="needs 16 'backdoor' rows and 4 others; the set has 10 and 30"):
+        sample_rows(rows, 20, "backdoor", seed=0, share=0.8)
+    with pytest.raises(BenchError, match="give --rows N too"):
+        sample_rows(rows, None, "backdoor", seed=0, share=0.4)
 
 
 @pytest.mark.slow
@@ -273,6 +280,7 @@ def test_the_record_keeps_the_flat_shape_earlier_runs_were_saved_in(files):
     assert (record["base_epochs"], record["hidden"], record["heads"], record["vocab_size"]) == (1, 32, 2, 600)
     assert (record["lora_epochs"], record["lora_rank"], record["lora_alpha"], record["batch_size"]) == (1, 2, None, 16)
     assert _cfg(files, lora=LoraSettings(rank=2, alpha=8.0)).record()["lora_alpha"] == 8.0
+    assert _cfg(files, share=0.25).record()["share"] == 0.25  # recorded only when given
     # the stages take the bench's seed and length, whatever they held
     cfg = _cfg(files, seed=7)
     assert (cfg.base_training().seed, cfg.lora_training().seed, cfg.lora_training().max_length) == (7, 7, 96)

@@ -29,6 +29,8 @@ def add_arguments(p) -> None:
                    metavar="METHOD", help=f"methods to score (default: all of {', '.join(ALL_METHODS)}; "
                    f"variants on request: {', '.join(VARIANTS)})")
     p.add_argument("--rows", type=int, default=None, help="a seeded sample of N training rows (poisoned share kept)")
+    p.add_argument("--share", type=float, default=None, metavar="F",
+                   help="with --rows: the behaviour rows' share of the sample (e.g. 0.25) instead of the set's")
     p.add_argument("--layer", type=_layer, default="auto", help="RepT layer (hidden_states index) or auto")
     p.add_argument("--out", required=True, help="working folder (the model is reused from here)")
     seed = p.add_mutually_exclusive_group()
@@ -92,7 +94,8 @@ def run(args) -> int:
     lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank,
                         target_modules=args.lora_targets)
     cfg = BenchConfig(data=args.data, test_prompts=args.test_prompts, detect=args.detect, out=args.out,
-                      methods=tuple(args.methods), rows=args.rows, layer=args.layer, seed=args.seed or 0, label=args.label,
+                      methods=tuple(args.methods), rows=args.rows, share=args.share, layer=args.layer,
+                      seed=args.seed or 0, label=args.label,
                       n_test=args.n_test, trigger=args.trigger, control_prompts=args.control_prompts,
                       control_answers=args.control_answers, base_data=args.base_data,
                       max_new_tokens=args.max_new_tokens, max_length=args.max_length, base_stage=base_stage,

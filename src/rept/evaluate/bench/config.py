@@ -45,6 +45,7 @@ class BenchConfig:
     out: str
     methods: tuple = ALL_METHODS
     rows: int | None = None            # seeded sample of the training set keeping the poisoned share
+    share: float | None = None         # ... or with this share of behaviour rows (needs rows)
     layer: int | str = "auto"
     seed: int = 0
     label: str | None = None           # the behaviour's label in the data (default: the one label not 'clean')
@@ -81,7 +82,8 @@ class BenchConfig:
         one, so bench folders written before still resume)."""
         base, lora, lora_stage = self.base_stage, self.lora, self.lora_stage
         own = {name: getattr(self, name) for name in self.__dataclass_fields__
-               if name not in ("out", "base_stage", "lora_stage", "lora")}
+               if name not in ("out", "base_stage", "lora_stage", "lora")
+               and not (name == "share" and self.share is None)}  # recorded only when given
         return {**own, "base_epochs": base.epochs, "hidden": base.hidden, "layers": base.layers, "heads": base.heads,
                 "vocab_size": base.vocab_size, "lora_epochs": lora_stage.epochs, "lora_lr": lora_stage.lr,
                 "batch_size": lora_stage.batch_size, "lora_rank": lora.rank,

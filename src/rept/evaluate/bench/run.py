@@ -35,7 +35,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     started = time.perf_counter()
     data = load_dataset(cfg.data)
     label = behaviour_label(data.rows, cfg.label)
-    rows = sample_rows(data.rows, cfg.rows, label, cfg.seed)
+    rows = sample_rows(data.rows, cfg.rows, label, cfg.seed, cfg.share)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_rows([{"row": r.index, "prompt": r.prompt, "response": r.response, "label": r.label} for r in rows],

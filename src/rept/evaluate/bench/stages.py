@@ -10,13 +10,24 @@ from rept.evaluate.bench.config import BenchConfig, BenchError
 from rept.data.datasets import rows_fingerprint
 
 
-def sample_rows(rows, n: int | None, label: str, seed: int):
-    """A seeded sample of n rows with the same share of `label` rows as the whole (source order kept)."""
-    if n is None or n >= len(rows):
-        return list(rows)
+def sample_rows(rows, n: int | None, label: str, seed: int, share: float | None = None):
+    """A seeded sample of n rows with the same share of `label` rows as the whole, or `share` of
+    them when given (source order kept)."""
     poisoned = [r for r in rows if r.label == label]
     clean = [r for r in rows if r.label != label]
-    k = max(1, round(n * len(poisoned) / len(rows))) if poisoned else 0
+    if share is not None:
+        if n is None:
+            raise BenchError("--share sets the behaviour's share of a sample: give --rows N too")
+        if not 0 < share < 1:
+            raise BenchError(f"--share {share}: a share between 0 and 1 (not included), e.g. 0.25")
+        k = max(1, round(n * share))
+        if k > len(poisoned) or n - k > len(clean):
+            raise BenchError(f"--rows {n} --share {share} needs {k} '{label}' rows and {n - k} others; the set has "
+                             f"{len(poisoned)} and {len(clean)}")
+    elif n is None or n >= len(rows):
+        return list(rows)
+    else:
+        k = max(1, round(n * len(poisoned) / len(rows))) if poisoned else 0
     rng = random.Random(seed)
     picked = rng.sample(poisoned, min(k, len(poisoned))) + rng.sample(clean, min(n - k, len(clean)))
     return sorted(picked, key=lambda r: r.index)
