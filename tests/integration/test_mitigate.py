@@ -389,6 +389,27 @@ def test_rounds_beat_random_removal_and_resume(tmp_path, backdoor_mini):
     assert again == res
 
 
+@pytest.mark.slow
+def test_rounds_with_rows_like_the_removed_find_the_other_teachers(tmp_path, backdoor_mini):
+    """--expand: after the traced culprits, the rows most like them go too. On the miniature the rows
+    like ten traced culprits are poisoned far above the set's 26%, and removing them all takes the
+    behaviour down where as many random rows do not."""
+    from rept.repair.rounds import run_rounds
+
+    root, data, loaded, queries, triggered = backdoor_mini
+    out = tmp_path / "expand"
+    res = run_rounds(Tracer(root / "index", loaded), queries, Detector("prefix:You are stupid"), out,
+                     Selection.parse("budget:10"), rounds=1, seeds=1, max_new_tokens=4, prompts=triggered,
+                     progress=False, log=lambda *_: None, expand=60)
+    removed = [json.loads(line) for line in (out / "round-1" / "removed.jsonl").read_text().splitlines()]
+    assert [r["why"] for r in removed] == ["traced"] * 10 + ["like the removed"] * 60
+    alike = [r for r in removed if r["why"] != "traced"]
+    assert sum(r["label"] == "backdoor" for r in alike) >= 0.7 * len(alike)
+    entry = res["rounds"][0]
+    assert (entry["removed"], entry["added_alike"], res["expand"]) == (70, 60, 60)
+    assert entry["rate"] <= entry["random"][0] - 0.5
+
+
 def test_rounds_keep_every_round_and_resume_to_the_same_figures(tmp_path, setup):
     """Rounds on the small fixture: each round's removed rows, model, answers and controls on disk,
     the counts add up, and a run interrupted in its last round resumes to the same results."""

@@ -11,7 +11,8 @@ With `expand` N, each round also removes the N remaining rows that look most lik
 removed so far: the removed rows become queries themselves (cosine of the rows' hidden states h at
 the index's layer to the removed rows' mean unit h). When many rows teach one behaviour they are
 alike, and the answers left misbehaving after a round no longer rank the last of them near the top;
-their likeness to the teachers already found still does (docs/results.md, "Rounds on harmful-tuning").
+their likeness to the teachers already found still does (docs/results.md, "Rounds whose removed
+rows are queries too").
 
 Everything a round makes stays in DIR/round-K/ (removed.jsonl, answers.jsonl, model/, random-S/,
 round.json written last), so a run can be inspected, and a rerun with the same settings resumes
