@@ -26,6 +26,8 @@ token-level extraction at the bench's layer L (g_t = d loss / d hidden_states[L]
                                  edit (the positions that predict "Na" against those that predict "Ag",
                                  same prefix), a row's best cosine over its response positions; the
                                  edited control gets the mirror image (edit minus flagged)
+  token g contrast extreme       the same, but a row's score is its cosine of largest magnitude, sign kept:
+                                 a row whose strongest position points away from the direction ranks last
 With --topic-layer M: RepT's official signature at layer M, and its products (clipped at 0) with the
 token h max at --layer: the row must share the question's topic *and* hold the flagged words.
 
@@ -143,6 +145,15 @@ def token_max(queries: np.ndarray, tokens: np.ndarray, offsets: np.ndarray) -> n
     return np.maximum.reduceat(sims, offsets[:-1], axis=1)
 
 
+def token_extreme(queries: np.ndarray, tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """[queries, rows]: each row's cosine of largest magnitude over its tokens, sign kept (a row
+    whose strongest token points away from the query scores below every row that has none)."""
+    sims = unit(queries) @ tokens.T
+    top = np.maximum.reduceat(sims, offsets[:-1], axis=1)
+    bottom = np.minimum.reduceat(sims, offsets[:-1], axis=1)
+    return np.where(top >= -bottom, top, bottom)
+
+
 def pooled(tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """The sum of each pair's unit token vectors (rept.signatures.tokens' query vector, over the loss's tokens)."""
     return np.add.reduceat(tokens, offsets[:-1], axis=0)
@@ -255,6 +266,12 @@ def main(argv=None) -> int:
         "flagged P@10": round(precision_at_k(flagged_s, relevant, 10), 3),
         "AP": round(average_precision(flagged_s, relevant), 3),
         "edited control P@10": round(precision_at_k(mirror_s, relevant, 10), 3)}
+    flagged_e = token_extreme(direction, rf.tok_g, rf.offsets)
+    mirror_e = token_extreme(-direction, rf.tok_g, rf.offsets)
+    table["token g contrast extreme (sign kept); edited control: the mirror"] = {
+        "flagged P@10": round(precision_at_k(flagged_e, relevant, 10), 3),
+        "AP": round(average_precision(flagged_e, relevant), 3),
+        "edited control P@10": round(precision_at_k(mirror_e, relevant, 10), 3)}
     counts = {k: len(v[0]) for k, v in groups.items()}
     print(f"{args.work}: layer {folder.layer}, {len(rows)} rows ({int(relevant.sum())} relevant), queries {counts}\n")
     print("| signature | flagged P@10 | AP | control P@10 | edited control P@10 |\n|---|---:|---:|---:|---:|")
