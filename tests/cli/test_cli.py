@@ -69,7 +69,15 @@ def test_eval_metrics(index_dir, queries_file, capsys):
         hits = [sum(h["label"] == "backdoor" for h in q["results"][:k]) for q in traced]
         assert metrics[f"P@{k}"] == pytest.approx(sum(hits) / (k * len(traced)))
     assert metrics["recall@10"] == pytest.approx(sum(hits) / (n_labelled * len(traced)))
-    assert 0.0 < metrics["AP"] <= 1.0 and 0.0 < metrics["auPRC@10"] <= 1.0
+    # AP is average precision over each flagged query's whole ranking, written out from the trace
+    assert main(["trace", "--index", index_dir, "--queries", queries_file, "--top-k", str(10 ** 6), "--json"]) == 0
+    full = [q for q in json.loads(capsys.readouterr().out)["queries"] if q["flagged"]]
+    aps = []
+    for q in full:
+        relevant = [h["label"] == "backdoor" for h in q["results"]]
+        found = [sum(relevant[:i + 1]) / (i + 1) for i, r in enumerate(relevant) if r]
+        aps.append(sum(found) / n_labelled)
+    assert metrics["AP"] == pytest.approx(sum(aps) / len(aps))  # (auPRC@k by hand: tests/unit/test_metrics.py)
     # --per-query: each query's P@5 and AP, the lowest first; their means are the metrics
     assert main(["eval", "--index", index_dir, "--queries", queries_file, "--k", "5", "10", "--per-query",
                  "--json"]) == 0
