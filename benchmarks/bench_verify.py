@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from rept.store.index import (SignatureIndex, file_checksums, new_manifest, save_shard, shard_about, shard_path,
-                        write_manifest)
+                              write_manifest)
 
 
 def make_index(folder: Path, rows: int, hidden: int, shard_size: int) -> None:

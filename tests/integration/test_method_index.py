@@ -16,6 +16,7 @@ from rept.store.method_index import MethodIndex, is_method_index, save_method
 from rept.query.trace import MethodTracer, Query, write_queries
 from rept.model.train import LoraSettings, TrainConfig, train_model
 
+
 @pytest.fixture(scope="module")
 def setup(lora_run):
     data, root = lora_run

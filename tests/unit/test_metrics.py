@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from rept.evaluate.metrics import (average_precision, evaluate, evaluate_topk, pooled_auprc_at_k, precision_at_k,
-                          recall_at_k)
+                                   recall_at_k)
 
 # 2 queries x 6 training rows.
 SCORES = np.array([[0.9, 0.1, 0.8, 0.3, 0.7, 0.2],

@@ -9,8 +9,8 @@ from conftest import demo_rows
 from rept.cli import main
 from rept.data.datasets import load_dataset
 from rept.model.loading import ModelError, load_model
-from rept.model.train import (OPTIMIZER_FILE, RECIPE_FILE, STATE_FILE, LoraSettings, TrainConfig, load_adam_state, read_recipe,
-                        train_model)
+from rept.model.train import (OPTIMIZER_FILE, RECIPE_FILE, STATE_FILE, LoraSettings, TrainConfig, load_adam_state,
+                              read_recipe, train_model)
 
 TINY = dict(batch_size=8, max_length=96, hidden=32, layers=2, heads=2, vocab_size=600, warmup_steps=2)
 
@@ -103,6 +103,9 @@ def test_cli_train_from_scratch_and_errors(data_path, tmp_path, capsys):
     assert main(["-q", "train", "--data", data_path, "--out", str(out), "--from-scratch", "--epochs", "1",
                  "--hidden", "32", "--layers", "2", "--heads", "2", "--vocab-size", "600", "--max-length", "96"]) == 0
     assert (out / "config.json").exists() and (out / OPTIMIZER_FILE).exists()
+    typed = json.loads((out / "rept-run.json").read_text())["typed"]  # the TrainConfig it ran with
+    assert typed["train"]["class"] == "rept.model.train.TrainConfig" and "lora" not in typed
+    assert (typed["train"]["epochs"], typed["train"]["hidden"], typed["train"]["max_length"]) == (1, 32, 96)
     # a base folder without a tokenizer
     bare = tmp_path / "bare"
     load_model(str(out)).model.save_pretrained(bare)

@@ -60,6 +60,9 @@ def run(args) -> int:
                       max_length=args.max_length, seed=args.seed, warmup_steps=args.warmup_steps,
                       hidden=args.hidden, layers=args.layers, heads=args.heads, vocab_size=args.vocab_size)
     lora = LoraSettings(args.rank, args.alpha, args.target_modules, args.lora_dropout)
+    from rept.cli.options import record_settings
+
+    record_settings(args, train=cfg, **({"lora": lora} if args.recipe == "lora" else {}))
     record = train_model(args.recipe, data.rows, args.out, cfg, base=args.base, lora=lora, data_source=data.source,
                          data_fingerprint=data.fingerprint, resume=not args.no_resume, progress=not args.quiet,
                          log=lambda m: print(m, file=sys.stderr), device=args.device,

@@ -20,7 +20,7 @@ def extract_hg(bundle: ModelBundle, pairs, what: str, loss_chars=None):
     from rept.progress import progress_bar
 
     with progress_bar(total=len(examples), desc=f"signatures ({plural(what)})", disable=not bundle.progress,
-              dynamic_ncols=True) as bar:
+                      dynamic_ncols=True) as bar:
         sig = extract_all(loaded.model, examples, layer, loaded.tokenizer.pad_token_id, batch_size=bundle.batch_size,
                           progress=bar.update)
     return sig.h.numpy(), sig.g.numpy(), sig.g_next.numpy()

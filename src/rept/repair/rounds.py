@@ -30,8 +30,9 @@ from pathlib import Path
 from rept.data.detect import Detector
 from rept.model.generate import generate
 from rept.store.index import atomic_write_bytes
-from rept.repair.mitigate import (MitigationError, RetrainClock, Selection, behaviour_label, culprit_scores, nll_per_char,
-                           plan_note, prepare, retrain, retrain_steps, select_culprits, selection_quality)
+from rept.repair.mitigate import (MitigationError, RetrainClock, Selection, behaviour_label, culprit_scores,
+                                  nll_per_char, plan_note, prepare, retrain, retrain_steps, select_culprits,
+                                  selection_quality)
 
 DEFAULT_ROUNDS = 10  # the round limit when only --until is given
 
@@ -104,7 +105,8 @@ def run_rounds(tracer, queries, detector: Detector, out: str | Path, selection: 
     flagged_prompts = [q.prompt for q in queries if q.flagged is not False]
     settings = {"kind": "rounds", "index": str(Path(tracer.index.folder).resolve()), "selection": str(selection),
                 "rounds": limit, "until": until, "max_removed": max_removed, "seeds": seeds,
-                "culprits_from": culprits_from, "expand": expand, "detector": detector.rule, "max_new_tokens": max_new_tokens,
+                "culprits_from": culprits_from, "detector": detector.rule, "max_new_tokens": max_new_tokens,
+                **({"expand": expand} if expand else {}),  # absent otherwise: earlier runs' folders still resume
                 "queries": _digest([[q.prompt, q.response, q.label, q.flagged] for q in queries]),
                 "prompts": _digest(prompts or flagged_prompts),
                 "heldout": _digest([[r.prompt, r.response] for r in heldout]) if heldout else None}

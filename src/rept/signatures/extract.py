@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from rept.data.examples import Example
 from rept.model.loading import decoder_layers, final_norm, resolve_layer
 
+
 @dataclass(frozen=True)
 class ExtractionSettings:
     """How the signatures are computed. Each switch gives the same signatures (the tests check both

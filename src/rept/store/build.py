@@ -114,7 +114,7 @@ def _build_index(loaded, dataset, out: Path, settings: IndexSettings, progress: 
         todo = [k for k in mine if not shard_path(out, k).exists() or k in bad]
         total_rows = sum(len(by_shard.get(k, [])) for k in todo)
         bar = progress_bar(total=total_rows, desc=f"index (rank {rank})" if world > 1 else "index", unit="row",
-                   disable=not progress, dynamic_ncols=True)
+                           disable=not progress, dynamic_ncols=True)
         store_dtype = STORE_DTYPES[settings.store_dtype]
         try:
             _write_shards(todo, by_shard, empty, out, loaded, layer, settings, store_dtype, bar, manifest)

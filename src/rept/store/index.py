@@ -324,6 +324,7 @@ class SignatureIndex(StoredIndex):
         names the folders in use, for the message."""
         check_identity(self.folder, self.manifest, want, given)
 
+
 def open_store(folder: str | os.PathLike, verify: bool = True):
     """The index in `folder` opened for reading, whichever kind it is: RepT signatures
     (SignatureIndex) or a baseline's state (rept.store.method_index.MethodIndex)."""

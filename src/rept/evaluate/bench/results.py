@@ -55,8 +55,8 @@ def write_results(out: Path, report: dict) -> None:
 
 
 def build_report(results, rate, control_rate, cfg, label, data, rows, n_poisoned, prompts, flagged, unflagged,
-            base_dir, adapter_dir, layer, loaded, started, complete: bool, n_cut: int = 0,
-            base_rate: float | None = None, query_lines: dict | None = None) -> dict:
+                 base_dir, adapter_dir, layer, loaded, started, complete: bool, n_cut: int = 0,
+                 base_rate: float | None = None, query_lines: dict | None = None) -> dict:
     return {
         "methods": results,
         "queries": query_lines,
