@@ -260,18 +260,12 @@ def main(argv=None) -> int:
                      [match_span(detector, fr) for _, fr, _, _ in edits])
     b_span = extract(bundle, [(pr, r) for pr, _, r, _ in edits], "query", [s for *_, s in edits])
     direction = unit(pooled(a_span.tok_g, a_span.offsets)) - unit(pooled(b_span.tok_g, b_span.offsets))
-    flagged_s = token_max(direction, rf.tok_g, rf.offsets)
-    mirror_s = token_max(-direction, rf.tok_g, rf.offsets)
-    table["token g contrast max: span g(flagged) - span g(edited); edited control: the mirror"] = {
-        "flagged P@10": round(precision_at_k(flagged_s, relevant, 10), 3),
-        "AP": round(average_precision(flagged_s, relevant), 3),
-        "edited control P@10": round(precision_at_k(mirror_s, relevant, 10), 3)}
-    flagged_e = token_extreme(direction, rf.tok_g, rf.offsets)
-    mirror_e = token_extreme(-direction, rf.tok_g, rf.offsets)
-    table["token g contrast extreme (sign kept); edited control: the mirror"] = {
-        "flagged P@10": round(precision_at_k(flagged_e, relevant, 10), 3),
-        "AP": round(average_precision(flagged_e, relevant), 3),
-        "edited control P@10": round(precision_at_k(mirror_e, relevant, 10), 3)}
+    for name, score in {"token g contrast max: span g(flagged) - span g(edited); edited control: the mirror": token_max,
+                        "token g contrast extreme (sign kept); edited control: the mirror": token_extreme}.items():
+        flagged_s, mirror_s = score(direction, rf.tok_g, rf.offsets), score(-direction, rf.tok_g, rf.offsets)
+        table[name] = {"flagged P@10": round(precision_at_k(flagged_s, relevant, 10), 3),
+                       "AP": round(average_precision(flagged_s, relevant), 3),
+                       "edited control P@10": round(precision_at_k(mirror_s, relevant, 10), 3)}
     counts = {k: len(v[0]) for k, v in groups.items()}
     print(f"{args.work}: layer {folder.layer}, {len(rows)} rows ({int(relevant.sum())} relevant), queries {counts}\n")
     print("| signature | flagged P@10 | AP | control P@10 | edited control P@10 |\n|---|---:|---:|---:|---:|")
