@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from rept import __version__
 from rept.store.identity import ModelIdentity, SignatureStoreIdentity, differing_names, from_fields
 from rept.store.safefile import write_atomic
-from rept.store.shards import (REBUILD, IndexStoreError, file_checksums, read_checked, read_shard, shard_path,
-                               write_shard)
+from rept.store.shards import (REBUILD, IndexStoreError, file_checksums, read_checked, read_ids, read_shard,
+                               shard_path, write_shard)
 
 FORMAT_VERSION = 2  # 2: every file's sha256 in the manifest, layer/dims/row range in each shard
 MANIFEST = "manifest.json"
@@ -148,7 +147,7 @@ def load_shard(folder: Path, k: int, manifest: dict | None = None, verify: bool 
     try:
         skipped = json.loads(meta["skipped"])
     except (KeyError, json.JSONDecodeError):
-        raise IndexStoreError(f"{path} lacks its row metadata: {REBUILD}") from None
+        raise IndexStoreError(f"{path} lacks its row metadata: delete it and {REBUILD}") from None
     if any(name not in tensors for name in ("h", "g", "row")):
         raise IndexStoreError(f"{path} lacks a tensor (h, g or row): delete it and rerun `rept index`")
     n = tensors["row"].shape[0]
@@ -294,12 +293,8 @@ class SignatureIndex(StoredIndex):
                 shard = self.shard(k)  # not checked yet in this open: read it whole
                 out.update(zip(shard.row.tolist(), shard.labels))
                 continue
-            try:
-                with safe_open(str(shard_path(self.folder, k)), framework="pt") as f:
-                    out.update(zip(f.get_slice("row")[:].tolist(), json.loads(f.metadata()["labels"])))
-            except Exception:  # report corruption the same way as a full load
-                load_shard(self.folder, k, self.manifest)
-                raise
+            ids, _, labels = read_ids(self.folder, k)
+            out.update(zip(ids["row"].tolist(), labels))
         return out
 
     def check(self) -> list[str]:

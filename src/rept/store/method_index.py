@@ -171,11 +171,7 @@ class MethodIndex(StoredIndex):
             raise IndexStoreError(f"{path.name} is not listed in {self.folder}'s manifest: {REBUILD}")
         stat = self.shard_stat(k)
         if not tensors and (not self.verify or self._verified.get(k) == stat):
-            out, meta = read_ids(self.folder, k, ("position", "row"), REBUILD)  # checked already in this open
-            try:
-                labels = json.loads(meta["labels"])
-            except (KeyError, json.JSONDecodeError):
-                raise IndexStoreError(f"{path} lacks its row metadata: {REBUILD}") from None
+            out, meta, labels = read_ids(self.folder, k, ("position", "row"), REBUILD)  # checked already in this open
         else:
             out, meta, labels, _ = read_shard(self.folder, k, entry, self.verify, REBUILD)
             if self.verify:

@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 from rept.errors import ReptError
 from rept.store.safefile import read_header, sha256_bytes, sha256_file, write_atomic
 
-REBUILD = "delete it and rerun `rept index` with the same settings to rebuild it"
+# What to do about a missing file; a damaged one is deleted first ("delete it and ...").
+REBUILD = "rerun `rept index` with the same settings to rebuild it"
 
 
 class IndexStoreError(ReptError):
@@ -66,15 +67,16 @@ def read_checked(path: Path, recorded: dict | None, rebuild: str = REBUILD) -> t
         raise IndexStoreError(f"{path} is missing: {rebuild}") from None
     if recorded is not None and len(data) != recorded["bytes"]:
         raise IndexStoreError(f"{path} is corrupt or truncated ({len(data)} bytes, the manifest says "
-                              f"{recorded['bytes']}): {rebuild}")
+                              f"{recorded['bytes']}): delete it and {rebuild}")
     if recorded is not None and sha256_bytes(data) != recorded["sha256"]:
         raise IndexStoreError(f"{path} does not match the checksum in the manifest (the file was changed or damaged) "
-                              f"- {rebuild}")
+                              f"- delete it and {rebuild}")
     try:
         _, meta = read_header(data, path)
         tensors = load_safetensors_bytes(data)
     except Exception as exc:  # safetensors raises its own error types for bad headers and short files
-        raise IndexStoreError(f"{path} is corrupt or truncated ({type(exc).__name__}): {rebuild}") from None
+        raise IndexStoreError(f"{path} is corrupt or truncated ({type(exc).__name__}): "
+                              f"delete it and {rebuild}") from None
     return tensors, meta
 
 
@@ -84,28 +86,39 @@ def read_shard(folder, k: int, recorded: dict | None, verify: bool = True,
     `recorded` (the manifest's entry for it) or, when the manifest does not list it yet, its own digest."""
     path = shard_path(folder, k)
     tensors, meta = read_checked(path, recorded if verify else None, rebuild)
+    labels = _labels(path, meta, rebuild)
     try:
-        labels, hashes = json.loads(meta["labels"]), json.loads(meta.get("text_hash", "null"))
-    except (KeyError, json.JSONDecodeError):
-        raise IndexStoreError(f"{path} lacks its row metadata: {rebuild}") from None
+        hashes = json.loads(meta.get("text_hash", "null"))
+    except json.JSONDecodeError:
+        raise IndexStoreError(f"{path} lacks its row metadata: delete it and {rebuild}") from None
     if verify and recorded is None and meta.get("content_sha256") != content_digest(tensors, meta):
-        raise IndexStoreError(f"{path} does not match its own checksum (damaged): {rebuild}")
+        raise IndexStoreError(f"{path} does not match its own checksum (damaged): delete it and {rebuild}")
     if "row" not in tensors or len(labels) != tensors["row"].shape[0]:
-        raise IndexStoreError(f"{path} is inconsistent (no row tensor, or row and label counts differ): {rebuild}")
+        raise IndexStoreError(f"{path} is inconsistent (no row tensor, or row and label counts differ): "
+                              f"delete it and {rebuild}")
     return tensors, meta, labels, hashes
 
 
-def read_ids(folder, k: int, names=("row",), rebuild: str = REBUILD) -> tuple[dict, dict]:
-    """A shard's id tensors (`names`) and metadata without reading its per-row float tensors: for a
-    shard already checked in this open."""
+def _labels(path: Path, meta: dict, rebuild: str) -> list:
+    try:
+        return json.loads(meta["labels"])
+    except (KeyError, json.JSONDecodeError):
+        raise IndexStoreError(f"{path} lacks its row metadata: delete it and {rebuild}") from None
+
+
+def read_ids(folder, k: int, names=("row",), rebuild: str = REBUILD) -> tuple[dict, dict, list]:
+    """A shard's id tensors (`names`), metadata and labels without reading its per-row float
+    tensors: for a shard already checked in this open (or when no check is asked for)."""
     path = shard_path(folder, k)
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {n: f.get_tensor(n) for n in names if n in f.keys()}, f.metadata() or {}
+            ids, meta = {n: f.get_tensor(n) for n in names if n in f.keys()}, f.metadata() or {}
     except FileNotFoundError:
         raise IndexStoreError(f"{path} is missing: {rebuild}") from None
     except Exception as exc:  # safetensors raises its own error types for bad headers and short files
-        raise IndexStoreError(f"{path} is corrupt or truncated ({type(exc).__name__}): {rebuild}") from None
+        raise IndexStoreError(f"{path} is corrupt or truncated ({type(exc).__name__}): "
+                              f"delete it and {rebuild}") from None
+    return ids, meta, _labels(path, meta, rebuild)
 
 
 def file_checksums(folder, names) -> dict:
