@@ -88,19 +88,21 @@ def data_settings(args):
 
 
 def load_model_from_args(args):
-    return record_settings(args, model=model_settings(args)).load()
+    settings = model_settings(args)
+    record_settings(args, model=settings)
+    return settings.load()
 
 
 def dataset_from_args(args):
-    return record_settings(args, data=data_settings(args)).load()
+    settings = data_settings(args)
+    record_settings(args, data=settings)
+    return settings.load()
 
 
-def record_settings(args, **objects):
-    """Keep settings objects (dataclasses) on `args`, for DIR/rept-run.json ("typed", one entry per
-    name); returns the last one given."""
+def record_settings(args, **objects) -> None:
+    """Keep settings objects (dataclasses) on `args`, for DIR/rept-run.json ("typed", one entry per name)."""
     from dataclasses import asdict
 
     typed = vars(args).setdefault("typed_settings", {})
     for name, obj in objects.items():
         typed[name] = {"class": f"{type(obj).__module__}.{type(obj).__qualname__}", **asdict(obj)}
-    return obj
