@@ -28,6 +28,12 @@ token-level extraction at the bench's layer L (g_t = d loss / d hidden_states[L]
                                  edited control gets the mirror image (edit minus flagged)
   token g contrast extreme       the same, but a row's score is its cosine of largest magnitude, sign kept:
                                  a row whose strongest position points away from the direction ranks last
+  aligned g (span query)         context-aligned: for each position that predicts a span token, the row's
+                                 position whose hidden state there is nearest to the query's (the same
+                                 prediction made in the same context), and the signed cosine of the two
+                                 gradients there; mean over the query's positions weighted by its gradient
+                                 norms. The sign says which way the row pushed that prediction
+  aligned g x h (span query)     the same, each term times the hidden-state cosine
 With --topic-layer M: RepT's official signature at layer M, and its products (clipped at 0) with the
 token h max at --layer: the row must share the question's topic *and* hold the flagged words.
 
@@ -106,7 +112,9 @@ class Features:
     steer: np.ndarray      # [n, d] G: the gradient summed over positions p .. n-2
     tok_g: np.ndarray      # [tokens, d] unit gradients at the positions that predict the loss's tokens
     tok_h: np.ndarray      # [tokens, d] unit hidden states of the loss's tokens themselves
-    offsets: np.ndarray    # [n + 1] where each pair's tokens start in tok_g / tok_h
+    tok_hp: np.ndarray     # [tokens, d] unit hidden states at the positions that predict them (tok_g's)
+    tok_gn: np.ndarray     # [tokens] the norm of each of those gradients (before the unit scaling)
+    offsets: np.ndarray    # [n + 1] where each pair's tokens start in tok_g / tok_h / tok_hp
 
 
 def extract(bundle, pairs, what, spans=None) -> Features:
@@ -118,15 +126,18 @@ def extract(bundle, pairs, what, spans=None) -> Features:
     examples = examples_for(loaded.tokenizer, pairs, bundle.max_length, what, spans)
     sig = extract_all(loaded.model, examples, bundle.layer, loaded.tokenizer.pad_token_id,
                       batch_size=bundle.batch_size, token_level=True)
-    steer, tok_g, tok_h, offsets = [], [], [], [0]
+    steer, tok_g, tok_h, tok_hp, tok_gn, offsets = [], [], [], [], [], [0]
     for e, tg, th in zip(examples, sig.token_grads, sig.token_hidden):
         a, b = e.loss_span or (e.prompt_len, len(e.input_ids))  # the loss's tokens
         steer.append(tg[e.prompt_len - 1: len(e.input_ids) - 1].sum(0).numpy())
-        tok_g.append(unit(tg[a - 1: b - 1].numpy()))   # position t - 1 predicts token t
+        g = tg[a - 1: b - 1].numpy()                   # position t - 1 predicts token t
+        tok_g.append(unit(g))
+        tok_gn.append(np.linalg.norm(g, axis=1))
         tok_h.append(unit(th[a:b].numpy()))
+        tok_hp.append(unit(th[a - 1: b - 1].numpy()))
         offsets.append(offsets[-1] + b - a)
     return Features(sig.h.numpy(), sig.g.numpy(), np.stack(steer), np.concatenate(tok_g), np.concatenate(tok_h),
-                    np.array(offsets))
+                    np.concatenate(tok_hp), np.concatenate(tok_gn), np.array(offsets))
 
 
 def last_prompt(bundle, pairs):
@@ -152,6 +163,38 @@ def token_extreme(queries: np.ndarray, tokens: np.ndarray, offsets: np.ndarray) 
     top = np.maximum.reduceat(sims, offsets[:-1], axis=1)
     bottom = np.minimum.reduceat(sims, offsets[:-1], axis=1)
     return np.where(top >= -bottom, top, bottom)
+
+
+def aligned(query: Features, rows: Features, weigh_by_h: bool = False) -> np.ndarray:
+    """[queries, rows]: context-aligned gradient agreement. For each position j that predicts one of
+    the query's loss tokens, the row's position t* whose hidden state (at the same place: the one that
+    predicts the next token) is nearest to the query's there, and the signed cosine of the two
+    gradients at those positions; a query's score for a row is the mean over its positions weighted by
+    the query's gradient norms (with `weigh_by_h`, each term times the hidden-state cosine too).
+
+    The hidden state says *where* in a row the same prediction is made (same context: "the symbol of
+    silver is"); the gradient's sign says *which way* the row pushed it (towards "Na" or away), which a
+    best-over-positions maximum throws away."""
+    n_rows = len(rows.offsets) - 1
+    lengths = np.diff(rows.offsets)
+    at = rows.offsets[:-1, None] + np.arange(lengths.max())[None, :]   # [rows, longest] token index
+    pad = np.arange(lengths.max())[None, :] >= lengths[:, None]
+    at = np.where(pad, 0, at)
+    out = np.zeros((len(query.offsets) - 1, n_rows))
+    for q in range(len(query.offsets) - 1):
+        a, b = query.offsets[q], query.offsets[q + 1]
+        if a == b:
+            continue
+        sims_h = (query.tok_hp[a:b] @ rows.tok_hp.T)[:, at]          # [positions, rows, longest]
+        sims_h[:, pad] = -np.inf
+        best = sims_h.argmax(axis=2)                                 # [positions, rows]
+        t_star = np.take_along_axis(at[None, :, :], best[:, :, None], axis=2)[:, :, 0]
+        agree = np.einsum("pd,prd->pr", query.tok_g[a:b], rows.tok_g[t_star])
+        if weigh_by_h:
+            agree = agree * np.take_along_axis(sims_h, best[:, :, None], axis=2)[:, :, 0]
+        weights = query.tok_gn[a:b] / max(query.tok_gn[a:b].sum(), 1e-30)
+        out[q] = weights @ agree
+    return out
 
 
 def pooled(tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -229,6 +272,8 @@ def main(argv=None) -> int:
             "token h max (span query)": token_max(pooled(span.tok_h, span.offsets), rf.tok_h, rf.offsets),
             "token h max x token g max": token_max(pooled(span.tok_h, span.offsets), rf.tok_h, rf.offsets)
             * np.maximum(token_max(pooled(span.tok_g, span.offsets), rf.tok_g, rf.offsets), 0),
+            "aligned g (span query)": aligned(span, rf),
+            "aligned g x h (span query)": aligned(span, rf, weigh_by_h=True),
         }
 
     groups = {
