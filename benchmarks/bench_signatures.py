@@ -162,6 +162,44 @@ def setup_model(name: str, n_rows: int, max_length: int):
     return loaded.tokenizer, loaded.model, examples
 
 
+def lora_gradients(args, tok, model, examples, b_seconds) -> list[dict]:
+    """d. what the gradient baselines pay: each row's gradient with respect to every LoRA parameter
+    (rank `--lora-rank` on all linear layers, peft), by rept.methods.per_example as TracIn, LESS,
+    DataInf and RapidIn take it (batched, each row's gradient recovered exactly from hooks), and
+    by its definition (one row per forward and backward) on the --plain-rows rows."""
+    from peft import LoraConfig, get_peft_model
+
+    from rept.methods.per_example import iter_per_example_grads
+
+    # the same rows as b (setup_model's): the demo rows that fit, in order, as (prompt, response)
+    pairs = [(r["prompt"], r["response"]) for r in demo_rows()
+             if tokenize_pair(tok, r["prompt"], r["response"], row=0, max_length=args.max_length) is not None]
+    pairs = pairs[: len(examples)]
+    torch.manual_seed(0)
+    lora = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                                            target_modules="all-linear", task_type="CAUSAL_LM"))
+    n_params = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+
+    def grads(batch_size, rows):
+        for _ in iter_per_example_grads(lora, tok, rows, args.max_length, batch_size=batch_size):
+            pass
+
+    grads(16, pairs[:4])  # warm up
+    plain = pairs[: args.plain_rows] if args.plain_rows else pairs
+    t_batched = timed(lambda: grads(16, pairs))
+    t_one = timed(lambda: grads(0, plain))
+    lora.unload()
+    note = f"rank {args.lora_rank}, all linear: {n_params:,} parameters, {4 * n_params / 2 ** 20:.1f} MiB a row in float32"
+    return [
+        {"name": "d. per-row LoRA gradients, batched (rept's TracIn / LESS / DataInf / RapidIn pass)",
+         "seconds": round(t_batched, 3), "rows": len(pairs), "rows_per_s": round(len(pairs) / t_batched, 2),
+         "note": note, "over_b": round(t_batched / b_seconds, 2), "lora_parameters": n_params},
+        {"name": "e. per-row LoRA gradients, one row per pass (the definition)",
+         "seconds": round(t_one, 3), "rows": len(plain), "rows_per_s": round(len(plain) / t_one, 2),
+         "note": note, "over_b": round((t_one / len(plain)) / (b_seconds / len(pairs)), 2), "lora_parameters": n_params},
+    ]
+
+
 def throughput(args):
     torch.manual_seed(0)
     if args.model:
@@ -229,6 +267,12 @@ def throughput(args):
             forward_only(model_bf, warm, pad)
             add("b, bf16 weights (CPU)", timed(lambda: rept_extract(model_bf, examples, layer, pad, batch_size=16), r), n)
             add("c, bf16 weights (CPU)", timed(lambda: forward_only(model_bf, examples, pad, 16), r), n)
+
+    if args.lora_rank:
+        b_seconds = next(x["seconds"] for x in results if x["name"].startswith("b."))
+        for row in lora_gradients(args, tok, model, examples, b_seconds):
+            results.append(row)
+            log(f"  {row['name']}: {row['rows_per_s']:.2f} rows/s, {row['over_b']}x rept's time per row")
 
     by = {x["name"][:2]: x for x in results}
     ratio_ba = by["b."]["rows_per_s"] / by["a."]["rows_per_s"]
@@ -376,6 +420,8 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=0, help="also time b and c back to back N times, report the "
                    "median ratio")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--lora-rank", type=int, default=0, help="also time per-row gradients of a rank-R LoRA on every "
+                   "linear layer (what TracIn / LESS / DataInf / RapidIn pay), against b")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--index-rows", type=int, default=0, help="instead: build an index of N synthetic rows, report memory")
     p.add_argument("--index-hidden", type=int, default=64)
