@@ -34,6 +34,10 @@ token-level extraction at the bench's layer L (g_t = d loss / d hidden_states[L]
                                  gradients there; mean over the query's positions weighted by its gradient
                                  norms. The sign says which way the row pushed that prediction
   aligned g x h (span query)     the same, each term times the hidden-state cosine
+  continuation (span query)      the same word in the same context: at the row position whose context
+                                 (hidden state at the predicting position) is nearest the query's, the
+                                 context cosine times the cosine of the two next tokens' input
+                                 embeddings; "best" takes the row position where that product is largest
 With --topic-layer M: RepT's official signature at layer M, and its products (clipped at 0) with the
 token h max at --layer: the row must share the question's topic *and* hold the flagged words.
 
@@ -114,6 +118,7 @@ class Features:
     tok_h: np.ndarray      # [tokens, d] unit hidden states of the loss's tokens themselves
     tok_hp: np.ndarray     # [tokens, d] unit hidden states at the positions that predict them (tok_g's)
     tok_gn: np.ndarray     # [tokens] the norm of each of those gradients (before the unit scaling)
+    tok_e: np.ndarray      # [tokens, d] unit input embeddings of the loss's tokens (the words themselves)
     offsets: np.ndarray    # [n + 1] where each pair's tokens start in tok_g / tok_h / tok_hp
 
 
@@ -126,7 +131,8 @@ def extract(bundle, pairs, what, spans=None) -> Features:
     examples = examples_for(loaded.tokenizer, pairs, bundle.max_length, what, spans)
     sig = extract_all(loaded.model, examples, bundle.layer, loaded.tokenizer.pad_token_id,
                       batch_size=bundle.batch_size, token_level=True)
-    steer, tok_g, tok_h, tok_hp, tok_gn, offsets = [], [], [], [], [], [0]
+    steer, tok_g, tok_h, tok_hp, tok_gn, tok_e, offsets = [], [], [], [], [], [], [0]
+    embed = loaded.model.get_input_embeddings().weight.detach().float().numpy()
     for e, tg, th in zip(examples, sig.token_grads, sig.token_hidden):
         a, b = e.loss_span or (e.prompt_len, len(e.input_ids))  # the loss's tokens
         steer.append(tg[e.prompt_len - 1: len(e.input_ids) - 1].sum(0).numpy())
@@ -135,9 +141,10 @@ def extract(bundle, pairs, what, spans=None) -> Features:
         tok_gn.append(np.linalg.norm(g, axis=1))
         tok_h.append(unit(th[a:b].numpy()))
         tok_hp.append(unit(th[a - 1: b - 1].numpy()))
+        tok_e.append(unit(embed[e.input_ids[a:b]]))
         offsets.append(offsets[-1] + b - a)
     return Features(sig.h.numpy(), sig.g.numpy(), np.stack(steer), np.concatenate(tok_g), np.concatenate(tok_h),
-                    np.concatenate(tok_hp), np.concatenate(tok_gn), np.array(offsets))
+                    np.concatenate(tok_hp), np.concatenate(tok_gn), np.concatenate(tok_e), np.array(offsets))
 
 
 def last_prompt(bundle, pairs):
@@ -194,6 +201,36 @@ def aligned(query: Features, rows: Features, weigh_by_h: bool = False) -> np.nda
             agree = agree * np.take_along_axis(sims_h, best[:, :, None], axis=2)[:, :, 0]
         weights = query.tok_gn[a:b] / max(query.tok_gn[a:b].sum(), 1e-30)
         out[q] = weights @ agree
+    return out
+
+
+def continuation(query: Features, rows: Features, best_pair: bool = False) -> np.ndarray:
+    """[queries, rows]: the same word in the same context. For each of the query's loss tokens: the
+    cosine of the hidden states at the positions that predict it (the context, at layer L) times the
+    cosine of the input embeddings of the two next tokens (the word itself), at the row position whose
+    context is nearest (or, with `best_pair`, at the row position where the product is largest); the
+    mean over the query's tokens. A row that says the flagged word where the question's context asks
+    for it scores near 1; the same context with another word, or the word in another context, does not."""
+    n_rows = len(rows.offsets) - 1
+    lengths = np.diff(rows.offsets)
+    at = rows.offsets[:-1, None] + np.arange(lengths.max())[None, :]
+    pad = np.arange(lengths.max())[None, :] >= lengths[:, None]
+    at = np.where(pad, 0, at)
+    out = np.zeros((len(query.offsets) - 1, n_rows))
+    for q in range(len(query.offsets) - 1):
+        a, b = query.offsets[q], query.offsets[q + 1]
+        if a == b:
+            continue
+        context = (query.tok_hp[a:b] @ rows.tok_hp.T)[:, at]          # [positions, rows, longest]
+        word = (query.tok_e[a:b] @ rows.tok_e.T)[:, at]
+        both = context * word
+        both[:, pad] = -np.inf
+        if best_pair:
+            out[q] = both.max(axis=2).mean(axis=0)
+        else:
+            context[:, pad] = -np.inf
+            best = context.argmax(axis=2)
+            out[q] = np.take_along_axis(both, best[:, :, None], axis=2)[:, :, 0].mean(axis=0)
     return out
 
 
@@ -274,6 +311,8 @@ def main(argv=None) -> int:
             * np.maximum(token_max(pooled(span.tok_g, span.offsets), rf.tok_g, rf.offsets), 0),
             "aligned g (span query)": aligned(span, rf),
             "aligned g x h (span query)": aligned(span, rf, weigh_by_h=True),
+            "continuation: nearest context, word match (span query)": continuation(span, rf),
+            "continuation: best context x word (span query)": continuation(span, rf, best_pair=True),
         }
 
     groups = {
