@@ -66,6 +66,23 @@ def test_tracin_equals_direct_gradient_dot_product(setup):
     np.testing.assert_allclose(s, direct, rtol=1e-4, atol=1e-7)
 
 
+def test_tracin_and_datainf_hold_the_shared_gradients_not_copies(setup):
+    """Both keep the training rows' gradients the bundle holds for the next method (the memory budget
+    counts them once): every tensor they hold shares its storage with the bundle's, none is a
+    concatenated or float64 copy."""
+    from rept.methods.gradients import DataInf, TracIn
+
+    rows, _, bundle, _ = setup
+    tracin, datainf = TracIn(), DataInf()
+    tracin.fit(bundle, rows[:4])
+    datainf.fit(bundle, rows[:4])
+    shared = next(v for k, v in bundle.cache.items() if isinstance(k, tuple) and k[0] == "grads-train" and k[1] == 4)
+    pointers = {g.untyped_storage().data_ptr() for g in shared.values()}
+    for held in (tracin.train, datainf.train):
+        assert held and all(g.untyped_storage().data_ptr() in pointers and g.dtype == torch.float32
+                            for g in held.values())
+
+
 def test_rapidin_uncompressed_is_the_sum_of_per_tensor_cosines(setup):
     """With K at least the gradient size every OPORP bin holds one coordinate, so RapidIn's score is
     exactly its definition: the sum over trainable tensors of the cosine of their gradients."""

@@ -138,6 +138,28 @@ def _rows_through(bundle, pairs, what: str, dim: int, transform, cache_key=None)
     return out
 
 
+def gradient_dot(queries: dict, train: dict) -> torch.Tensor:
+    """[q, n] dot products of the queries' and the training rows' full gradients, both
+    {name: [rows, *shape]} by parameter, summed parameter by parameter so that no concatenated copy
+    of the training gradients is made."""
+    return sum(queries[n].reshape(len(queries[n]), -1) @ g.reshape(len(g), -1).T for n, g in train.items())
+
+
+def by_parameter(flat: torch.Tensor, bundle) -> dict:
+    """{name: [n, numel]} column views of [n, P] gradients, in the trainable parameters' order
+    (the order `flatten` concatenates them in)."""
+    model, _ = bundle.trainable()
+    out, at = {}, 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out[name] = flat[:, at: at + p.numel()]
+            at += p.numel()
+    if at != flat.shape[1]:
+        raise MethodError(f"the stored gradients have {flat.shape[1]:,} columns, the model's trainable "
+                          f"parameters {at:,}: not this model's index")
+    return out
+
+
 def _query_grads(bundle, queries):
     model, tok = bundle.trainable()
     return per_example_grads(model, tok, query_rows(queries), bundle.max_length, "query", progress=bundle.progress,
@@ -155,8 +177,10 @@ class TracIn(Method):
         self.key = _train_key(train_rows)
         self.pairs = [(r.prompt, r.response) for r in train_rows]
         self.n_rows, self.stored = len(train_rows), None
-        self.train = flatten(_train_grads(bundle, train_rows)) if _fits(bundle, len(train_rows), self.key) else None
-        self.bytes_per_row = 4 * self.train.shape[1] if self.train is not None else 0
+        # the gradients by parameter as the bundle holds them for the next method: concatenating them
+        # into one matrix would be a second copy as large (what the memory budget did not count)
+        self.train = _train_grads(bundle, train_rows) if _fits(bundle, len(train_rows), self.key) else None
+        self.bytes_per_row = _row_bytes(bundle) if self.train is not None else 0
 
     def _train_chunks(self, bundle):
         """(positions, [c, P] gradients) of the training rows, when they are not held whole: from
@@ -172,9 +196,10 @@ class TracIn(Method):
         if self.train is None and not _fits(bundle, len(queries)):
             raise MethodError(f"tracin: the gradients of {len(queries)} queries do not fit the gradient memory "
                               f"budget either (${GRAD_MEMORY_ENV}); trace fewer queries at a time")
-        q = flatten(_query_grads(bundle, queries))
+        q = _query_grads(bundle, queries)
         if self.train is not None:
-            return (q @ self.train.T).numpy()
+            return gradient_dot(q, self.train).numpy()
+        q = flatten(q)
         out = torch.empty((len(queries), self.n_rows), dtype=torch.float32)
         for rows, grads in self._train_chunks(bundle):
             out[:, rows] = q @ grads.T
@@ -184,8 +209,12 @@ class TracIn(Method):
         return _row_bytes(bundle) // 4  # kept in memory or not, an index stores every gradient
 
     def state_chunks(self, bundle):
-        if self.train is not None:
-            yield torch.arange(len(self.train)), {"grad": self.train}
+        if self.train is not None:  # held by parameter: concatenated a chunk of rows at a time
+            n_rows = len(next(iter(self.train.values())))
+            step = max(1, gradient_memory_budget() // 4 // max(1, _row_bytes(bundle)))
+            for start in range(0, n_rows, step):
+                stop = min(start + step, n_rows)
+                yield torch.arange(start, stop), {"grad": flatten({n: g[start:stop] for n, g in self.train.items()})}
         else:
             for rows, grads in self._train_chunks(bundle):
                 yield rows, {"grad": grads}
@@ -193,8 +222,13 @@ class TracIn(Method):
     def restore(self, stored, bundle) -> None:
         # the training gradients are read from disk whole when they fit, else shard by shard at score time
         self.n_rows, self.stored = stored.n_rows, stored
-        self.train = stored.load_all()["grad"] if _fits(bundle, stored.n_rows) else None
-        self.bytes_per_row = 4 * self.train.shape[1] if self.train is not None else 0
+        self.train = None
+        if _fits(bundle, stored.n_rows):
+            flat = stored.load_all()["grad"]
+            self.bytes_per_row = 4 * flat.shape[1]
+            self.train = by_parameter(flat, bundle)  # views: scored as fit scores, to the last bit
+        else:
+            self.bytes_per_row = 0
 
 
 def rademacher_project(x: torch.Tensor, dim: int = 8192, seed: int = 0, block: int = 1024) -> torch.Tensor:
@@ -287,12 +321,14 @@ class DataInf(Method):
         self._keep({n: g.reshape(g.shape[0], -1) for n, g in grads.items() if "lora_" in n})
 
     def _keep(self, grads: dict) -> None:
-        """Hold the LoRA matrices' per-row gradients (float32 [n, d] each) and their damping terms."""
-        self.train = {n: g.double() for n, g in grads.items()}
+        """Hold the LoRA matrices' per-row gradients (float32 [n, d] each: views of the bundle's, not
+        copies) and their damping terms. The float64 arithmetic happens one matrix at a time (score):
+        a float64 copy of every gradient would be twice the memory the budget allowed for them."""
+        self.train = dict(grads)
         if not self.train:
             raise MethodError("DataInf found no LoRA weights among the trainable parameters")
-        self.lam = {n: self.damping_scale * float((g ** 2).mean()) for n, g in self.train.items()}
-        self.sq = {n: (g ** 2).sum(1) for n, g in self.train.items()}
+        self.lam = {n: self.damping_scale * float((g.double() ** 2).mean()) for n, g in self.train.items()}
+        self.sq = {n: (g.double() ** 2).sum(1) for n, g in self.train.items()}
         self.bytes_per_row = 4 * sum(g.shape[1] for g in self.train.values())
 
     def settings(self, bundle) -> dict:
@@ -312,6 +348,7 @@ class DataInf(Method):
         qg = _query_grads(bundle, queries)
         total = None
         for n, G in self.train.items():
+            G = G.double()                                       # this matrix only
             v = qg[n].reshape(qg[n].shape[0], -1).double()     # [q, d]
             lam, count = self.lam[n], G.shape[0]
             c = (v @ G.T) / (lam + self.sq[n])                   # [q, n]
