@@ -247,10 +247,20 @@ def main(argv=None) -> int:
     p.add_argument("--layer", type=int, default=None, help="hidden_states index (default: the bench's)")
     p.add_argument("--topic-layer", type=int, default=None,
                    help="also score products of RepT at this layer (the topic) with the token match at --layer")
+    p.add_argument("--checkpoint", choices=["tuned", "base"], default="tuned",
+                   help="the model every signature is taken on: the fine-tuned one (the bench's), or the base "
+                   "model before the fine-tune (its first checkpoint, where a row's gradient is the push "
+                   "the fine-tune started from, not what is left of it once the row is learned)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
     folder = open_bench_folder(args.work, args.layer)
+    if args.checkpoint == "base":
+        from bench_folder import base_model
+        from rept.methods import ModelBundle
+
+        folder.bundle = ModelBundle(base_model(Path(args.work), folder.report), None, layer=folder.layer,
+                                    max_length=folder.max_length)
     bundle, rows, relevant = folder.bundle, folder.rows, folder.relevant
     detector = Detector(args.detect)
     flagged = [q for q in folder.queries if q.flagged]
@@ -358,6 +368,7 @@ def main(argv=None) -> int:
               f"| {m.get('edited control P@10', '-')} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"work": args.work, "layer": folder.layer, "edit": args.edit,
+                                               "checkpoint": args.checkpoint,
                                                "queries": counts, "results": table}, indent=2) + "\n")
     return 0
 
