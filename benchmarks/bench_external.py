@@ -29,13 +29,14 @@ Installing them without breaking the environment
   the venv `import transformers` fails. Neither library imports torchvision, torchaudio or
   bitsandbytes on these paths, so install them beside the venv, not into it, without dependencies:
 
-      pip install --no-deps --target /tmp/kdeps kronfluence einconv opt_einsum
-      pip install --no-deps --target /tmp/bdeps bergson torchopt   # torchopt: Bergson's CLI imports it
+      pip install --no-deps --target /tmp/kdeps kronfluence einconv opt_einsum einops
+      pip install --no-deps --target /tmp/bdeps bergson torchopt simple-parsing docstring-parser natsort petname \
+          jaxtyping wadler-lindig ml_dtypes optree   # torchopt: Bergson's CLI imports it
       PYTHONPATH=/tmp/kdeps python benchmarks/bench_external.py ... --method kronfluence
       PYTHONPATH=/tmp/bdeps python benchmarks/bench_external.py ... --method bergson-ekfac
 
-  Everything else they need (torch, transformers, peft, accelerate, datasets, safetensors, jaxtyping,
-  natsort, petname, simple-parsing, ml_dtypes, optree, ...) is already in the venv.
+  The second half of each line is the pure-Python packages they import that rept's install does not
+  bring; the rest (torch, transformers, peft, accelerate, datasets, safetensors) is the venv's.
 
 `--rows N` (for a quick run) scores a seeded sample of N of the folder's training rows that keeps
 the poisoned share (`rept.evaluate.bench.sample_rows`, seed 0, folder order kept); the model is unchanged.
@@ -216,7 +217,15 @@ def run_bergson(bundle, train_examples, query_examples, args, log):
         batches = [list(range(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs)]
         CollectorComputer(model=model, data=ds, collector=collector, batches=batches,
                           cfg=cfg).run_with_collector_hooks(desc=f"{name} gradients")
-        return torch.cat([collector.gradients[k].float().reshape(len(ds), -1) for k in sorted(collector.gradients)], 1)
+        # by module, not concatenated: on a real model every row's LoRA gradient is 18.6 MiB, and a
+        # concatenated copy of 400 rows' would double the 7.3 GiB the collector already holds
+        return {k: collector.gradients[k].float().reshape(len(ds), -1) for k in sorted(collector.gradients)}
+
+    def dot(a: dict, b: dict) -> torch.Tensor:
+        return sum(a[k] @ b[k].T for k in a)
+
+    def norms(g: dict) -> torch.Tensor:
+        return torch.sqrt(sum((v * v).sum(1) for v in g.values())).clamp_min(1e-12)
 
     import contextlib
     import logging
@@ -231,14 +240,14 @@ def run_bergson(bundle, train_examples, query_examples, args, log):
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # Bergson logs to stdout; keep stdout for the table
         train = collect(train_examples, "train")
-    if args.bergson_score == "cos":
-        train = F.normalize(train, dim=1)
+    train_norm = norms(train)
     t1 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         query = collect(query_examples, "query")
+    scores = dot(query, train)
     if args.bergson_score == "cos":
-        query = F.normalize(query, dim=1)
-    scores = (query @ train.T).numpy()
+        scores = scores / norms(query)[:, None] / train_norm[None, :]
+    scores = scores.numpy()
     t2 = time.perf_counter()
     return scores, t1 - t0, t2 - t1, out_dir
 
