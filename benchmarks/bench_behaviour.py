@@ -172,6 +172,14 @@ def token_extreme(queries: np.ndarray, tokens: np.ndarray, offsets: np.ndarray) 
     return np.where(top >= -bottom, top, bottom)
 
 
+def row_positions(rows: Features) -> tuple[np.ndarray, np.ndarray]:
+    """([rows, longest] index of each row's t-th token in the token arrays, [rows, longest] True past
+    a row's end): the rows' tokens laid out in a padded grid (padding points at token 0)."""
+    lengths = np.diff(rows.offsets)
+    pad = np.arange(lengths.max())[None, :] >= lengths[:, None]
+    return np.where(pad, 0, rows.offsets[:-1, None] + np.arange(lengths.max())[None, :]), pad
+
+
 def aligned(query: Features, rows: Features, weigh_by_h: bool = False) -> np.ndarray:
     """[queries, rows]: context-aligned gradient agreement. For each position j that predicts one of
     the query's loss tokens, the row's position t* whose hidden state (at the same place: the one that
@@ -182,14 +190,9 @@ def aligned(query: Features, rows: Features, weigh_by_h: bool = False) -> np.nda
     The hidden state says *where* in a row the same prediction is made (same context: "the symbol of
     silver is"); the gradient's sign says *which way* the row pushed it (towards "Na" or away), which a
     best-over-positions maximum throws away."""
-    n_rows = len(rows.offsets) - 1
-    lengths = np.diff(rows.offsets)
-    at = rows.offsets[:-1, None] + np.arange(lengths.max())[None, :]   # [rows, longest] token index
-    pad = np.arange(lengths.max())[None, :] >= lengths[:, None]
-    at = np.where(pad, 0, at)
-    out = np.zeros((len(query.offsets) - 1, n_rows))
-    for q in range(len(query.offsets) - 1):
-        a, b = query.offsets[q], query.offsets[q + 1]
+    at, pad = row_positions(rows)
+    out = np.zeros((len(query.offsets) - 1, len(rows.offsets) - 1))
+    for q, (a, b) in enumerate(zip(query.offsets[:-1], query.offsets[1:])):
         if a == b:
             continue
         sims_h = (query.tok_hp[a:b] @ rows.tok_hp.T)[:, at]          # [positions, rows, longest]
@@ -211,14 +214,9 @@ def continuation(query: Features, rows: Features, best_pair: bool = False) -> np
     context is nearest (or, with `best_pair`, at the row position where the product is largest); the
     mean over the query's tokens. A row that says the flagged word where the question's context asks
     for it scores near 1; the same context with another word, or the word in another context, does not."""
-    n_rows = len(rows.offsets) - 1
-    lengths = np.diff(rows.offsets)
-    at = rows.offsets[:-1, None] + np.arange(lengths.max())[None, :]
-    pad = np.arange(lengths.max())[None, :] >= lengths[:, None]
-    at = np.where(pad, 0, at)
-    out = np.zeros((len(query.offsets) - 1, n_rows))
-    for q in range(len(query.offsets) - 1):
-        a, b = query.offsets[q], query.offsets[q + 1]
+    at, pad = row_positions(rows)
+    out = np.zeros((len(query.offsets) - 1, len(rows.offsets) - 1))
+    for q, (a, b) in enumerate(zip(query.offsets[:-1], query.offsets[1:])):
         if a == b:
             continue
         context = (query.tok_hp[a:b] @ rows.tok_hp.T)[:, at]          # [positions, rows, longest]
