@@ -28,6 +28,8 @@ token-level extraction at the bench's layer L (g_t = d loss / d hidden_states[L]
                                  edited control gets the mirror image (edit minus flagged)
   token g contrast extreme       the same, but a row's score is its cosine of largest magnitude, sign kept:
                                  a row whose strongest position points away from the direction ranks last
+  official x token g contrast    RepT's official score (clipped at 0: the topic) times the extreme contrast
+    extreme                      (the direction): on the topic, ranked by which way the row pushed
   aligned g (span query)         context-aligned: for each position that predicts a span token, the row's
                                  position whose hidden state there is nearest to the query's (the same
                                  prediction made in the same context), and the signed cosine of the two
@@ -358,6 +360,16 @@ def main(argv=None) -> int:
         table[name] = {"flagged P@10": round(precision_at_k(flagged_s, relevant, 10), 3),
                        "AP": round(average_precision(flagged_s, relevant), 3),
                        "edited control P@10": round(precision_at_k(mirror_s, relevant, 10), 3)}
+    # topic AND direction: RepT's official score (the question's topic, clipped at 0) times the signed
+    # token contrast, so that a row on the topic ranks by which way it pushed the flagged word
+    topic_flagged = np.maximum(signature_matrix(a.h, a.g, "official") @ official.T, 0)
+    topic_edited = np.maximum(signature_matrix(b.h, b.g, "official") @ official.T, 0)
+    flagged_s = topic_flagged * token_extreme(direction, rf.tok_g, rf.offsets)
+    mirror_s = topic_edited * token_extreme(-direction, rf.tok_g, rf.offsets)
+    table["official x token g contrast extreme; edited control: the mirror"] = {
+        "flagged P@10": round(precision_at_k(flagged_s, relevant, 10), 3),
+        "AP": round(average_precision(flagged_s, relevant), 3),
+        "edited control P@10": round(precision_at_k(mirror_s, relevant, 10), 3)}
     counts = {k: len(v[0]) for k, v in groups.items()}
     print(f"{args.work}: layer {folder.layer}, {len(rows)} rows ({int(relevant.sum())} relevant), queries {counts}\n")
     print("| signature | flagged P@10 | AP | control P@10 | edited control P@10 |\n|---|---:|---:|---:|---:|")
