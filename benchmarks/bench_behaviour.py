@@ -251,6 +251,8 @@ def main(argv=None) -> int:
                    help="the model every signature is taken on: the fine-tuned one (the bench's), or the base "
                    "model before the fine-tune (its first checkpoint, where a row's gradient is the push "
                    "the fine-tune started from, not what is left of it once the row is learned)")
+    p.add_argument("--per-answer", action="store_true",
+                   help="also print, for each flagged answer, the signed token contrast's P@10 and its direction's norm")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
@@ -360,6 +362,12 @@ def main(argv=None) -> int:
         table[name] = {"flagged P@10": round(precision_at_k(flagged_s, relevant, 10), 3),
                        "AP": round(average_precision(flagged_s, relevant), 3),
                        "edited control P@10": round(precision_at_k(mirror_s, relevant, 10), 3)}
+    if args.per_answer:  # which answers the signed contrast traces, and how long its direction is
+        extreme = token_extreme(direction, rf.tok_g, rf.offsets)
+        print("per answer, token g contrast extreme: P@10, |direction|, the flagged answer", file=sys.stderr)
+        for i, (_, fr, _, _) in enumerate(edits):
+            hit = precision_at_k(extreme[i:i + 1], relevant, 10)
+            print(f"  {hit:.1f}  {np.linalg.norm(direction[i]):.3f}  {fr[:100]!r}", file=sys.stderr)
     # topic AND direction: RepT's official score (the question's topic, clipped at 0) times the signed
     # token contrast, so that a row on the topic ranks by which way it pushed the flagged word
     topic_flagged = np.maximum(signature_matrix(a.h, a.g, "official") @ official.T, 0)
