@@ -97,6 +97,19 @@ def _every_row(bundle, pairs, what: str, key) -> dict:
     return bundle.cache[key]
 
 
+def _rows_per_chunk(bundle) -> int:
+    """Rows of full gradients in one chunk: a quarter of the gradient memory budget, at least one."""
+    return max(1, gradient_memory_budget() // 4 // max(1, _row_bytes(bundle)))
+
+
+def row_chunks(grads: dict, rows_per_chunk: int):
+    """(positions [c], {name: [c, *shape]} views) of gradients held whole, `rows_per_chunk` rows at a time."""
+    n_rows = len(next(iter(grads.values())))
+    for start in range(0, n_rows, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n_rows)
+        yield torch.arange(start, stop), {n: g[start:stop] for n, g in grads.items()}
+
+
 def grad_chunks(bundle, pairs, what: str, cache_key=None):
     """Per-row gradients of `pairs` in chunks of whole rows: yields (positions [c], {name: [c, *shape]}
     float32 on CPU). A chunk holds at most a quarter of the gradient memory budget or one batch,
@@ -105,12 +118,9 @@ def grad_chunks(bundle, pairs, what: str, cache_key=None):
     (`--share-features`), and a bundle that holds them already is sliced."""
     model, tok = bundle.trainable()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    rows_per_chunk = max(1, gradient_memory_budget() // 4 // max(1, _row_bytes(bundle)))
+    rows_per_chunk = _rows_per_chunk(bundle)
     if cache_key is not None and (cache_key in bundle.cache or len(pairs) <= rows_per_chunk):
-        full = _every_row(bundle, pairs, what, cache_key)
-        for start in range(0, len(pairs), rows_per_chunk):
-            stop = min(start + rows_per_chunk, len(pairs))
-            yield torch.arange(start, stop), {n: g[start:stop] for n, g in full.items()}
+        yield from row_chunks(_every_row(bundle, pairs, what, cache_key), rows_per_chunk)
         return
     pending, size = [], 0
 
@@ -210,11 +220,8 @@ class TracIn(Method):
 
     def state_chunks(self, bundle):
         if self.train is not None:  # held by parameter: concatenated a chunk of rows at a time
-            n_rows = len(next(iter(self.train.values())))
-            step = max(1, gradient_memory_budget() // 4 // max(1, _row_bytes(bundle)))
-            for start in range(0, n_rows, step):
-                stop = min(start + step, n_rows)
-                yield torch.arange(start, stop), {"grad": flatten({n: g[start:stop] for n, g in self.train.items()})}
+            for rows, grads in row_chunks(self.train, _rows_per_chunk(bundle)):
+                yield rows, {"grad": flatten(grads)}
         else:
             for rows, grads in self._train_chunks(bundle):
                 yield rows, {"grad": grads}
@@ -327,8 +334,9 @@ class DataInf(Method):
         self.train = dict(grads)
         if not self.train:
             raise MethodError("DataInf found no LoRA weights among the trainable parameters")
-        self.lam = {n: self.damping_scale * float((g.double() ** 2).mean()) for n, g in self.train.items()}
-        self.sq = {n: (g.double() ** 2).sum(1) for n, g in self.train.items()}
+        self.sq = {n: (g.double() ** 2).sum(1) for n, g in self.train.items()}  # |g_i|^2 per row
+        # lambda_l = scale * mean(g_l^2) over every entry: the rows' |g_i|^2 summed, over the entries
+        self.lam = {n: self.damping_scale * float(self.sq[n].sum()) / g.numel() for n, g in self.train.items()}
         self.bytes_per_row = 4 * sum(g.shape[1] for g in self.train.values())
 
     def settings(self, bundle) -> dict:
