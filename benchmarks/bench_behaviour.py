@@ -356,28 +356,28 @@ def main(argv=None) -> int:
                      [match_span(detector, fr) for _, fr, _, _ in edits])
     b_span = extract(bundle, [(pr, r) for pr, _, r, _ in edits], "query", [s for *_, s in edits])
     direction = unit(pooled(a_span.tok_g, a_span.offsets)) - unit(pooled(b_span.tok_g, b_span.offsets))
-    for name, score in {"token g contrast max: span g(flagged) - span g(edited); edited control: the mirror": token_max,
-                        "token g contrast extreme (sign kept); edited control: the mirror": token_extreme}.items():
-        flagged_s, mirror_s = score(direction, rf.tok_g, rf.offsets), score(-direction, rf.tok_g, rf.offsets)
-        table[name] = {"flagged P@10": round(precision_at_k(flagged_s, relevant, 10), 3),
-                       "AP": round(average_precision(flagged_s, relevant), 3),
-                       "edited control P@10": round(precision_at_k(mirror_s, relevant, 10), 3)}
-    if args.per_answer:  # which answers the signed contrast traces, and how long its direction is
-        extreme = token_extreme(direction, rf.tok_g, rf.offsets)
-        print("per answer, token g contrast extreme: P@10, |direction|, the flagged answer", file=sys.stderr)
-        for i, (_, fr, _, _) in enumerate(edits):
-            hit = precision_at_k(extreme[i:i + 1], relevant, 10)
-            print(f"  {hit:.1f}  {np.linalg.norm(direction[i]):.3f}  {fr[:100]!r}", file=sys.stderr)
+    extreme = token_extreme(direction, rf.tok_g, rf.offsets)
+    extreme_mirror = token_extreme(-direction, rf.tok_g, rf.offsets)
     # topic AND direction: RepT's official score (the question's topic, clipped at 0) times the signed
     # token contrast, so that a row on the topic ranks by which way it pushed the flagged word
     topic_flagged = np.maximum(signature_matrix(a.h, a.g, "official") @ official.T, 0)
     topic_edited = np.maximum(signature_matrix(b.h, b.g, "official") @ official.T, 0)
-    flagged_s = topic_flagged * token_extreme(direction, rf.tok_g, rf.offsets)
-    mirror_s = topic_edited * token_extreme(-direction, rf.tok_g, rf.offsets)
-    table["official x token g contrast extreme; edited control: the mirror"] = {
-        "flagged P@10": round(precision_at_k(flagged_s, relevant, 10), 3),
-        "AP": round(average_precision(flagged_s, relevant), 3),
-        "edited control P@10": round(precision_at_k(mirror_s, relevant, 10), 3)}
+    contrasts = {  # name: (the flagged answers' scores, the mirror's)
+        "token g contrast max: span g(flagged) - span g(edited); edited control: the mirror":
+            (token_max(direction, rf.tok_g, rf.offsets), token_max(-direction, rf.tok_g, rf.offsets)),
+        "token g contrast extreme (sign kept); edited control: the mirror": (extreme, extreme_mirror),
+        "official x token g contrast extreme; edited control: the mirror":
+            (topic_flagged * extreme, topic_edited * extreme_mirror),
+    }
+    for name, (flagged_s, mirror_s) in contrasts.items():
+        table[name] = {"flagged P@10": round(precision_at_k(flagged_s, relevant, 10), 3),
+                       "AP": round(average_precision(flagged_s, relevant), 3),
+                       "edited control P@10": round(precision_at_k(mirror_s, relevant, 10), 3)}
+    if args.per_answer:  # which answers the signed contrast traces, and how long its direction is
+        print("per answer, token g contrast extreme: P@10, |direction|, the flagged answer", file=sys.stderr)
+        for i, (_, fr, _, _) in enumerate(edits):
+            hit = precision_at_k(extreme[i:i + 1], relevant, 10)
+            print(f"  {hit:.1f}  {np.linalg.norm(direction[i]):.3f}  {fr[:100]!r}", file=sys.stderr)
     counts = {k: len(v[0]) for k, v in groups.items()}
     print(f"{args.work}: layer {folder.layer}, {len(rows)} rows ({int(relevant.sum())} relevant), queries {counts}\n")
     print("| signature | flagged P@10 | AP | control P@10 | edited control P@10 |\n|---|---:|---:|---:|---:|")

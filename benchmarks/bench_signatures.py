@@ -148,21 +148,23 @@ def timed(fn, repeat=1):
 # ------------------------------------------------------------------------------ throughput
 
 def setup_model(name: str, n_rows: int, max_length: int):
-    """A given model (folder, .gguf or smollm2-135m-instruct) and the demo rows in its chat template."""
+    """A given model (folder, .gguf or smollm2-135m-instruct), the demo rows in its chat template, and
+    the same rows as (prompt, response) pairs."""
     from rept.model.loading import load_model
 
     loaded = load_model(name, device="cpu")
-    examples = []
+    examples, pairs = [], []
     for r in demo_rows():
         ex = tokenize_pair(loaded.tokenizer, r["prompt"], r["response"], row=len(examples), max_length=max_length)
         if ex is not None:
             examples.append(ex)
+            pairs.append((r["prompt"], r["response"]))
         if len(examples) == n_rows:
             break
-    return loaded.tokenizer, loaded.model, examples
+    return loaded.tokenizer, loaded.model, examples, pairs
 
 
-def lora_gradients(args, tok, model, examples, b_seconds) -> list[dict]:
+def lora_gradients(args, tok, model, pairs, b_seconds) -> list[dict]:
     """d. what the gradient baselines pay: each row's gradient with respect to every LoRA parameter
     (rank `--lora-rank` on all linear layers, peft), by rept.methods.per_example as TracIn, LESS,
     DataInf and RapidIn take it (batched, each row's gradient recovered exactly from hooks), and
@@ -171,10 +173,6 @@ def lora_gradients(args, tok, model, examples, b_seconds) -> list[dict]:
 
     from rept.methods.per_example import iter_per_example_grads
 
-    # the same rows as b (setup_model's): the demo rows that fit, in order, as (prompt, response)
-    pairs = [(r["prompt"], r["response"]) for r in demo_rows()
-             if tokenize_pair(tok, r["prompt"], r["response"], row=0, max_length=args.max_length) is not None]
-    pairs = pairs[: len(examples)]
     torch.manual_seed(0)
     lora = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                                             target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -203,7 +201,7 @@ def lora_gradients(args, tok, model, examples, b_seconds) -> list[dict]:
 def throughput(args):
     torch.manual_seed(0)
     if args.model:
-        tok, model, examples = setup_model(args.model, args.rows, args.max_length)
+        tok, model, examples, pairs = setup_model(args.model, args.rows, args.max_length)
         args.hidden, args.layers = model.config.hidden_size, model.config.num_hidden_layers
         args.quick = True  # the other rows rebuild the tiny model
     else:
@@ -270,7 +268,7 @@ def throughput(args):
 
     if args.lora_rank:
         b_seconds = next(x["seconds"] for x in results if x["name"].startswith("b."))
-        for row in lora_gradients(args, tok, model, examples, b_seconds):
+        for row in lora_gradients(args, tok, model, pairs, b_seconds):
             results.append(row)
             log(f"  {row['name']}: {row['rows_per_s']:.2f} rows/s, {row['over_b']}x rept's time per row")
 
@@ -420,8 +418,9 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=0, help="also time b and c back to back N times, report the "
                    "median ratio")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
-    p.add_argument("--lora-rank", type=int, default=0, help="also time per-row gradients of a rank-R LoRA on every "
-                   "linear layer (what TracIn / LESS / DataInf / RapidIn pay), against b")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="with --model: also time per-row gradients of a rank-R LoRA on every linear layer "
+                   "(what TracIn / LESS / DataInf / RapidIn pay), against b")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--index-rows", type=int, default=0, help="instead: build an index of N synthetic rows, report memory")
     p.add_argument("--index-hidden", type=int, default=64)
@@ -430,6 +429,8 @@ def main(argv=None):
     p.add_argument("--store-dtypes", nargs="+", default=["float32", "float16"])
     p.add_argument("--json", help="also write the results here as JSON")
     args = p.parse_args(argv)
+    if args.lora_rank and not args.model:
+        p.error("--lora-rank times a LoRA on a given model: use it with --model")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = memory(args) if args.index_rows else throughput(args)
