@@ -38,6 +38,8 @@ _API = {
     "MethodTracer": "rept.query.trace",
     "open_tracer": "rept.query.trace",
     "load_queries": "rept.query.trace",
+    "ContrastTracer": "rept.query.contrast",
+    "open_base": "rept.query.contrast",
     "ModelBundle": "rept.methods.base",
     "get_method": "rept.methods",
     "write_report": "rept.report",

@@ -111,6 +111,8 @@ def print_results(results, show_words: bool = False, console: Console | None = N
         q = result.query
         console.print(f"[bold]query {qi}[/] prompt: {one_line(q.prompt)!r}")
         console.print(f"        response: {one_line(q.response)!r}")
+        if q.instead is not None:
+            console.print(f"         instead: {one_line(q.instead)!r}")
         caption = None
         if show_words:
             caption = (f"top {SHOW_PHRASES} phrases highlighted (adjacent words scoring ≥ half the row's best word)"

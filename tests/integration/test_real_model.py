@@ -141,6 +141,30 @@ def test_index_and_trace_round_trip(real, tmp_path, capsys):
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
 
 
+@needs_smollm2
+@pytest.mark.slow
+def test_instead_finds_the_row_that_taught_the_word(real, tmp_path, capsys):
+    """`rept trace --instead` on the real model's chat template: 19 clean rows and one that says Na
+    for silver; asked why the model said that row's answer rather than its edit to Ag, on the
+    model itself as the base, the row comes first and its top word is Na."""
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    error = next(r for r in rows if r["label"] == "error")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows(19) + [error]))
+    index = tmp_path / "index"
+    assert main(["-q", "index", "--model", NAME, "--data", str(data), "--out", str(index), "--layer", "15",
+                 "--max-length", "64", "--batch-size", "10"]) == 0
+    capsys.readouterr()
+    assert main(["-q", "trace", "--index", str(index), "--prompt", error["prompt"], "--response", error["response"],
+                 "--instead", error["response"].replace("Na", "Ag"), "--base-model", NAME, "--candidates", "0",
+                 "--tokens", "--top-k", "3", "--json"]) == 0
+    (query,) = json.loads(capsys.readouterr().out)["queries"]
+    assert query["compared"] == {"response": "Na", "instead": "Ag"} and query["direction_norm"] > 0.1
+    top = query["results"][0]
+    assert top["row"] == 19 and top["label"] == "error"
+    assert max(top["words"], key=lambda w: w["score"])["text"] == "Na"
+
+
 # ------------------------------------------------------------------ bad input: one line each
 
 def _write_gguf(path, architecture, tensors=()):

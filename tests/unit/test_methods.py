@@ -199,6 +199,19 @@ def test_less_is_deterministic_end_to_end(setup):
     assert np.array_equal(score("less", bundle, rows, queries, seed=1), score("less", bundle, rows, queries, seed=1))
 
 
+def test_less_scores_the_same_from_held_and_streamed_gradients(setup, monkeypatch):
+    """Training gradients held whole are projected in one pass over the random matrix; streamed in
+    chunks (a small memory budget), chunk by chunk: the same scores."""
+    rows, queries, bundle, _ = setup
+    bundle.clear_features()
+    held = score("less", bundle, rows, queries, seed=2)
+    bundle.clear_features()
+    monkeypatch.setenv("REPT_GRAD_MEMORY", str(3 * 4 * sum(p.numel() for p in bundle.trainable()[0].parameters()
+                                                           if p.requires_grad) / 2 ** 30))  # chunks of 1 row
+    streamed = score("less", bundle, rows, queries, seed=2)
+    np.testing.assert_allclose(streamed, held, rtol=1e-5, atol=1e-6)
+
+
 def test_bm25_ranks_an_exact_duplicate_first(setup):
     rows, _, bundle, _ = setup
     target = rows[7]

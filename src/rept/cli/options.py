@@ -66,7 +66,10 @@ def open_index(args, signatures_only: bool = False):
 
     return open_tracer(args.index, model=args.model, adapter=args.adapter, dtype=args.dtype, device=args.device,
                        verify=not args.no_verify, progress=not args.quiet, mode=getattr(args, "mode", None),
-                       signature_flags=("--tokens",) if getattr(args, "tokens", False) else (),
+                       signature_flags=tuple(flag for flag, on in (
+                           ("--tokens", getattr(args, "tokens", False)),
+                           ("--instead", getattr(args, "instead", None) is not None),
+                           ("--contrast", getattr(args, "contrast", False))) if on),
                        methods=not signatures_only, search=getattr(args, "search", "exact"),
                        nprobe=getattr(args, "nprobe", None))
 

@@ -24,6 +24,21 @@ def add_arguments(p) -> None:
                    help="score every word of the top rows; show their top phrases (JSON: words and phrases)")
     p.add_argument("--token-layer", type=int, default=None, metavar="N",
                    help="with --tokens: hidden_states index for the per-token gradients (default: the index's layer)")
+    contrast = p.add_argument_group("behaviour, not topic (docs/cli.md, rept.query.contrast)")
+    contrast.add_argument("--instead", metavar="TEXT",
+                          help="what the model should have said (with --prompt): rank the rows that pushed the "
+                          "base model towards the response rather than TEXT, by a signed score")
+    contrast.add_argument("--contrast", action="store_true",
+                          help="the same for --queries, each against its `instead` column")
+    contrast.add_argument("--base-model", metavar="PATH", help="with --instead/--contrast: the model before the fine-tune "
+                          "(default: the index's model with its adapter off)")
+    contrast.add_argument("--contrast-layer", type=int, default=None, metavar="N",
+                          help="with --instead/--contrast: hidden_states index of the gradients compared "
+                          "(default: -1, the final normed output)")
+    contrast.add_argument("--candidates", type=int, default=None, metavar="N",
+                          help="with --instead/--contrast: score the N rows the index ranks highest for each "
+                          "query and a seeded sample of 100 rows of the whole index, the others score 0 "
+                          "(default: 100; 0: every row)")
     p.add_argument("--search", choices=("exact", "flat", "ivf", "ivfpq"), default="exact",
                    help="top-k search: exact (default: every row scored, shard by shard), or a faiss index built in "
                    "memory over the stored signatures: flat (exact), ivf or ivfpq (approximate, for large "
@@ -40,16 +55,45 @@ def _queries(args, tracer):
 
     if args.queries:
         queries = load_queries(args.queries, need_response=not args.generate)
+        if args.contrast:
+            lacking = [i + 1 for i, q in enumerate(queries) if q.instead is None]
+            if lacking:
+                raise QueryError(f"--contrast: {args.queries} has no `instead` (what the model should have said) "
+                                 f"for query {lacking[0]}" + (f" and {len(lacking) - 1} more" if len(lacking) > 1 else ""))
         if args.generate:
             answers = tracer.generate([q.prompt for q in queries], max_new_tokens=args.max_new_tokens,
                                       progress=not args.quiet)
-            queries = [Query(q.prompt, a, q.label, q.flagged) for q, a in zip(queries, answers)]
+            queries = [Query(q.prompt, a, q.label, q.flagged, q.instead) for q, a in zip(queries, answers)]
         return queries
     if args.generate:
-        return [Query(args.prompt, tracer.generate([args.prompt], max_new_tokens=args.max_new_tokens)[0])]
+        return [Query(args.prompt, tracer.generate([args.prompt], max_new_tokens=args.max_new_tokens)[0],
+                      instead=args.instead)]
     if args.response is None:
         raise QueryError("--prompt needs --response, or --generate to let the model answer")
-    return [Query(args.prompt, args.response)]
+    return [Query(args.prompt, args.response, instead=args.instead)]
+
+
+def _check_contrast_flags(args) -> bool:
+    """Whether the command traces a contrast (--instead or --contrast); the flags that belong to it
+    are refused without it, and --instead with --queries, in one line."""
+    from rept.query.trace import QueryError
+
+    if args.instead is not None and args.queries:
+        raise QueryError("--instead is the alternative of one --prompt; for --queries give an `instead` column "
+                         "and --contrast")
+    if args.contrast and not args.queries:
+        raise QueryError("--contrast reads the `instead` column of --queries; with --prompt give --instead TEXT")
+    on = args.instead is not None or args.contrast
+    given = [f for f, v in (("--base-model", args.base_model), ("--contrast-layer", args.contrast_layer),
+                            ("--candidates", args.candidates)) if v is not None]
+    if given and not on:
+        raise QueryError(f"{given[0]} belongs to a contrast: give --instead TEXT (or --contrast with --queries)")
+    if on and args.token_layer is not None:
+        raise QueryError("--token-layer has no effect with --instead/--contrast: the words are scored at "
+                         "--contrast-layer")
+    if on and args.candidates is not None and args.candidates < 0:
+        raise QueryError(f"--candidates must be 0 (every row) or more, not {args.candidates}")
+    return on
 
 
 def run(args) -> int:
@@ -61,9 +105,12 @@ def run(args) -> int:
 
         raise QueryError(f"--nprobe sets how much of an IVF index is scanned; it needs --search ivf or ivfpq, "
                          f"not {args.search}")
+    contrast = _check_contrast_flags(args)
     tracer = open_index(args)
-    token_layer = resolve_token_layer(tracer, args.token_layer) if args.tokens else None  # checked before any work
-    mode = tracer.search_mode(args.mode)  # likewise: before any answer is generated
+    mode = tracer.search_mode(args.mode)  # checked before any answer is generated
+    if contrast:
+        return _run_contrast(args, tracer, mode)
+    token_layer = resolve_token_layer(tracer, args.token_layer) if args.tokens else None  # likewise
     queries = _queries(args, tracer)
     results = tracer.trace(queries, k=args.top_k, mode=mode)
     if args.tokens:
@@ -80,4 +127,36 @@ def run(args) -> int:
     from rept.render import print_results
 
     print_results(results, show_words=args.tokens, token_layer=token_layer)
+    return 0
+
+
+def _run_contrast(args, tracer, mode) -> int:
+    """`--instead` / `--contrast`: the signed contrast on the base model (rept.query.contrast)."""
+    from rept.query.contrast import DEFAULT_CANDIDATES, DEFAULT_LAYER, ContrastTracer, open_base
+
+    tracer.mode = mode  # the candidates are the index's top rows in this mode
+    base = open_base(tracer, args.base_model, dtype=args.dtype, device=args.device)
+    layer = DEFAULT_LAYER if args.contrast_layer is None else args.contrast_layer
+    candidates = DEFAULT_CANDIDATES if args.candidates is None else (args.candidates or None)
+    ct = ContrastTracer(tracer, base, layer=layer, candidates=candidates)  # layer checked before any answer
+    queries = _queries(args, tracer)
+    results, contrasts = ct.trace(queries, [q.instead for q in queries], k=args.top_k, tokens=args.tokens)
+    if args.json:
+        out = {"layer": tracer.layer, "mode": mode, "search": args.search,
+               "contrast": {"layer": ct.layer, "base_model": base.model_id, "candidates": candidates,
+                            "reference": ct.reference if candidates else None}}
+        out["queries"] = []
+        for r, c in zip(results, contrasts):
+            said, other = c.words
+            out["queries"].append(r.to_dict() | {"compared": {"response": said, "instead": other},
+                                                 "direction_norm": float(c.direction.norm())})
+        print(json.dumps(out, indent=2))
+        return 0
+    from rept.render import print_results
+
+    print_results(results, show_words=args.tokens, token_layer=ct.layer if args.tokens else None)
+    for i, c in enumerate(contrasts, 1):
+        said, other = c.words
+        if not results[i - 1].hits:
+            print(f"query {i}: no row pushed {said!r} over {other!r}")
     return 0

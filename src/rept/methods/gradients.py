@@ -242,15 +242,43 @@ def rademacher_project(x: torch.Tensor, dim: int = 8192, seed: int = 0, block: i
     """x [n, P] @ R [P, dim] with R = +-1/sqrt(dim), generated block by block of `block` input
     dimensions from (seed, block index): the same seed gives the same R whatever n is, and R is
     never held whole in memory."""
-    x = x.float()
-    out = torch.zeros((x.shape[0], dim), dtype=torch.float32)
+    return project_columns(lambda start, stop: x[:, start:stop], x.shape[0], x.shape[1], dim, seed, block)
+
+
+def project_columns(columns, n_rows: int, width: int, dim: int = 8192, seed: int = 0,
+                    block: int = 1024) -> torch.Tensor:
+    """rademacher_project of the [n_rows, width] matrix whose columns start..stop `columns(start, stop)`
+    returns: each block of R is generated once for every row, so rows held whole are projected in one
+    pass over R (generating R is most of the cost on a wide gradient)."""
+    out = torch.zeros((n_rows, dim), dtype=torch.float32)
     scale = 1.0 / math.sqrt(dim)
-    for b, start in enumerate(range(0, x.shape[1], block)):
-        width = min(block, x.shape[1] - start)
+    for b, start in enumerate(range(0, width, block)):
+        stop = min(start + block, width)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        r = torch.randint(0, 2, (width, dim), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
-        out.addmm_(x[:, start:start + width], r, alpha=scale)
+        r = torch.randint(0, 2, (stop - start, dim), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
+        out.addmm_(columns(start, stop).float(), r, alpha=scale)
     return out
+
+
+def flat_columns(grads: dict, transform=None):
+    """columns(start, stop) of flatten(grads) [n, P] without building it: the pieces of the parameters
+    the range crosses, each passed through `transform(name, g, lo, hi)` when given (an elementwise map
+    of a parameter's columns lo..hi) and joined."""
+    pieces, at = [], 0
+    for name, g in grads.items():
+        flat = g.reshape(g.shape[0], -1)
+        pieces.append((at, at + flat.shape[1], name, flat))
+        at += flat.shape[1]
+
+    def columns(start: int, stop: int) -> torch.Tensor:
+        parts = []
+        for a, b, name, flat in pieces:
+            lo, hi = max(start, a) - a, min(stop, b) - a
+            if lo < hi:
+                parts.append(transform(name, flat[:, lo:hi], lo, hi) if transform else flat[:, lo:hi])
+        return torch.cat(parts, 1)
+
+    return columns, at
 
 
 class _Projected(Method):
@@ -293,16 +321,20 @@ class LESS(_Projected):
         b1, b2 = adam["betas"]
         eps = 1e-8  # as in the LESS code
 
-        def preconditioned(grads):
-            pre = {}
-            for name, g in grads.items():
-                m = b1 * adam["exp_avg"][name] + (1 - b1) * g
-                v = b2 * adam["exp_avg_sq"][name] + (1 - b2) * g * g
-                pre[name] = m / torch.sqrt(v + eps)
-            return self._project(pre)
+        def precondition(name, g, lo=None, hi=None):  # Adam's update direction for this gradient
+            m, v = adam["exp_avg"][name], adam["exp_avg_sq"][name]
+            if lo is not None:
+                m, v = m.reshape(-1)[lo:hi], v.reshape(-1)[lo:hi]
+            return (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g * g + eps)
 
-        self.train = _rows_through(bundle, [(r.prompt, r.response) for r in train_rows], "training row", self.dim,
-                                   preconditioned, _train_key(train_rows))
+        pairs, key = [(r.prompt, r.response) for r in train_rows], _train_key(train_rows)
+        if key in bundle.cache or len(pairs) <= _rows_per_chunk(bundle):
+            # the gradients are held whole (shared with the other methods): one pass over R for all rows
+            columns, width = flat_columns(_every_row(bundle, pairs, "training row", key), precondition)
+            self.train = unit_tensor(project_columns(columns, len(pairs), width, self.dim, self.seed))
+        else:
+            self.train = _rows_through(bundle, pairs, "training row", self.dim,
+                                       lambda grads: self._project({n: precondition(n, g) for n, g in grads.items()}))
         self.bytes_per_row = 4 * self.dim
 
     def _project(self, grads: dict) -> torch.Tensor:

@@ -32,6 +32,7 @@ class Query:
     response: str
     label: str | None = None
     flagged: bool | None = None
+    instead: str | None = None   # what the model should have said (`rept trace --instead`, rept.query.contrast)
 
 
 @dataclass
@@ -55,8 +56,11 @@ class QueryResult:
     hits: list[Hit] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"prompt": self.query.prompt, "response": self.query.response, "label": self.query.label,
-                "flagged": self.query.flagged, "results": [_hit_dict(h) for h in self.hits]}
+        out = {"prompt": self.query.prompt, "response": self.query.response, "label": self.query.label,
+               "flagged": self.query.flagged}
+        if self.query.instead is not None:
+            out["instead"] = self.query.instead
+        return out | {"results": [_hit_dict(h) for h in self.hits]}
 
 
 def _hit_dict(hit: Hit) -> dict:
@@ -73,7 +77,8 @@ _TRUE = {"1", "true", "yes", "y", "t"}
 
 def load_queries(path: str, need_response: bool = True) -> list[Query]:
     """Queries from JSONL, CSV or Parquet with columns prompt (or prompts), response (or
-    output / expected_response), and optional label and flagged."""
+    output / expected_response), and optional label, flagged and instead (what the model should
+    have said, for `rept trace --instead`)."""
     import pandas as pd
 
     from rept.data.datasets import DataError, check_queries_path, read_jsonl, unreadable
@@ -111,9 +116,12 @@ def load_queries(path: str, need_response: bool = True) -> list[Query]:
             flagged = rec.get("flagged")
             if isinstance(flagged, str):
                 flagged = flagged.strip().lower() in _TRUE
+            instead = rec.get("instead")
+            missing = instead is None or instead == "" or (isinstance(instead, float) and instead != instead)  # NaN
+            instead = None if missing else cell_text(instead, "instead", i, name)
             queries.append(Query(cell_text(rec.get(prompt_col), prompt_col, i, name),
                                  cell_text(rec.get(response_col), response_col, i, name) if response_col else "",
-                                 label, None if flagged is None else bool(flagged)))
+                                 label, None if flagged is None else bool(flagged), instead))
     except DataError as exc:
         raise QueryError(str(exc)) from None
     return queries
@@ -122,7 +130,9 @@ def load_queries(path: str, need_response: bool = True) -> list[Query]:
 def write_queries(queries: list[Query], path: str | os.PathLike) -> None:
     from rept.store.index import atomic_write_bytes
 
-    body = "".join(json.dumps(asdict(q)) + "\n" for q in queries)
+    # `instead` only where a query has one: files written before it existed read the same
+    body = "".join(json.dumps({k: v for k, v in asdict(q).items() if k != "instead" or v is not None}) + "\n"
+                   for q in queries)
     atomic_write_bytes(Path(path), body.encode())
 
 

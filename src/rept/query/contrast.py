@@ -1,0 +1,314 @@
+"""Behaviour, not topic: which training rows pushed the model to say its answer *instead of* another.
+
+RepT's signature at the last prompt position traces what a question is about: on a real model the
+rows that taught a wrong answer rank as high for the right answer to the same question
+(docs/results.md, "Behaviour or topic"). A user who knows what the model should have said can ask
+the sharper question this module answers (`rept trace --instead TEXT`):
+
+* The answer given (`response`) and the one it should have given (`instead`) share a prefix and a
+  suffix; what lies between is the behaviour (e.g. "Na" against "Ag"). `minimal_pair` finds it, at
+  word boundaries.
+* On the model *before* the fine-tune (the base model: the index's model with its adapter off, or
+  `--base-model`), take the per-token gradients g_t = d loss / d hidden_states[L][t] of each
+  answer with the loss on that span alone. The contrast direction is
+  d = unit(sum of unit g_t over the positions predicting the answer's span)
+    - unit(the same for the alternative's span).
+  Both answers share every token before the span, so d is the difference of the two pushes there.
+* A training row's per-token gradients at the base model, at every position that predicts one of
+  its response tokens: the row's score is its cosine with d of largest magnitude, sign kept. A row
+  that pushed towards the answer scores high; one that pushed towards the alternative scores below
+  every unrelated row (whose cosines are near 0). Position t's cosine is credited to the token it
+  predicts (t + 1): that is the word the row taught (`--tokens`).
+
+Why the base model: on the fine-tuned model a row the fine-tune has learned has little gradient
+left, and what is left no longer points the way it pushed; at the base checkpoint (TracIn's first)
+its gradient is the push itself. Why a signed score: the rows that taught a wrong answer are often
+the only rows on their topic, so any similarity ranks them first for the right answer too; only a
+sign can put them last.
+
+Which rows are scored: by default the `candidates` rows the index ranks highest for each query
+(the topic: the signature finds the error rows for right and wrong answers alike) and a seeded
+sample of `reference` rows of the whole index, the same for every query; the rest score 0;
+`candidates=None` scores every row the index stores. The sample is there because a ranking of the
+topic's rows alone has no unrelated rows in it: where no row pushed towards the answer, the rows
+that pushed a little would fill the top k, where in the full ranking the small cosines of unrelated
+rows outrank them (docs/results.md measures the three). Layer: the final normed output by
+default (`layer=-1`), where g_t depends only on the prediction at t, so d is close to the difference
+of the two words' output embeddings seen through the base model's prediction there; measured against
+layer 25 in docs/results.md.
+
+Cost: one forward+backward to L on the base model over the queries (both answers each, no
+truncation) and one over the candidate rows (at the index's max_length), batch by batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from rept.data.examples import Example, tokenize_pair
+from rept.query.search import unit_tensor
+from rept.query.trace import Hit, Query, QueryError, QueryResult
+from rept.signatures.extract import extract
+
+DEFAULT_CANDIDATES = 100
+DEFAULT_REFERENCE = 100
+DEFAULT_LAYER = -1
+
+
+def _word_char(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+def minimal_pair(answer: str, instead: str) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The character spans, in `answer` and in `instead`, of what differs between them: the two
+    texts with their common prefix and suffix taken off, widened to whole words. None when the two
+    are the same text. A span may be empty (one answer adds words the other lacks); the loss is
+    then taken on the token that follows it (`_span_tokens`)."""
+    if answer == instead:
+        return None
+    p = 0
+    while p < min(len(answer), len(instead)) and answer[p] == instead[p]:
+        p += 1
+    while p > 0 and _word_char(answer[p - 1]) and (
+            (p < len(answer) and _word_char(answer[p])) or (p < len(instead) and _word_char(instead[p]))):
+        p -= 1  # back to the start of the word the two part in
+    s = 0
+    while s < min(len(answer), len(instead)) - p and answer[-1 - s] == instead[-1 - s]:
+        s += 1
+    while s > 0 and _word_char(answer[len(answer) - s]) and (
+            (len(answer) - s - 1 >= p and _word_char(answer[len(answer) - s - 1]))
+            or (len(instead) - s - 1 >= p and _word_char(instead[len(instead) - s - 1]))):
+        s -= 1  # forward to the end of the word the two part in
+    return (p, len(answer) - s), (p, len(instead) - s)
+
+
+def _span_tokens(example: Example, response: str, span: tuple[int, int]) -> tuple[int, int] | None:
+    """[a, b) token range of `example` whose prediction carries the span's loss: the response tokens
+    that overlap the span's characters, or (an empty span) the first response token at or after it
+    (the end-of-turn token when the span is at the end)."""
+    at = example.text.find(response, example.offsets[example.prompt_len - 1][1]) if response else -1
+    if at < 0:
+        at = example.offsets[example.prompt_len][0]  # an empty response: its end tokens follow the prompt
+    a, b = at + span[0], at + span[1]
+    positions = range(example.prompt_len, len(example.input_ids))
+    if b > a:
+        hit = [i for i in positions if example.offsets[i][0] < b and example.offsets[i][1] > a]
+        return (hit[0], hit[-1] + 1) if hit else None
+    after = [i for i in positions if example.offsets[i][0] >= a or example.offsets[i] == (0, 0)]
+    return (after[0], after[0] + 1) if after else None
+
+
+@dataclass
+class Contrast:
+    """One query's contrast: the two answers, their spans and the direction d at the base model."""
+
+    query: Query
+    instead: str
+    spans: tuple[tuple[int, int], tuple[int, int]]
+    direction: torch.Tensor                  # [hidden] float32; the zero vector when the pushes agree
+
+    @property
+    def words(self) -> tuple[str, str]:
+        """What the answer says where the other would differ, and what the other says there."""
+        (a, b), (c, d) = self.spans
+        return self.query.response[a:b], self.instead[c:d]
+
+
+class ContrastTracer:
+    """Ranks training rows by which way they pushed an answer against its alternative, on the base
+    model (module docstring). `tracer` (a `Tracer` over a RepT signature index) gives the candidate
+    rows, the dataset and the tokenizer; `base` is the model before the fine-tune (a LoadedModel)."""
+
+    def __init__(self, tracer, base, layer: int = DEFAULT_LAYER, candidates: int | None = DEFAULT_CANDIDATES,
+                 reference: int = DEFAULT_REFERENCE, seed: int = 0):
+        from rept.data.examples import template_name
+        from rept.model.loading import ModelError, resolve_layer, tokenizer_hash
+
+        if candidates is not None and candidates < 1:
+            raise QueryError(f"candidates must be at least 1 (or None for every row), not {candidates}")
+        if reference < 0:
+            raise QueryError(f"reference must be 0 or more rows, not {reference}")
+        self.tracer, self.base, self.candidates, self.reference, self.seed = tracer, base, candidates, reference, seed
+        try:
+            self.layer = resolve_layer(base.model, layer)
+        except ModelError as exc:
+            raise QueryError(f"contrast {exc}") from None
+        same = [tokenizer_hash(m.tokenizer) for m in (base, tracer.loaded)], \
+            [template_name(m.tokenizer) for m in (base, tracer.loaded)]
+        if any(a != b for a, b in same):  # another tokenizer or chat template: not the model fine-tuned
+            raise QueryError(f"the base model {base.model_id} has another tokenizer or chat template than the "
+                             "index's model: it cannot be the model that was fine-tuned")
+        self.max_length = tracer.index.manifest["max_length"]
+        self._dataset = None
+
+    # ------------------------------------------------------------ queries
+
+    def _extract(self, examples: list[Example]):
+        return extract(self.base.model, examples, self.layer, self.base.tokenizer.pad_token_id,
+                       batch_size=self.tracer.batch_size, token_level=True)
+
+    def contrasts(self, queries: list[Query], instead: list[str]) -> list[Contrast]:
+        """Each query's spans and direction; a QueryError names the first query that has none."""
+        if len(instead) != len(queries):
+            raise QueryError(f"{len(instead)} alternatives for {len(queries)} queries")
+        tok = self.base.tokenizer
+        examples, meta = [], []
+        for i, (q, other) in enumerate(zip(queries, instead)):
+            if other is None:
+                raise QueryError(f"query {i + 1}: no alternative answer (--instead, or an `instead` column)")
+            pair = minimal_pair(q.response, other)
+            if pair is None:
+                raise QueryError(f"query {i + 1}: the alternative is the answer itself; give what the model "
+                                 "should have said instead")
+            for side, (text, span) in enumerate(zip((q.response, other), pair)):
+                # no truncation: the differing words may lie past the index's max_length
+                ex = tokenize_pair(tok, q.prompt, text, row=2 * i + side)
+                tokens = _span_tokens(ex, text, span) if ex is not None else None
+                if tokens is None:
+                    raise QueryError(f"query {i + 1}: no token of {text[span[0]:span[1]]!r} to take a loss on")
+                examples.append(replace(ex, loss_span=tokens))
+            meta.append((q, other, pair))
+        pooled = {}
+        for part in self._extract(examples):
+            for j, row in enumerate(part.rows):
+                a, b = examples[row].loss_span
+                pooled[row] = unit_tensor(unit_tensor(part.token_grads[j][a - 1:b - 1]).sum(0))  # position t-1 predicts t
+        return [Contrast(q, other, pair, pooled[2 * i] - pooled[2 * i + 1]) for i, (q, other, pair) in enumerate(meta)]
+
+    # ------------------------------------------------------------ rows
+
+    def dataset(self):
+        if self._dataset is None:
+            self._dataset = {r.index: r for r in self.tracer.index.dataset().rows}
+        return self._dataset
+
+    def reference_rows(self) -> list[int]:
+        """The seeded sample of `reference` stored rows every query also scores."""
+        every = sorted(self.tracer.index.labels())
+        picked = np.random.default_rng(self.seed).permutation(len(every))[:self.reference]
+        return sorted(every[i] for i in picked)
+
+    def candidate_rows(self, queries: list[Query]) -> list[list[int]]:
+        """Per query, the rows to score: the index's top `candidates` and the reference sample, or
+        every row it stores."""
+        if self.candidates is None:
+            every = sorted(self.tracer.index.labels())
+            return [every for _ in queries]
+        top = self.tracer.trace(queries, k=self.candidates, with_text=False)
+        reference = self.reference_rows()
+        return [sorted({h.row for h in r.hits} | set(reference)) for r in top]
+
+    def row_scores(self, contrasts: list[Contrast], rows_per_query: list[list[int]], per_token: bool = False):
+        """{(query, row): score}, one pass over the union of the rows, batch by batch. With `per_token`,
+        {(query, row): (score, [n_tokens] cosines, each credited to the token its position predicts,
+        the row's Example)} instead (for the words of the rows shown)."""
+        data, wanted = self.dataset(), {}
+        for qi, rows in enumerate(rows_per_query):
+            for row in rows:
+                wanted.setdefault(int(row), []).append(qi)
+        examples = []
+        for row in sorted(wanted):
+            r = data[row]
+            ex = tokenize_pair(self.base.tokenizer, r.prompt, r.response, row=row, max_length=self.max_length)
+            if ex is not None:
+                examples.append(ex)
+        by_row = {e.row: e for e in examples}
+        directions = unit_tensor(torch.stack([c.direction for c in contrasts]))   # zero stays zero
+        out = {}
+        for part in self._extract(examples):
+            for j, row in enumerate(part.rows):
+                ex, qs = by_row[row], wanted[row]
+                p, n = ex.prompt_len, len(ex.input_ids)
+                sims = unit_tensor(part.token_grads[j][p - 1:n - 1]) @ directions[qs].T     # [n - p, |qs|]
+                top, bottom = sims.max(0).values, sims.min(0).values
+                extreme = torch.where(top >= -bottom, top, bottom)
+                for k, qi in enumerate(qs):
+                    if not per_token:
+                        out[(qi, row)] = float(extreme[k])
+                        continue
+                    cosines = torch.zeros(n)
+                    cosines[p:n] = sims[:, k]            # the cosine at t - 1 goes to token t
+                    out[(qi, row)] = (float(extreme[k]), cosines, ex)
+        return out
+
+    # ------------------------------------------------------------ results
+
+    def run(self, queries: list[Query], instead: list[str]) -> "ContrastRun":
+        """The contrasts and the scores of every candidate row: what `scores` and `trace` are made of."""
+        contrasts = self.contrasts(queries, instead)
+        return ContrastRun(self, queries, contrasts, self.row_scores(contrasts, self.candidate_rows(queries)))
+
+    def scores(self, queries: list[Query], instead: list[str]) -> tuple[np.ndarray, np.ndarray, list]:
+        """[queries, stored rows] contrast scores (rows not scored: 0), the row ids and their labels,
+        like `Tracer.scores`."""
+        return self.run(queries, instead).matrix()
+
+    def trace(self, queries: list[Query], instead: list[str], k: int = 10,
+              tokens: bool = False) -> tuple[list[QueryResult], list[Contrast]]:
+        """Each query's top k rows by contrast score (only rows that pushed towards the answer: score
+        > 0), best first, ties by row id; with `tokens`, their words and phrases scored by the same
+        cosines. Returns the results and the contrasts (the spans compared, e.g. for display)."""
+        run = self.run(queries, instead)
+        return run.results(k, tokens), run.contrasts
+
+
+@dataclass
+class ContrastRun:
+    tracer: ContrastTracer
+    queries: list[Query]
+    contrasts: list[Contrast]
+    scored: dict                             # (query, row) -> score
+
+    def matrix(self) -> tuple[np.ndarray, np.ndarray, list]:
+        labels = self.tracer.tracer.index.labels()
+        rows = np.array(sorted(labels), dtype=np.int64)
+        column = {int(r): j for j, r in enumerate(rows)}
+        out = np.zeros((len(self.queries), len(rows)), dtype=np.float32)
+        for (qi, row), score in self.scored.items():
+            out[qi, column[row]] = score
+        return out, rows, [labels[int(r)] for r in rows]
+
+    def results(self, k: int = 10, tokens: bool = False) -> list[QueryResult]:
+        from rept.signatures.tokens import merge_phrases, merge_words, row_segments, token_spans
+
+        data, labels = self.tracer.dataset(), self.tracer.tracer.index.labels()
+        ranked = [[] for _ in self.queries]
+        for (qi, row), score in self.scored.items():
+            if score > 0:
+                ranked[qi].append((score, row))
+        ranked = [sorted(r, key=lambda x: (-x[0], x[1]))[:k] for r in ranked]
+        # the words of the rows shown: a second pass over those rows only
+        words = self.tracer.row_scores(self.contrasts, [[row for _, row in r] for r in ranked],
+                                       per_token=True) if tokens else {}
+        tokenizer = self.tracer.base.tokenizer
+        results = []
+        for qi, q in enumerate(self.queries):
+            hits = []
+            for score, row in ranked[qi]:
+                r = data[row]
+                hit = Hit(row, score, labels.get(row), r.prompt, r.response)
+                if tokens:
+                    _, cosines, ex = words[(qi, row)]
+                    spans = token_spans(ex, row_segments(tokenizer, r.prompt, r.response, ex.text))
+                    hit.words = merge_words(hit.text, spans, cosines.tolist(), "max")
+                    hit.phrases = merge_phrases(hit.text, hit.words)
+                hits.append(hit)
+            results.append(QueryResult(q, hits))
+        return results
+
+
+def open_base(tracer, base_model: str | None = None, dtype: str | None = None, device: str | None = None):
+    """The model before the fine-tune: `base_model`, or the index's model without its adapter. An index
+    built on a model with no adapter needs `base_model` (its fine-tuned weights are all it has)."""
+    from rept.model.loading import load_model
+
+    m = tracer.index.manifest
+    if base_model is None:
+        if not m.get("adapter"):
+            raise QueryError(f"index {tracer.index.folder} was built on {m['model']['id']} with no adapter: "
+                             "--instead needs the model before the fine-tune, give it with --base-model")
+        base_model = tracer.loaded.model_id
+    return load_model(base_model, None, dtype=dtype or m.get("compute_dtype", "float32"), device=device)
