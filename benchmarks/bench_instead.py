@@ -53,6 +53,8 @@ def main(argv=None) -> int:
                    help="rows the index ranks highest that are scored (0: every row); one run per value")
     p.add_argument("--reference", type=int, default=DEFAULT_REFERENCE,
                    help="with --candidates N: the seeded sample of rows every query also scores")
+    p.add_argument("--contrast-tokens", type=int, default=None,
+                   help="compare only the first N tokens of the differing words (default: all)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
@@ -82,7 +84,8 @@ def main(argv=None) -> int:
     label = json.loads((work / "results.json").read_text())["behaviour"]["label"]
     runs = {}
     for n in args.candidates:
-        ct = ContrastTracer(tracer, base, layer=args.layer, candidates=n or None, reference=args.reference)
+        ct = ContrastTracer(tracer, base, layer=args.layer, candidates=n or None, reference=args.reference,
+                            first_tokens=args.contrast_tokens)
         entry, t0 = {}, time.time()
         for group, (qs, instead) in groups.items():
             if not qs:
@@ -117,6 +120,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"work": args.work, "edit": args.edit,
                                                "instead_file": args.instead_file, "layer": ct.layer,
+                                               "contrast_tokens": args.contrast_tokens,
                                                "runs": runs}, indent=2) + "\n")
     return 0
 

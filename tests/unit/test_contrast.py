@@ -74,7 +74,7 @@ def _unit(x):
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def _plain_scores(base, tracer, layer, queries, instead):
+def _plain_scores(base, tracer, layer, queries, instead, first=None):
     """The module docstring's definition written out: [queries, rows] over every dataset row."""
     tok, model = base.tokenizer, base.model
     directions = []
@@ -84,7 +84,7 @@ def _plain_scores(base, tracer, layer, queries, instead):
             ex = tokenize_pair(tok, q.prompt, text)
             at = ex.text.find(text, ex.offsets[ex.prompt_len - 1][1])
             toks = [i for i in range(ex.prompt_len, len(ex.input_ids))
-                    if ex.offsets[i][0] < at + b and ex.offsets[i][1] > at + a]
+                    if ex.offsets[i][0] < at + b and ex.offsets[i][1] > at + a][:first]
             g = _layer_grads(model, ex.input_ids, layer, toks)
             pooled.append(_unit(_unit(g[[t - 1 for t in toks]]).sum(0)))
         directions.append(_unit(pooled[0] - pooled[1]))
@@ -101,12 +101,12 @@ def _plain_scores(base, tracer, layer, queries, instead):
     return out
 
 
-@pytest.mark.parametrize("layer", [1, -1])
-def test_scores_equal_the_plain_definition(tracer, base, layer):
-    ct = ContrastTracer(tracer, base, layer=layer, candidates=None)
+@pytest.mark.parametrize("layer, first", [(1, None), (-1, None), (-1, 1)])
+def test_scores_equal_the_plain_definition(tracer, base, layer, first):
+    ct = ContrastTracer(tracer, base, layer=layer, candidates=None, first_tokens=first)
     scores, rows, labels = ct.scores(QUERIES, INSTEAD)
     assert rows.tolist() == sorted(tracer.index.labels()) and len(labels) == len(rows)
-    plain = _plain_scores(base, tracer, ct.layer, QUERIES, INSTEAD)
+    plain = _plain_scores(base, tracer, ct.layer, QUERIES, INSTEAD, first)
     np.testing.assert_allclose(scores, plain, atol=2e-5)
     assert np.abs(scores).max() > 0.05  # a real signal, not zeros on both sides
 
@@ -209,6 +209,7 @@ def test_cli_contrast_refusals(lora_index, index_dir, tmp_path, capsys):
     assert "belongs to a contrast" in cli_error(capsys, one + ["--candidates", "5"])
     assert "--contrast-layer" in cli_error(capsys, one + ["--instead", "x", "--tokens", "--token-layer", "1"])
     assert "out of range" in cli_error(capsys, one + ["--instead", "x", "--contrast-layer", "9"])
+    assert "at least one token" in cli_error(capsys, one + ["--instead", "x", "--contrast-tokens", "0"])
     path = tmp_path / "q.jsonl"
     write_queries([QUERIES[0]], path)
     assert "no `instead`" in cli_error(capsys, ["trace", "--index", index, "--queries", str(path), "--contrast"])

@@ -35,6 +35,9 @@ def add_arguments(p) -> None:
     contrast.add_argument("--contrast-layer", type=int, default=None, metavar="N",
                           help="with --instead/--contrast: hidden_states index of the gradients compared "
                           "(default: -1, the final normed output)")
+    contrast.add_argument("--contrast-tokens", type=int, default=None, metavar="N",
+                          help="with --instead/--contrast: compare only the first N tokens of the words that "
+                          "differ (default: all of them)")
     contrast.add_argument("--candidates", type=int, default=None, metavar="N",
                           help="with --instead/--contrast: score the N rows the index ranks highest for each "
                           "query and a seeded sample of 100 rows of the whole index, the others score 0 "
@@ -85,7 +88,8 @@ def _check_contrast_flags(args) -> bool:
         raise QueryError("--contrast reads the `instead` column of --queries; with --prompt give --instead TEXT")
     on = args.instead is not None or args.contrast
     given = [f for f, v in (("--base-model", args.base_model), ("--contrast-layer", args.contrast_layer),
-                            ("--candidates", args.candidates)) if v is not None]
+                            ("--contrast-tokens", args.contrast_tokens), ("--candidates", args.candidates))
+             if v is not None]
     if given and not on:
         raise QueryError(f"{given[0]} belongs to a contrast: give --instead TEXT (or --contrast with --queries)")
     if on and args.token_layer is not None:
@@ -138,13 +142,14 @@ def _run_contrast(args, tracer, mode) -> int:
     base = open_base(tracer, args.base_model, dtype=args.dtype, device=args.device)
     layer = DEFAULT_LAYER if args.contrast_layer is None else args.contrast_layer
     candidates = DEFAULT_CANDIDATES if args.candidates is None else (args.candidates or None)
-    ct = ContrastTracer(tracer, base, layer=layer, candidates=candidates)  # layer checked before any answer
+    ct = ContrastTracer(tracer, base, layer=layer, candidates=candidates,  # checked before any answer
+                        first_tokens=args.contrast_tokens)
     queries = _queries(args, tracer)
     results, contrasts = ct.trace(queries, [q.instead for q in queries], k=args.top_k, tokens=args.tokens)
     if args.json:
         out = {"layer": tracer.layer, "mode": mode, "search": args.search,
                "contrast": {"layer": ct.layer, "base_model": base.model_id, "candidates": candidates,
-                            "reference": ct.reference if candidates else None}}
+                            "reference": ct.reference if candidates else None, "tokens": ct.first_tokens}}
         out["queries"] = []
         for r, c in zip(results, contrasts):
             said, other = c.words

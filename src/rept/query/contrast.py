@@ -37,6 +37,10 @@ default (`layer=-1`), where g_t depends only on the prediction at t, so d is clo
 of the two words' output embeddings seen through the base model's prediction there; measured against
 layer 25 in docs/results.md.
 
+`first_tokens=N` (`--contrast-tokens N`) keeps only the first N tokens of each differing span: when
+the two answers differ throughout (a compliance against a refusal), the tokens where they part
+decide which way the answer went, and the rest mostly share the request's topic.
+
 Cost: one forward+backward to L on the base model over the queries (both answers each, no
 truncation) and one over the candidate rows (at the index's max_length), batch by batch.
 """
@@ -123,7 +127,7 @@ class ContrastTracer:
     rows, the dataset and the tokenizer; `base` is the model before the fine-tune (a LoadedModel)."""
 
     def __init__(self, tracer, base, layer: int = DEFAULT_LAYER, candidates: int | None = DEFAULT_CANDIDATES,
-                 reference: int = DEFAULT_REFERENCE, seed: int = 0):
+                 reference: int = DEFAULT_REFERENCE, seed: int = 0, first_tokens: int | None = None):
         from rept.data.examples import template_name
         from rept.model.loading import ModelError, resolve_layer, tokenizer_hash
 
@@ -131,6 +135,9 @@ class ContrastTracer:
             raise QueryError(f"candidates must be at least 1 (or None for every row), not {candidates}")
         if reference < 0:
             raise QueryError(f"reference must be 0 or more rows, not {reference}")
+        if first_tokens is not None and first_tokens < 1:
+            raise QueryError(f"the contrast needs at least one token of each answer, not {first_tokens}")
+        self.first_tokens = first_tokens  # None: the whole differing span; N: its first N tokens
         self.tracer, self.base, self.candidates, self.reference, self.seed = tracer, base, candidates, reference, seed
         try:
             self.layer = resolve_layer(base.model, layer)
@@ -169,6 +176,8 @@ class ContrastTracer:
                 tokens = _span_tokens(ex, text, span) if ex is not None else None
                 if tokens is None:
                     raise QueryError(f"query {i + 1}: no token of {text[span[0]:span[1]]!r} to take a loss on")
+                if self.first_tokens is not None:  # where the two answers part: their first words
+                    tokens = (tokens[0], min(tokens[1], tokens[0] + self.first_tokens))
                 examples.append(replace(ex, loss_span=tokens))
             meta.append((q, other, pair))
         pooled = {}
