@@ -138,12 +138,11 @@ def _run_contrast(args, tracer, mode) -> int:
     """`--instead` / `--contrast`: the signed contrast on the base model (rept.query.contrast)."""
     from rept.query.contrast import DEFAULT_CANDIDATES, DEFAULT_LAYER, ContrastTracer, open_base
 
-    tracer.mode = mode  # the candidates are the index's top rows in this mode
     base = open_base(tracer, args.base_model, dtype=args.dtype, device=args.device)
     layer = DEFAULT_LAYER if args.contrast_layer is None else args.contrast_layer
     candidates = DEFAULT_CANDIDATES if args.candidates is None else (args.candidates or None)
     ct = ContrastTracer(tracer, base, layer=layer, candidates=candidates,  # checked before any answer
-                        first_tokens=args.contrast_tokens)
+                        first_tokens=args.contrast_tokens, mode=mode)
     queries = _queries(args, tracer)
     results, contrasts = ct.trace(queries, [q.instead for q in queries], k=args.top_k, tokens=args.tokens)
     if args.json:

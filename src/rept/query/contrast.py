@@ -70,7 +70,7 @@ def minimal_pair(answer: str, instead: str) -> tuple[tuple[int, int], tuple[int,
     """The character spans, in `answer` and in `instead`, of what differs between them: the two
     texts with their common prefix and suffix taken off, widened to whole words. None when the two
     are the same text. A span may be empty (one answer adds words the other lacks); the loss is
-    then taken on the token that follows it (`_span_tokens`)."""
+    then taken on the token that follows it (`_span_example`)."""
     if answer == instead:
         return None
     p = 0
@@ -89,20 +89,23 @@ def minimal_pair(answer: str, instead: str) -> tuple[tuple[int, int], tuple[int,
     return (p, len(answer) - s), (p, len(instead) - s)
 
 
-def _span_tokens(example: Example, response: str, span: tuple[int, int]) -> tuple[int, int] | None:
-    """[a, b) token range of `example` whose prediction carries the span's loss: the response tokens
-    that overlap the span's characters, or (an empty span) the first response token at or after it
-    (the end-of-turn token when the span is at the end)."""
-    at = example.text.find(response, example.offsets[example.prompt_len - 1][1]) if response else -1
+def _span_example(tokenizer, prompt: str, response: str, span: tuple[int, int], row: int) -> Example | None:
+    """The pair tokenized whole (no truncation: the differing words may lie past the index's
+    max_length) with its loss on the span: the response tokens that overlap the span's characters
+    (tokenize_pair's `loss_chars`), or, for an empty span, the first response token at or after it
+    (the end-of-turn token when the span is at the end). None when no token carries it."""
+    if span[1] > span[0]:
+        ex = tokenize_pair(tokenizer, prompt, response, row=row, loss_chars=span)
+        return ex if ex is not None and ex.loss_span is not None else None
+    ex = tokenize_pair(tokenizer, prompt, response, row=row)
+    if ex is None:
+        return None
+    at = ex.text.find(response, ex.offsets[ex.prompt_len - 1][1]) if response else -1
     if at < 0:
-        at = example.offsets[example.prompt_len][0]  # an empty response: its end tokens follow the prompt
-    a, b = at + span[0], at + span[1]
-    positions = range(example.prompt_len, len(example.input_ids))
-    if b > a:
-        hit = [i for i in positions if example.offsets[i][0] < b and example.offsets[i][1] > a]
-        return (hit[0], hit[-1] + 1) if hit else None
-    after = [i for i in positions if example.offsets[i][0] >= a or example.offsets[i] == (0, 0)]
-    return (after[0], after[0] + 1) if after else None
+        at = ex.offsets[ex.prompt_len][0]  # an empty response: its end tokens follow the prompt
+    after = [i for i in range(ex.prompt_len, len(ex.input_ids))
+             if ex.offsets[i][0] >= at + span[0] or ex.offsets[i] == (0, 0)]
+    return replace(ex, loss_span=(after[0], after[0] + 1)) if after else None
 
 
 @dataclass
@@ -127,7 +130,8 @@ class ContrastTracer:
     rows, the dataset and the tokenizer; `base` is the model before the fine-tune (a LoadedModel)."""
 
     def __init__(self, tracer, base, layer: int = DEFAULT_LAYER, candidates: int | None = DEFAULT_CANDIDATES,
-                 reference: int = DEFAULT_REFERENCE, seed: int = 0, first_tokens: int | None = None):
+                 reference: int = DEFAULT_REFERENCE, seed: int = 0, first_tokens: int | None = None,
+                 mode: str | None = None):
         from rept.data.examples import template_name
         from rept.model.loading import ModelError, resolve_layer, tokenizer_hash
 
@@ -148,8 +152,9 @@ class ContrastTracer:
         if any(a != b for a, b in same):  # another tokenizer or chat template: not the model fine-tuned
             raise QueryError(f"the base model {base.model_id} has another tokenizer or chat template than the "
                              "index's model: it cannot be the model that was fine-tuned")
+        self.mode = tracer.search_mode(mode)  # the signature mode the candidates are ranked in
         self.max_length = tracer.index.manifest["max_length"]
-        self._dataset = None
+        self._dataset = self._labels = None
 
     # ------------------------------------------------------------ queries
 
@@ -171,14 +176,13 @@ class ContrastTracer:
                 raise QueryError(f"query {i + 1}: the alternative is the answer itself; give what the model "
                                  "should have said instead")
             for side, (text, span) in enumerate(zip((q.response, other), pair)):
-                # no truncation: the differing words may lie past the index's max_length
-                ex = tokenize_pair(tok, q.prompt, text, row=2 * i + side)
-                tokens = _span_tokens(ex, text, span) if ex is not None else None
-                if tokens is None:
+                ex = _span_example(tok, q.prompt, text, span, row=2 * i + side)
+                if ex is None:
                     raise QueryError(f"query {i + 1}: no token of {text[span[0]:span[1]]!r} to take a loss on")
                 if self.first_tokens is not None:  # where the two answers part: their first words
-                    tokens = (tokens[0], min(tokens[1], tokens[0] + self.first_tokens))
-                examples.append(replace(ex, loss_span=tokens))
+                    a, b = ex.loss_span
+                    ex = replace(ex, loss_span=(a, min(b, a + self.first_tokens)))
+                examples.append(ex)
             meta.append((q, other, pair))
         pooled = {}
         for part in self._extract(examples):
@@ -194,9 +198,15 @@ class ContrastTracer:
             self._dataset = {r.index: r for r in self.tracer.index.dataset().rows}
         return self._dataset
 
+    def labels(self) -> dict[int, str | None]:
+        """Stored row id -> label, read from the index once."""
+        if self._labels is None:
+            self._labels = self.tracer.index.labels()
+        return self._labels
+
     def reference_rows(self) -> list[int]:
         """The seeded sample of `reference` stored rows every query also scores."""
-        every = sorted(self.tracer.index.labels())
+        every = sorted(self.labels())
         picked = np.random.default_rng(self.seed).permutation(len(every))[:self.reference]
         return sorted(every[i] for i in picked)
 
@@ -204,9 +214,9 @@ class ContrastTracer:
         """Per query, the rows to score: the index's top `candidates` and the reference sample, or
         every row it stores."""
         if self.candidates is None:
-            every = sorted(self.tracer.index.labels())
+            every = sorted(self.labels())
             return [every for _ in queries]
-        top = self.tracer.trace(queries, k=self.candidates, with_text=False)
+        top = self.tracer.trace(queries, k=self.candidates, mode=self.mode, with_text=False)
         reference = self.reference_rows()
         return [sorted({h.row for h in r.hits} | set(reference)) for r in top]
 
@@ -272,7 +282,7 @@ class ContrastRun:
     scored: dict                             # (query, row) -> score
 
     def matrix(self) -> tuple[np.ndarray, np.ndarray, list]:
-        labels = self.tracer.tracer.index.labels()
+        labels = self.tracer.labels()
         rows = np.array(sorted(labels), dtype=np.int64)
         column = {int(r): j for j, r in enumerate(rows)}
         out = np.zeros((len(self.queries), len(rows)), dtype=np.float32)
@@ -283,7 +293,7 @@ class ContrastRun:
     def results(self, k: int = 10, tokens: bool = False) -> list[QueryResult]:
         from rept.signatures.tokens import merge_phrases, merge_words, row_segments, token_spans
 
-        data, labels = self.tracer.dataset(), self.tracer.tracer.index.labels()
+        data, labels = self.tracer.dataset(), self.tracer.labels()
         ranked = [[] for _ in self.queries]
         for (qi, row), score in self.scored.items():
             if score > 0:
