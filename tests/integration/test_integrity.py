@@ -137,6 +137,21 @@ def test_every_weight_counts_in_the_model_identity(model_dir, data_file, index_d
     assert code == 2 and "model weights differ" in line and model_dir in line and str(other) in line
 
 
+def test_a_model_changed_in_place_since_the_build_is_named_so(model_dir, data_file, tmp_path, capsys):
+    # the same folder, other weights (a model retrained into the folder it was indexed from)
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    assert main(["-q", "index", "--model", str(model), "--data", data_file, "--out", str(tmp_path / "idx"),
+                 "--layer", "1", "--max-length", "64"]) == 0
+    weights = load_file(model / "model.safetensors")
+    name = max(weights, key=lambda k: weights[k].numel())
+    weights[name].view(-1)[0] += 1e-3
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = _trace(tmp_path / "idx", capsys)
+    line = _one_line(err)
+    assert code == 2 and "model weights differ" in line and "have changed since" in line
+
+
 def test_a_second_build_on_the_same_folder_refuses(model_dir, data_file, tmp_path, capsys):
     out = tmp_path / "locked"
     out.mkdir()

@@ -96,7 +96,11 @@ def check_identity(folder, manifest: dict, want: ModelIdentity, given: dict | No
     message = f"index {folder} does not match this model: its {', '.join(differ)} differ" \
               f"{'s' if len(differ) == 1 else ''}; it was built with {built}"
     if given is not None:
-        message += f", and this run uses {_folders(given.get('model'), given.get('adapter'))}"
+        now = _folders(given.get('model'), given.get('adapter'))
+        if now == built:  # the same paths: the files in them changed since the build
+            message += ", the folders this run uses too: their files have changed since (retrained?)"
+        else:
+            message += f", and this run uses {now}"
     raise IndexStoreError(message + " (give the index's own --model/--adapter, or rebuild the index)")
 
 
