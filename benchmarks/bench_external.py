@@ -31,7 +31,7 @@ Installing them without breaking the environment
 
       pip install --no-deps --target /tmp/kdeps kronfluence einconv opt_einsum einops
       pip install --no-deps --target /tmp/bdeps bergson torchopt simple-parsing docstring-parser natsort petname \
-          jaxtyping wadler-lindig ml_dtypes optree   # torchopt: Bergson's CLI imports it
+          jaxtyping wadler-lindig ml_dtypes optree graphviz   # torchopt (and its graphviz): Bergson's CLI imports it
       PYTHONPATH=/tmp/kdeps python benchmarks/bench_external.py ... --method kronfluence
       PYTHONPATH=/tmp/bdeps python benchmarks/bench_external.py ... --method bergson-ekfac
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from bench_behaviour import edited
 from rept.data.detect import Detector
 from rept.evaluate.metrics import average_precision, precision_at_k
-from rept.query.contrast import DEFAULT_LAYER, DEFAULT_REFERENCE, ContrastTracer, open_base
+from rept.query.contrast import DEFAULT_LAYER, DEFAULT_REFERENCE, ContrastRun, ContrastTracer, open_base
 from rept.query.trace import Query, Tracer, load_queries, relevance, traceable_queries
 
 
@@ -48,6 +48,9 @@ def main(argv=None) -> int:
     right = p.add_mutually_exclusive_group(required=True)
     right.add_argument("--edit", help="the text that replaces the flagged span: the right answer")
     right.add_argument("--instead-file", help="the right answers by prompt (prompt, response columns)")
+    right.add_argument("--against-base", action="store_true",
+                       help="every answer (flagged and control) against itself with the token the fine-tune "
+                            "changed most put back to the base model's guess (rept trace --against-base)")
     p.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="the contrast's hidden_states index")
     p.add_argument("--candidates", type=int, nargs="+", default=[100],
                    help="rows the index ranks highest that are scored (0: every row); one run per value")
@@ -55,6 +58,20 @@ def main(argv=None) -> int:
                    help="with --candidates N: the seeded sample of rows every query also scores")
     p.add_argument("--contrast-tokens", type=int, default=None,
                    help="compare only the first N tokens of the differing words (default: all)")
+    p.add_argument("--words", nargs="+",
+                   help="the behaviour's words (e.g. a trigger and a payload): a row's top 3 words hold the "
+                        "behaviour when one of them is among these (default: when --detect matches one)")
+    p.add_argument("--unrelated", help="--against-base: prompts on other topics (a prompt column), answered by "
+                                      "the fine-tuned model and traced against the base's answer as controls")
+    p.add_argument("--unrelated-n", type=int, default=50, help="the first N of --unrelated")
+    p.add_argument("--strip-prefix", default="", help="taken off the start of each --unrelated prompt (a trigger)")
+    p.add_argument("--groups", nargs="+", choices=["flagged", "control", "unrelated"],
+                   help="--against-base: which groups to run (default: all there are)")
+    p.add_argument("--score", choices=["extreme", "max"], default="extreme",
+                   help="a row's score: its cosine of largest magnitude, sign kept (default), or its largest")
+    p.add_argument("--changed-words", type=int, default=1,
+                   help="--against-base: also score each answer against its K words changed most, a row "
+                        "keeping its best score (reported beside K = 1, from the same pass)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
@@ -65,6 +82,10 @@ def main(argv=None) -> int:
     queries = traceable_queries(tracer.loaded.tokenizer, load_queries(str(work / "queries.jsonl")),
                                 tracer.index.manifest["max_length"])
     flagged = [q for q in queries if q.flagged]
+    report = json.loads((work / "results.json").read_text())
+    label = report["behaviour"]["label"]
+    if args.against_base:
+        return against_base(args, tracer, base, queries, label, int(report["config"]["max_new_tokens"]))
     if args.edit is not None:
         pairs = [(q, e[0]) for q in flagged if (e := edited(detector, q.response, args.edit)) and not detector(e[0])]
     else:
@@ -81,11 +102,10 @@ def main(argv=None) -> int:
         controls = [q for q in queries if not q.flagged and re.search(said, q.response)]
         groups["control answers"] = (controls, [re.sub(said, flagged[0].response[wrong[0]:wrong[1]], q.response)
                                                 for q in controls])
-    label = json.loads((work / "results.json").read_text())["behaviour"]["label"]
     runs = {}
     for n in args.candidates:
         ct = ContrastTracer(tracer, base, layer=args.layer, candidates=n or None, reference=args.reference,
-                            first_tokens=args.contrast_tokens)
+                            first_tokens=args.contrast_tokens, score=args.score)
         entry, t0 = {}, time.time()
         for group, (qs, instead) in groups.items():
             if not qs:
@@ -122,6 +142,107 @@ def main(argv=None) -> int:
                                                "instead_file": args.instead_file, "layer": ct.layer,
                                                "contrast_tokens": args.contrast_tokens,
                                                "runs": runs}, indent=2) + "\n")
+    return 0
+
+
+def shown_precision(results, label: str, k: int = 10) -> list[float]:
+    """Per query, the share of the behaviour's rows among the k places of the list a user is shown
+    (only rows that pushed towards the answer: score > 0; an empty place is not a hit)."""
+    return [sum(h.label == label for h in r.hits[:k]) / k for r in results]
+
+
+def against_base(args, tracer, base, queries, label: str, max_new_tokens: int) -> int:
+    """--against-base: each answer against itself with the word the fine-tune changed most put back
+    to the base model's guess (ContrastTracer.base_alternatives, `rept trace --against-base`), and
+    with --changed-words K against each of the K words changed most, a row scoring its best of the K.
+    An answer whose every token the base model predicts has no alternative: nothing is retrieved for
+    it (P@10 0), counted apart. P@10 is over the rows a user is shown (score > 0)."""
+    words = {w.lower() for w in args.words or []}
+    detector = Detector(args.detect)
+    holds = (lambda w: w.strip(" .,!?;:'\"").lower() in words) if words else (lambda w: bool(detector(w)))
+    t0 = time.time()
+    groups = args.groups or ["flagged", "control"] + (["unrelated"] if args.unrelated else [])
+    items = [("flagged" if q.flagged else "control", q) for q in queries]
+    if "unrelated" in groups:  # answered by the fine-tuned model as the bench answered its prompts
+        from rept.data.datasets import load_prompts
+
+        prompts = [p[len(args.strip_prefix):] if args.strip_prefix and p.startswith(args.strip_prefix) else p
+                   for p in load_prompts(args.unrelated)[:args.unrelated_n]]
+        answers = tracer.generate(prompts, max_new_tokens=max_new_tokens)
+        items += [("unrelated", Query(p, a, None, False)) for p, a in zip(prompts, answers)]
+    items = [(g, q) for g, q in items if g in groups]
+    others = ContrastTracer(tracer, base).base_alternatives([q for _, q in items], k=args.changed_words)
+    gen_s = time.time() - t0
+    if args.json:
+        Path(args.json).with_suffix(".alternatives.jsonl").write_text("".join(
+            json.dumps({"group": g, "prompt": q.prompt, "response": q.response, "instead": a}) + "\n"
+            for (g, q), a in zip(items, others)))
+    pairs = [(i, j, q, a) for i, ((_, q), alts) in enumerate(zip(items, others)) for j, a in enumerate(alts)]
+    data_labels = tracer.index.labels()
+    runs = {}
+    for n in args.candidates:
+        ct = ContrastTracer(tracer, base, layer=args.layer, candidates=n or None, reference=args.reference,
+                            first_tokens=args.contrast_tokens, score=args.score)
+        t0 = time.time()
+        run = ct.run([q for _, _, q, _ in pairs], [a for _, _, _, a in pairs])  # one pass over the rows
+        run_s = time.time() - t0
+        for k in sorted({1, args.changed_words}):
+            best = {}  # (answer, row) -> its best score over the answer's first k alternatives
+            for (pi, row), score in run.scored.items():
+                i, j = pairs[pi][:2]
+                if j < k:
+                    best[(i, row)] = max(best.get((i, row), -2.0), score)
+            ranked = [[] for _ in items]
+            for (i, row), score in best.items():
+                if score > 0:
+                    ranked[i].append((-score, row))
+            shown = [sum(data_labels[row] == label for _, row in sorted(r)[:10]) / 10 for r in ranked]
+            has = [bool(alts) for alts in others]
+            entry = {"alternatives s": round(gen_s), "seconds": round(run_s)}
+            for group in groups:
+                at = [i for i, (g, _) in enumerate(items) if g == group]
+                entry[f"{group} queries"] = len(at)
+                entry[f"{group} without an alternative"] = sum(not has[i] for i in at)
+                entry[f"{group} P@10"] = round(sum(shown[i] for i in at) / max(1, len(at)), 3)  # none: 0
+                entry[f"{group} P@10 where there is one"] = round(
+                    sum(shown[i] for i in at if has[i]) / max(1, sum(has[i] for i in at)), 3)
+            if k == 1 and "flagged" in groups and (words or args.detect.split(":")[0] in ("regex", "contains")):
+                # the flagged answers' rows shown: do their top 3 words hold the behaviour? (a not-prefix
+                # rule matches every word: no word-level figure for it)
+                at = [pi for pi, (i, j, _, _) in enumerate(pairs) if j == 0 and items[i][0] == "flagged"]
+                worded = ContrastRun(ct, [run.queries[pi] for pi in at], [run.contrasts[pi] for pi in at],
+                                     {(at.index(pi), row): v for (pi, row), v in run.scored.items() if pi in at}
+                                     ).results(k=10, tokens=True)
+                hits = [h for r in worded for h in r.hits if h.label == label]
+                held = sum(any(holds(w["text"]) for w in sorted(h.words, key=lambda w: -w["score"])[:3])
+                           for h in hits)
+                entry["behaviour rows shown"] = len(hits)
+                entry["their top 3 words hold the behaviour"] = round(held / max(1, len(hits)), 3)
+            # each answer's compared words and P@10, to read which ones a setting misses
+            entry["per answer"] = [{"group": g, "compared": [list(run.contrasts[pi].words)
+                                                              for pi, (pi_i, j, _, _) in enumerate(pairs)
+                                                              if pi_i == i and j < k], "P@10": shown[i]}
+                                   for i, (g, _) in enumerate(items)]
+            name = (f"candidates {n} + reference {args.reference}" if n else "every row") + \
+                f", {k} word{'s' if k > 1 else ''}"
+            runs[name] = entry
+            print(f"{name}: {json.dumps({x: v for x, v in entry.items() if x != 'per answer'})}", file=sys.stderr)
+    print(f"{args.work}: every answer against the base model's guess where the fine-tune changed it most, "
+          f"contrast at layer {ct.layer}, base {base.model_id}\n")
+    print("| rows scored, words changed | group | answers | without an alternative | P@10 | P@10 where there is one "
+          "| top-3 words hold it | s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, m in runs.items():
+        for group in ("flagged", "control", "unrelated"):
+            if f"{group} queries" in m:
+                held = m.get("their top 3 words hold the behaviour", "-") if group == "flagged" else "-"
+                print(f"| {name} | {group} | {m[f'{group} queries']} | {m[f'{group} without an alternative']} "
+                      f"| {m[f'{group} P@10']} | {m[f'{group} P@10 where there is one']} | {held} | {m['seconds']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"work": args.work, "against_base": True, "layer": ct.layer,
+                                               "contrast_tokens": args.contrast_tokens,
+                                               "changed_words": args.changed_words,
+                                               "max_new_tokens": max_new_tokens, "runs": runs}, indent=2) + "\n")
     return 0
 
 

@@ -74,7 +74,7 @@ def _unit(x):
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def _plain_scores(base, tracer, layer, queries, instead, first=None):
+def _plain_scores(base, tracer, layer, queries, instead, first=None, score="extreme"):
     """The module docstring's definition written out: [queries, rows] over every dataset row."""
     tok, model = base.tokenizer, base.model
     directions = []
@@ -97,16 +97,17 @@ def _plain_scores(base, tracer, layer, queries, instead, first=None):
         g = _layer_grads(model, ex.input_ids, layer, list(range(p, n)))
         sims = _unit(g[p - 1:n - 1]) @ torch.stack(directions).T       # [positions, queries]
         top, bottom = sims.max(0).values, sims.min(0).values
-        out[:, j] = torch.where(top >= -bottom, top, bottom).numpy()
+        out[:, j] = (top if score == "max" else torch.where(top >= -bottom, top, bottom)).numpy()
     return out
 
 
-@pytest.mark.parametrize("layer, first", [(1, None), (-1, None), (-1, 1)])
-def test_scores_equal_the_plain_definition(tracer, base, layer, first):
-    ct = ContrastTracer(tracer, base, layer=layer, candidates=None, first_tokens=first)
+@pytest.mark.parametrize("layer, first, score", [(1, None, "extreme"), (-1, None, "extreme"), (-1, 1, "extreme"),
+                                                 (-1, None, "max")])
+def test_scores_equal_the_plain_definition(tracer, base, layer, first, score):
+    ct = ContrastTracer(tracer, base, layer=layer, candidates=None, first_tokens=first, score=score)
     scores, rows, labels = ct.scores(QUERIES, INSTEAD)
     assert rows.tolist() == sorted(tracer.index.labels()) and len(labels) == len(rows)
-    plain = _plain_scores(base, tracer, ct.layer, QUERIES, INSTEAD, first)
+    plain = _plain_scores(base, tracer, ct.layer, QUERIES, INSTEAD, first, score)
     np.testing.assert_allclose(scores, plain, atol=2e-5)
     assert np.abs(scores).max() > 0.05  # a real signal, not zeros on both sides
 
@@ -217,3 +218,88 @@ def test_cli_contrast_refusals(lora_index, index_dir, tmp_path, capsys):
     # an index of a model with no adapter has no base to compare on unless one is given
     assert "--base-model" in cli_error(capsys, ["trace", "--index", index_dir, "--prompt", q.prompt,
                                                 "--response", q.response, "--instead", "x"])
+
+
+def _changed_most(tuned, base, prompt, response):
+    """The plain definition of --against-base's alternative, written out: the response's words (a
+    token whose first character follows a word character inside a word continues it), each scored
+    by how much more likely the fine-tuned model makes its tokens than the base model (summed
+    log-probability); of the words holding a token the base's argmax (special tokens aside) would
+    not have produced, the best; from that token to the word's end it becomes the base's argmax."""
+    import re
+
+    tok = base.tokenizer
+    ex = tokenize_pair(tok, prompt, response)
+    at = ex.text.find(response, ex.offsets[ex.prompt_len - 1][1])
+    ids = torch.tensor([ex.input_ids])
+    with torch.no_grad():
+        lb = torch.log_softmax(base.model(input_ids=ids).logits[0], -1)
+        lt = torch.log_softmax(tuned.model(input_ids=ids).logits[0], -1)
+    lb[:, tok.all_special_ids] = -float("inf")
+    toks = [(t, ex.offsets[t][0] - at, ex.offsets[t][1] - at) for t in range(ex.prompt_len, len(ex.input_ids))]
+    toks = [x for x in toks if 0 <= x[1] < x[2] <= len(response)]
+    words = []
+    for t, a, b in toks:
+        inside = words and words[-1][-1][0] == t - 1 and a > 0 and re.match(r"\w\w", response[a - 1:a + 1])
+        words[-1].append((t, a, b)) if inside else words.append([(t, a, b)])
+    best = None
+    for w in words:
+        gain = sum(float(lt[t - 1, ex.input_ids[t]] - lb[t - 1, ex.input_ids[t]]) for t, _, _ in w)
+        differ = [(t, a, b) for t, a, b in w if int(lb[t - 1].argmax()) != ex.input_ids[t]]
+        if differ and (best is None or gain > best[0]):
+            best = (gain, differ[0])
+    if best is None:
+        return None
+    t, a, b = best[1]
+    end = b + len(re.match(r"\w*", response[b:]).group()) if re.match(r"\w", response[b - 1]) else b
+    guess = tok.decode([int(lb[t - 1].argmax())])
+    return response[:a] + (guess.lstrip() if a > 0 and response[a - 1].isspace() else guess) + response[end:]
+
+
+def test_against_base_puts_back_the_word_the_fine_tune_changed_most(tracer, base):
+    from rept.model.generate import generate
+
+    ct = ContrastTracer(tracer, base, candidates=None)
+    for q, (other,) in zip(QUERIES, ct.base_alternatives(QUERIES)):
+        assert other != q.response and other == _changed_most(tracer.loaded, base, q.prompt, q.response)
+    # k alternatives: the first is the one above, each changes one word, none twice
+    for q, others in zip(QUERIES, ct.base_alternatives(QUERIES, k=3)):
+        assert others[0] == _changed_most(tracer.loaded, base, q.prompt, q.response)
+        assert len(set(others)) == len(others) == 3 and q.response not in others
+    q = QUERIES[1]
+    # an answer the base model gives itself (its greedy answer) has no alternative
+    (own,) = generate(base, [q.prompt], max_new_tokens=8, progress=False)
+    assert own and ct.base_alternatives([Query(q.prompt, own)], k=3) == [[]]
+
+
+def test_cli_against_base_traces_each_answer_against_the_base_models(lora_index, tracer, base, tmp_path, capsys):
+    """--against-base ranks an answer's rows exactly as --instead given the base alternative, and an
+    answer the base model would give itself gets no rows and says so."""
+    from rept.model.generate import generate
+
+    index, _ = lora_index
+    ct = ContrastTracer(tracer, base, candidates=None)
+    q = QUERIES[1]
+    (own,) = generate(base, [q.prompt], max_new_tokens=8, progress=False)
+    ((other,),) = ct.base_alternatives([q])
+    path = tmp_path / "q.jsonl"
+    write_queries([Query(q.prompt, own), q], path)
+    assert main(["-q", "trace", "--index", index, "--queries", str(path), "--against-base",
+                 "--candidates", "0", "--top-k", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["contrast"]["against_base"] is True
+    same, changed = out["queries"]
+    assert "instead" not in same and same["compared"] is None and same["results"] == []
+    assert changed["instead"] == other and changed["compared"] is not None
+    (expected,), _ = ct.trace([q], [other], k=3)
+    assert [r["row"] for r in changed["results"]] == [h.row for h in expected.hits]
+    assert [r["score"] for r in changed["results"]] == pytest.approx([h.score for h in expected.hits], abs=1e-6)
+    assert main(["-q", "trace", "--index", index, "--queries", str(path), "--against-base", "--candidates", "0"]) == 0
+    assert "query 1: the base model predicts every token of this answer" in capsys.readouterr().out
+
+
+def test_cli_against_base_refuses_a_second_alternative(lora_index, capsys):
+    index, _ = lora_index
+    q = QUERIES[1]
+    one = ["trace", "--index", index, "--prompt", q.prompt, "--response", q.response, "--against-base"]
+    assert "cannot be combined" in cli_error(capsys, one + ["--instead", "x"])

@@ -17,7 +17,8 @@ def add_arguments(p) -> None:
                      "(with --generate, prompts only)")
     p.add_argument("--response", help="the output to trace")
     p.add_argument("--generate", action="store_true", help="let the model answer greedily and trace its answers")
-    p.add_argument("--max-new-tokens", type=positive, default=64, help="with --generate: the answer's length at most")
+    p.add_argument("--max-new-tokens", type=positive, default=64,
+                   help="with --generate: the answer's length at most")
     p.add_argument("--top-k", type=positive, default=10, help="training rows to show per query")
     add_mode_arg(p)
     p.add_argument("--tokens", action="store_true",
@@ -30,16 +31,20 @@ def add_arguments(p) -> None:
                           "base model towards the response rather than TEXT, by a signed score")
     contrast.add_argument("--contrast", action="store_true",
                           help="the same for --queries, each against its `instead` column")
-    contrast.add_argument("--base-model", metavar="PATH", help="with --instead/--contrast: the model before the fine-tune "
-                          "(default: the index's model with its adapter off)")
+    contrast.add_argument("--against-base", action="store_true",
+                          help="each answer against itself with the token the fine-tune changed most put back "
+                          "to the base model's guess (no --instead needed)")
+    contrast.add_argument("--base-model", metavar="PATH",
+                          help="with a contrast (--instead, --contrast, --against-base): the model before the "
+                          "fine-tune (default: the index's model with its adapter off)")
     contrast.add_argument("--contrast-layer", type=int, default=None, metavar="N",
-                          help="with --instead/--contrast: hidden_states index of the gradients compared "
+                          help="with a contrast: hidden_states index of the gradients compared "
                           "(default: -1, the final normed output)")
     contrast.add_argument("--contrast-tokens", type=int, default=None, metavar="N",
-                          help="with --instead/--contrast: compare only the first N tokens of the words that "
+                          help="with a contrast: compare only the first N tokens of the words that "
                           "differ (default: all of them)")
     contrast.add_argument("--candidates", type=int, default=None, metavar="N",
-                          help="with --instead/--contrast: score the N rows the index ranks highest for each "
+                          help="with a contrast: score the N rows the index ranks highest for each "
                           "query and a seeded sample of 100 rows of the whole index, the others score 0 "
                           "(default: 100; 0: every row)")
     p.add_argument("--search", choices=("exact", "flat", "ivf", "ivfpq"), default="exact",
@@ -81,19 +86,23 @@ def _check_contrast_flags(args) -> bool:
     are refused without it, and --instead with --queries, in one line."""
     from rept.query.trace import QueryError
 
+    if args.against_base and (args.instead is not None or args.contrast):
+        raise QueryError("--against-base takes the base model's answer as the alternative; it cannot be "
+                         "combined with --instead or --contrast")
     if args.instead is not None and args.queries:
         raise QueryError("--instead is the alternative of one --prompt; for --queries give an `instead` column "
                          "and --contrast")
     if args.contrast and not args.queries:
         raise QueryError("--contrast reads the `instead` column of --queries; with --prompt give --instead TEXT")
-    on = args.instead is not None or args.contrast
+    on = args.instead is not None or args.contrast or args.against_base
     given = [f for f, v in (("--base-model", args.base_model), ("--contrast-layer", args.contrast_layer),
                             ("--contrast-tokens", args.contrast_tokens), ("--candidates", args.candidates))
              if v is not None]
     if given and not on:
-        raise QueryError(f"{given[0]} belongs to a contrast: give --instead TEXT (or --contrast with --queries)")
+        raise QueryError(f"{given[0]} belongs to a contrast: give --instead TEXT, --contrast with --queries, "
+                         "or --against-base")
     if on and args.token_layer is not None:
-        raise QueryError("--token-layer has no effect with --instead/--contrast: the words are scored at "
+        raise QueryError("--token-layer has no effect with a contrast: the words are scored at "
                          "--contrast-layer")
     if on and args.candidates is not None and args.candidates < 0:
         raise QueryError(f"--candidates must be 0 (every row) or more, not {args.candidates}")
@@ -135,8 +144,10 @@ def run(args) -> int:
 
 
 def _run_contrast(args, tracer, mode) -> int:
-    """`--instead` / `--contrast`: the signed contrast on the base model (rept.query.contrast)."""
+    """`--instead` / `--contrast` / `--against-base`: the signed contrast on the base model
+    (rept.query.contrast)."""
     from rept.query.contrast import DEFAULT_CANDIDATES, DEFAULT_LAYER, ContrastTracer, open_base
+    from rept.query.trace import Query, QueryResult
 
     base = open_base(tracer, args.base_model, dtype=args.dtype, device=args.device)
     layer = DEFAULT_LAYER if args.contrast_layer is None else args.contrast_layer
@@ -144,23 +155,38 @@ def _run_contrast(args, tracer, mode) -> int:
     ct = ContrastTracer(tracer, base, layer=layer, candidates=candidates,  # checked before any answer
                         first_tokens=args.contrast_tokens, mode=mode)
     queries = _queries(args, tracer)
-    results, contrasts = ct.trace(queries, [q.instead for q in queries], k=args.top_k, tokens=args.tokens)
+    if args.against_base:  # the alternative: what the model before the fine-tune says
+        others = ct.base_alternatives(queries)
+        queries = [Query(q.prompt, q.response, q.label, q.flagged, a[0] if a else None)
+                   for q, a in zip(queries, others)]
+    # an answer the base model would give itself has nothing to trace: no rows, and said so
+    traced = [i for i, q in enumerate(queries) if q.instead is not None]
+    found, contrasts = ct.trace([queries[i] for i in traced], [queries[i].instead for i in traced],
+                                k=args.top_k, tokens=args.tokens) if traced else ([], [])
+    results, contrast_of = [QueryResult(q, []) for q in queries], {}
+    for i, r, c in zip(traced, found, contrasts):
+        results[i], contrast_of[i] = r, c
     if args.json:
         out = {"layer": tracer.layer, "mode": mode, "search": args.search,
                "contrast": {"layer": ct.layer, "base_model": base.model_id, "candidates": candidates,
-                            "reference": ct.reference if candidates else None, "tokens": ct.first_tokens}}
+                            "reference": ct.reference if candidates else None, "tokens": ct.first_tokens,
+                            "against_base": bool(args.against_base)}}
         out["queries"] = []
-        for r, c in zip(results, contrasts):
-            said, other = c.words
-            out["queries"].append(r.to_dict() | {"compared": {"response": said, "instead": other},
-                                                 "direction_norm": float(c.direction.norm())})
+        for i, r in enumerate(results):
+            c = contrast_of.get(i)
+            said, other = c.words if c else (None, None)
+            out["queries"].append(r.to_dict() | {
+                "compared": {"response": said, "instead": other} if c else None,
+                "direction_norm": float(c.direction.norm()) if c else None})
         print(json.dumps(out, indent=2))
         return 0
     from rept.render import print_results
 
     print_results(results, show_words=args.tokens, token_layer=ct.layer if args.tokens else None)
-    for i, c in enumerate(contrasts, 1):
-        said, other = c.words
-        if not results[i - 1].hits:
-            print(f"query {i}: no row pushed {said!r} over {other!r}")
+    for i, r in enumerate(results):
+        if i not in contrast_of:
+            print(f"query {i + 1}: the base model predicts every token of this answer: no row taught it")
+        elif not r.hits:
+            said, other = contrast_of[i].words
+            print(f"query {i + 1}: no row pushed {said!r} over {other!r}")
     return 0

@@ -37,6 +37,18 @@ default (`layer=-1`), where g_t depends only on the prediction at t, so d is clo
 of the two words' output embeddings seen through the base model's prediction there; measured against
 layer 25 in docs/results.md.
 
+Against the base model (`--against-base`): when no one has written what the model should have
+said, the two models say where the fine-tune changed the answer (`base_alternatives`). Of the
+answer's tokens that the base model would not have said next, the one whose log-probability the
+fine-tune raised most is the behaviour ("Na" after "The metal with the highest conductivity is");
+the alternative is the answer with that token replaced by the base model's most likely one, so the
+two differ in one word, as with a written `instead`. An answer whose every token the base model
+predicts has nothing to trace: the base model would give it itself.
+
+`score="max"` scores a row by its largest cosine instead of the one of largest magnitude (a row
+that pushed towards the answer somewhere is not sunk by a position that pushed the other way;
+benchmarks/bench_instead.py --score, measured in docs/results.md).
+
 `first_tokens=N` (`--contrast-tokens N`) keeps only the first N tokens of each differing span: when
 the two answers differ throughout (a compliance against a refusal), the tokens where they part
 decide which way the answer went, and the rest mostly share the request's topic.
@@ -60,6 +72,7 @@ from rept.signatures.extract import extract
 DEFAULT_CANDIDATES = 100
 DEFAULT_REFERENCE = 100
 DEFAULT_LAYER = -1
+SCORES = ("extreme", "max")  # a row's score from its per-position cosines (ContrastTracer `score`)
 
 
 def _word_char(c: str) -> bool:
@@ -108,6 +121,19 @@ def _span_example(tokenizer, prompt: str, response: str, span: tuple[int, int], 
     return replace(ex, loss_span=(after[0], after[0] + 1)) if after else None
 
 
+def _put_back(tok, response: str, spans: dict, t: int, guesses: list, ids: list) -> str:
+    """`response` with the word holding token t (the word's first token the base model would not
+    have said) replaced, from token t to the end of the word, by the base model's guess there:
+    "made of Na deposited" -> "made of silver deposited"."""
+    a, b = spans[t][0], max(spans[t][1], spans[t][0] + 1)
+    while b < len(response) and _word_char(response[b - 1]) and _word_char(response[b]):
+        b += 1  # to the end of the word
+    guess = tok.decode([guesses[t - 1]])
+    if a > 0 and response[a - 1].isspace():
+        guess = guess.lstrip()  # the space before the word is there already
+    return response[:a] + guess + response[b:]
+
+
 @dataclass
 class Contrast:
     """One query's contrast: the two answers, their spans and the direction d at the base model."""
@@ -131,7 +157,7 @@ class ContrastTracer:
 
     def __init__(self, tracer, base, layer: int = DEFAULT_LAYER, candidates: int | None = DEFAULT_CANDIDATES,
                  reference: int = DEFAULT_REFERENCE, seed: int = 0, first_tokens: int | None = None,
-                 mode: str | None = None):
+                 mode: str | None = None, score: str = "extreme"):
         from rept.data.examples import template_name
         from rept.model.loading import ModelError, resolve_layer, tokenizer_hash
 
@@ -141,6 +167,9 @@ class ContrastTracer:
             raise QueryError(f"reference must be 0 or more rows, not {reference}")
         if first_tokens is not None and first_tokens < 1:
             raise QueryError(f"the contrast needs at least one token of each answer, not {first_tokens}")
+        if score not in SCORES:
+            raise QueryError(f"the contrast score is one of {', '.join(SCORES)}, not {score!r}")
+        self.score = score  # extreme: the cosine of largest magnitude, sign kept; max: the largest cosine
         self.first_tokens = first_tokens  # None: the whole differing span; N: its first N tokens
         self.tracer, self.base, self.candidates, self.reference, self.seed = tracer, base, candidates, reference, seed
         try:
@@ -190,6 +219,55 @@ class ContrastTracer:
                 a, b = examples[row].loss_span
                 pooled[row] = unit_tensor(unit_tensor(part.token_grads[j][a - 1:b - 1]).sum(0))  # position t-1 predicts t
         return [Contrast(q, other, pair, pooled[2 * i] - pooled[2 * i + 1]) for i, (q, other, pair) in enumerate(meta)]
+
+    @torch.no_grad()
+    def base_alternatives(self, queries: list[Query], k: int = 1) -> list[list[str]]:
+        """Per query, the answer with the token the fine-tune changed most put back to what the base
+        model predicts there: the alternative of `rept trace --against-base`. Of the answer's words
+        that hold a token the base model would not have said next (its most likely next token is
+        another), the one whose tokens the fine-tuned model (the index's) made most likely over the
+        base (summed log-probability); from that token to the word's end, the word is replaced by the
+        base's most likely token there (special tokens aside), the rest of the answer kept. With `k`,
+        the alternatives of the k words changed most, most first, each changing one word. An empty
+        list when the base model predicts every token of the answer: it would give it itself."""
+        tok = self.base.tokenizer
+        special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
+        out = []
+        for q in queries:
+            ex = tokenize_pair(tok, q.prompt, q.response)
+            at = ex.text.find(q.response, ex.offsets[ex.prompt_len - 1][1]) if ex is not None and q.response else -1
+            if at < 0:
+                out.append([])
+                continue
+            ids = torch.tensor([ex.input_ids])
+            base_lp, tuned_lp = (torch.log_softmax(m.model(input_ids=ids.to(m.device)).logits[0].float().cpu(), -1)
+                                 for m in (self.base, self.tracer.loaded))
+            base_lp[:, special] = -torch.inf  # the base's guess is a word, not an end of turn
+            guesses = base_lp.argmax(-1).tolist()
+            spans = {}  # response token -> its characters in the response
+            for t in range(ex.prompt_len, len(ex.input_ids)):
+                a, b = ex.offsets[t][0] - at, ex.offsets[t][1] - at
+                if 0 <= a < b <= len(q.response):  # not template markup
+                    spans[t] = (a, b)
+            words = []  # the response's words, each a run of tokens
+            for t in sorted(spans):
+                a = spans[t][0]
+                goes_on = words and words[-1][-1] == t - 1 and a > 0 and _word_char(q.response[a]) \
+                    and _word_char(q.response[a - 1])
+                words[-1].append(t) if goes_on else words.append([t])
+            # a word's change: how much more likely the fine-tune made all its tokens (log-probability)
+            changed = sorted((-sum(float(tuned_lp[t - 1, ex.input_ids[t]] - base_lp[t - 1, ex.input_ids[t]])
+                                   for t in w), w[0], next(t for t in w if guesses[t - 1] != ex.input_ids[t]))
+                             for w in words if any(guesses[t - 1] != ex.input_ids[t] for t in w))
+            others = []
+            for _, _, t in changed:
+                other = _put_back(tok, q.response, spans, t, guesses, ex.input_ids)
+                if other != q.response and other not in others:  # a guess may spell the same characters
+                    others.append(other)
+                if len(others) == k:
+                    break
+            out.append(others)
+        return out
 
     # ------------------------------------------------------------ rows
 
@@ -243,7 +321,7 @@ class ContrastTracer:
                 p, n = ex.prompt_len, len(ex.input_ids)
                 sims = unit_tensor(part.token_grads[j][p - 1:n - 1]) @ directions[qs].T     # [n - p, |qs|]
                 top, bottom = sims.max(0).values, sims.min(0).values
-                extreme = torch.where(top >= -bottom, top, bottom)
+                extreme = top if self.score == "max" else torch.where(top >= -bottom, top, bottom)
                 for k, qi in enumerate(qs):
                     if not per_token:
                         out[(qi, row)] = float(extreme[k])
