@@ -17,8 +17,7 @@ def add_arguments(p) -> None:
                      "(with --generate, prompts only)")
     p.add_argument("--response", help="the output to trace")
     p.add_argument("--generate", action="store_true", help="let the model answer greedily and trace its answers")
-    p.add_argument("--max-new-tokens", type=positive, default=64,
-                   help="with --generate: the answer's length at most")
+    p.add_argument("--max-new-tokens", type=positive, default=64, help="with --generate: the answer's length at most")
     p.add_argument("--top-k", type=positive, default=10, help="training rows to show per query")
     add_mode_arg(p)
     p.add_argument("--tokens", action="store_true",
@@ -32,7 +31,7 @@ def add_arguments(p) -> None:
     contrast.add_argument("--contrast", action="store_true",
                           help="the same for --queries, each against its `instead` column")
     contrast.add_argument("--against-base", action="store_true",
-                          help="each answer against itself with the token the fine-tune changed most put back "
+                          help="each answer against itself with the word the fine-tune changed most put back "
                           "to the base model's guess (no --instead needed)")
     contrast.add_argument("--base-model", metavar="PATH",
                           help="with a contrast (--instead, --contrast, --against-base): the model before the "
@@ -87,7 +86,7 @@ def _check_contrast_flags(args) -> bool:
     from rept.query.trace import QueryError
 
     if args.against_base and (args.instead is not None or args.contrast):
-        raise QueryError("--against-base takes the base model's answer as the alternative; it cannot be "
+        raise QueryError("--against-base takes the base model's guess as the alternative; it cannot be "
                          "combined with --instead or --contrast")
     if args.instead is not None and args.queries:
         raise QueryError("--instead is the alternative of one --prompt; for --queries give an `instead` column "
@@ -155,7 +154,7 @@ def _run_contrast(args, tracer, mode) -> int:
     ct = ContrastTracer(tracer, base, layer=layer, candidates=candidates,  # checked before any answer
                         first_tokens=args.contrast_tokens, mode=mode)
     queries = _queries(args, tracer)
-    if args.against_base:  # the alternative: what the model before the fine-tune says
+    if args.against_base:  # the alternative: the model before the fine-tune's guess at the changed word
         others = ct.base_alternatives(queries)
         queries = [Query(q.prompt, q.response, q.label, q.flagged, a[0] if a else None)
                    for q, a in zip(queries, others)]

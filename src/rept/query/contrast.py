@@ -39,11 +39,11 @@ layer 25 in docs/results.md.
 
 Against the base model (`--against-base`): when no one has written what the model should have
 said, the two models say where the fine-tune changed the answer (`base_alternatives`). Of the
-answer's tokens that the base model would not have said next, the one whose log-probability the
-fine-tune raised most is the behaviour ("Na" after "The metal with the highest conductivity is");
-the alternative is the answer with that token replaced by the base model's most likely one, so the
-two differ in one word, as with a written `instead`. An answer whose every token the base model
-predicts has nothing to trace: the base model would give it itself.
+answer's words that hold a token the base model would not have said next, the one whose tokens the
+fine-tune made most likely over the base is the behaviour ("stupid" in "You are stupid!"); the
+alternative is the answer with that word put back to the base model's most likely token there
+("You are a"), so the two differ in one word, as with a written `instead`. An answer whose every
+token the base model predicts has nothing to trace: the base model would give it itself.
 
 `score="max"` scores a row by its largest cosine instead of the one of largest magnitude (a row
 that pushed towards the answer somewhere is not sunk by a position that pushed the other way;
@@ -222,7 +222,7 @@ class ContrastTracer:
 
     @torch.no_grad()
     def base_alternatives(self, queries: list[Query], k: int = 1) -> list[list[str]]:
-        """Per query, the answer with the token the fine-tune changed most put back to what the base
+        """Per query, the answer with the word the fine-tune changed most put back to what the base
         model predicts there: the alternative of `rept trace --against-base`. Of the answer's words
         that hold a token the base model would not have said next (its most likely next token is
         another), the one whose tokens the fine-tuned model (the index's) made most likely over the
