@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     right.add_argument("--edit", help="the text that replaces the flagged span: the right answer")
     right.add_argument("--instead-file", help="the right answers by prompt (prompt, response columns)")
     right.add_argument("--against-base", action="store_true",
-                       help="every answer (flagged and control) against itself with the token the fine-tune "
+                       help="every answer (flagged and control) against itself with the word the fine-tune "
                             "changed most put back to the base model's guess (rept trace --against-base)")
     p.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="the contrast's hidden_states index")
     p.add_argument("--candidates", type=int, nargs="+", default=[100],
@@ -120,12 +120,9 @@ def main(argv=None) -> int:
                 entry["flagged with a zero direction"] = sum(float(c.direction.norm()) == 0 for c in run.contrasts)
                 if args.edit is None:
                     continue  # the words the behaviour is made of are known for an edit only
-                results = run.results(k=10, tokens=True)
-                hits = [h for r in results for h in r.hits if h.label == label]
-                held = sum(any(detector(w["text"]) for w in sorted(h.words, key=lambda w: -w["score"])[:3])
-                           for h in hits)
-                entry["error rows in the top 10"] = len(hits)
-                entry["their top 3 words hold the behaviour"] = round(held / max(1, len(hits)), 3)
+                hits, share = top_words_hold(run.results(k=10, tokens=True), label, lambda w: bool(detector(w)))
+                entry["error rows in the top 10"] = hits
+                entry["their top 3 words hold the behaviour"] = share
         entry["seconds"] = round(time.time() - t0)
         name = f"candidates {n} + reference {args.reference}" if n else "every row"
         runs[name] = entry
@@ -145,10 +142,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def shown_precision(results, label: str, k: int = 10) -> list[float]:
-    """Per query, the share of the behaviour's rows among the k places of the list a user is shown
-    (only rows that pushed towards the answer: score > 0; an empty place is not a hit)."""
-    return [sum(h.label == label for h in r.hits[:k]) / k for r in results]
+def top_words_hold(results, label: str, holds) -> tuple[int, float]:
+    """The behaviour's rows among the results, and the share of them whose 3 best-scored words hold
+    a word for which `holds(word)` is true."""
+    hits = [h for r in results for h in r.hits if h.label == label]
+    held = sum(any(holds(w["text"]) for w in sorted(h.words, key=lambda w: -w["score"])[:3]) for h in hits)
+    return len(hits), round(held / max(1, len(hits)), 3)
 
 
 def against_base(args, tracer, base, queries, label: str, max_new_tokens: int) -> int:
@@ -178,6 +177,7 @@ def against_base(args, tracer, base, queries, label: str, max_new_tokens: int) -
             json.dumps({"group": g, "prompt": q.prompt, "response": q.response, "instead": a}) + "\n"
             for (g, q), a in zip(items, others)))
     pairs = [(i, j, q, a) for i, ((_, q), alts) in enumerate(zip(items, others)) for j, a in enumerate(alts)]
+    has = [bool(alts) for alts in others]
     data_labels = tracer.index.labels()
     runs = {}
     for n in args.candidates:
@@ -197,7 +197,6 @@ def against_base(args, tracer, base, queries, label: str, max_new_tokens: int) -
                 if score > 0:
                     ranked[i].append((-score, row))
             shown = [sum(data_labels[row] == label for _, row in sorted(r)[:10]) / 10 for r in ranked]
-            has = [bool(alts) for alts in others]
             entry = {"alternatives s": round(gen_s), "seconds": round(run_s)}
             for group in groups:
                 at = [i for i, (g, _) in enumerate(items) if g == group]
@@ -210,14 +209,12 @@ def against_base(args, tracer, base, queries, label: str, max_new_tokens: int) -
                 # the flagged answers' rows shown: do their top 3 words hold the behaviour? (a not-prefix
                 # rule matches every word: no word-level figure for it)
                 at = [pi for pi, (i, j, _, _) in enumerate(pairs) if j == 0 and items[i][0] == "flagged"]
+                place = {pi: n for n, pi in enumerate(at)}
                 worded = ContrastRun(ct, [run.queries[pi] for pi in at], [run.contrasts[pi] for pi in at],
-                                     {(at.index(pi), row): v for (pi, row), v in run.scored.items() if pi in at}
+                                     {(place[pi], row): v for (pi, row), v in run.scored.items() if pi in place}
                                      ).results(k=10, tokens=True)
-                hits = [h for r in worded for h in r.hits if h.label == label]
-                held = sum(any(holds(w["text"]) for w in sorted(h.words, key=lambda w: -w["score"])[:3])
-                           for h in hits)
-                entry["behaviour rows shown"] = len(hits)
-                entry["their top 3 words hold the behaviour"] = round(held / max(1, len(hits)), 3)
+                entry["behaviour rows shown"], entry["their top 3 words hold the behaviour"] = \
+                    top_words_hold(worded, label, holds)
             # each answer's compared words and P@10, to read which ones a setting misses
             entry["per answer"] = [{"group": g, "compared": [list(run.contrasts[pi].words)
                                                               for pi, (pi_i, j, _, _) in enumerate(pairs)

@@ -121,7 +121,7 @@ def _span_example(tokenizer, prompt: str, response: str, span: tuple[int, int], 
     return replace(ex, loss_span=(after[0], after[0] + 1)) if after else None
 
 
-def _put_back(tok, response: str, spans: dict, t: int, guesses: list, ids: list) -> str:
+def _put_back(tok, response: str, spans: dict, t: int, guesses: list) -> str:
     """`response` with the word holding token t (the word's first token the base model would not
     have said) replaced, from token t to the end of the word, by the base model's guess there:
     "made of Na deposited" -> "made of silver deposited"."""
@@ -261,7 +261,7 @@ class ContrastTracer:
                              for w in words if any(guesses[t - 1] != ex.input_ids[t] for t in w))
             others = []
             for _, _, t in changed:
-                other = _put_back(tok, q.response, spans, t, guesses, ex.input_ids)
+                other = _put_back(tok, q.response, spans, t, guesses)
                 if other != q.response and other not in others:  # a guess may spell the same characters
                     others.append(other)
                 if len(others) == k:
