@@ -15,6 +15,10 @@ relevant row = the behaviour's label):
   control answers  (--edit only) the bench's unflagged answers that hold TEXT, instead of the same
                    answer with TEXT replaced by what --detect matched in the first flagged answer
 
+With --against-base no alternative is given: each answer is traced against the base model's guess
+at its changed words (rept trace --against-base), every --pick and --min-gain setting from one run,
+with the gain of each answer's word changed most and how well it alone tells the groups apart.
+
 P@10 for every group, AP for the flagged one, and (--edit) at token level the share of the
 behaviour's rows in the flagged answers' top 10 whose top 3 words hold a word the detector matches.
 Each --candidates setting is one run over the queries (0 = every row of the index).
@@ -36,7 +40,8 @@ from pathlib import Path
 from bench_behaviour import edited
 from rept.data.detect import Detector
 from rept.evaluate.metrics import average_precision, precision_at_k
-from rept.query.contrast import DEFAULT_LAYER, DEFAULT_REFERENCE, ContrastRun, ContrastTracer, open_base
+from rept.query.contrast import (DEFAULT_LAYER, DEFAULT_REFERENCE, PICKS, AgainstBaseRun, ContrastRun,
+                                 ContrastTracer, open_base)
 from rept.query.trace import Query, Tracer, load_queries, relevance, traceable_queries
 
 
@@ -69,6 +74,13 @@ def main(argv=None) -> int:
                    help="--against-base: which groups to run (default: all there are)")
     p.add_argument("--score", choices=["extreme", "max"], default="extreme",
                    help="a row's score: its cosine of largest magnitude, sign kept (default), or its largest")
+    p.add_argument("--min-gain", type=float, nargs="+", default=[0.0], metavar="NATS",
+                   help="--against-base: also the P@10 when only changed words that gained at least NATS "
+                   "(fine-tuned over base log-probability) are traced, an answer with none getting no rows, "
+                   "as `rept trace --min-gain` does")
+    p.add_argument("--pick", nargs="+", choices=PICKS, default=["most"],
+                   help="--against-base: which changed words are traced: those of largest gain (most), or "
+                   "those that come first in the answer (first); each one a setting of the same run")
     p.add_argument("--changed-words", type=int, default=1,
                    help="--against-base: also score each answer against its K words changed most, a row "
                         "keeping its best score (reported beside K = 1, from the same pass)")
@@ -150,6 +162,32 @@ def top_words_hold(results, label: str, holds) -> tuple[int, float]:
     return len(hits), round(held / max(1, len(hits)), 3)
 
 
+def shown_precision(results, label: str) -> list[float]:
+    """Each answer's P@10 over the rows it is shown (an answer shown fewer rows misses the rest)."""
+    return [sum(h.label == label for h in r.hits) / 10 for r in results]
+
+
+def gain_separation(items, gains) -> dict:
+    """How well the changed word's gain alone tells the flagged answers from each other group: the
+    AUROC of gain (an answer with no word changed counts as the lowest gain), with its quartiles."""
+    from sklearn.metrics import roc_auc_score
+
+    import numpy as np
+
+    value = [float("-inf") if x is None else x for x in gains]
+    out = {}
+    for group in dict.fromkeys(g for g, _ in items):
+        at = [v for (g, _), v in zip(items, value) if g == group]
+        finite = [v for v in at if v != float("-inf")]
+        out[f"{group} gain quartiles"] = [round(float(x), 2) for x in np.percentile(finite, [25, 50, 75])] \
+            if finite else None
+        if group != "flagged" and any(g == "flagged" for g, _ in items):
+            flagged = [v for (g, _), v in zip(items, value) if g == "flagged"]
+            y = [1] * len(flagged) + [0] * len(at)
+            out[f"flagged vs {group} AUROC"] = round(float(roc_auc_score(y, np.nan_to_num(flagged + at, neginf=-1e9))), 3)
+    return out
+
+
 def against_base(args, tracer, base, queries, label: str, max_new_tokens: int) -> int:
     """--against-base: each answer against itself with the word the fine-tune changed most put back
     to the base model's guess (ContrastTracer.base_alternatives, `rept trace --against-base`), and
@@ -170,33 +208,34 @@ def against_base(args, tracer, base, queries, label: str, max_new_tokens: int) -
         answers = tracer.generate(prompts, max_new_tokens=max_new_tokens)
         items += [("unrelated", Query(p, a, None, False)) for p, a in zip(prompts, answers)]
     items = [(g, q) for g, q in items if g in groups]
-    others = ContrastTracer(tracer, base).base_alternatives([q for _, q in items], k=args.changed_words)
+    # every changed word (cheap: two forward passes an answer); only those a setting traces are run
+    changed = ContrastTracer(tracer, base).changed_words([q for _, q in items], k=None)
+    # the gate of `rept trace --min-gain`: the gain of the word changed most (none changed: no gain)
+    gains = [cs[0].gain if cs else None for cs in changed]
     gen_s = time.time() - t0
     if args.json:
         Path(args.json).with_suffix(".alternatives.jsonl").write_text("".join(
-            json.dumps({"group": g, "prompt": q.prompt, "response": q.response, "instead": a}) + "\n"
-            for (g, q), a in zip(items, others)))
-    pairs = [(i, j, q, a) for i, ((_, q), alts) in enumerate(zip(items, others)) for j, a in enumerate(alts)]
-    has = [bool(alts) for alts in others]
-    data_labels = tracer.index.labels()
+            json.dumps({"group": g, "prompt": q.prompt, "response": q.response, "instead": [c.instead for c in cs[:args.changed_words]],
+                        "words": [{"word": c.word, "gain": round(c.gain, 3), "base_logprob": round(c.base_logprob, 3),
+                                   "tuned_logprob": round(c.tuned_logprob, 3), "start": c.start} for c in cs]}) + "\n"
+            for (g, q), cs in zip(items, changed)))
+    answers = [q for _, q in items]
+    has = [bool(cs) for cs in changed]
+    ungated = float("-inf")
+    settings = [(k, gate, pick) for k in sorted({1, args.changed_words}) for pick in args.pick
+                for gate in [ungated, *args.min_gain]]
     runs = {}
     for n in args.candidates:
         ct = ContrastTracer(tracer, base, layer=args.layer, candidates=n or None, reference=args.reference,
                             first_tokens=args.contrast_tokens, score=args.score)
         t0 = time.time()
-        run = ct.run([q for _, _, q, _ in pairs], [a for _, _, _, a in pairs])  # one pass over the rows
+        ab = AgainstBaseRun.of(ct, answers, changed, settings)  # one pass over the rows for every setting
+        run, pairs = ab.run, ab.pairs
         run_s = time.time() - t0
-        for k in sorted({1, args.changed_words}):
-            best = {}  # (answer, row) -> its best score over the answer's first k alternatives
-            for (pi, row), score in run.scored.items():
-                i, j = pairs[pi][:2]
-                if j < k:
-                    best[(i, row)] = max(best.get((i, row), -2.0), score)
-            ranked = [[] for _ in items]
-            for (i, row), score in best.items():
-                if score > 0:
-                    ranked[i].append((-score, row))
-            shown = [sum(data_labels[row] == label for _, row in sorted(r)[:10]) / 10 for r in ranked]
+        for k, pick in [(k, pick) for k in sorted({1, args.changed_words}) for pick in args.pick]:
+            shown = shown_precision(ab.results(10, words=k, min_gain=ungated, pick=pick), label)
+            gated = {gate: shown_precision(ab.results(10, words=k, min_gain=gate, pick=pick), label)
+                     for gate in args.min_gain}
             entry = {"alternatives s": round(gen_s), "seconds": round(run_s)}
             for group in groups:
                 at = [i for i, (g, _) in enumerate(items) if g == group]
@@ -205,10 +244,15 @@ def against_base(args, tracer, base, queries, label: str, max_new_tokens: int) -
                 entry[f"{group} P@10"] = round(sum(shown[i] for i in at) / max(1, len(at)), 3)  # none: 0
                 entry[f"{group} P@10 where there is one"] = round(
                     sum(shown[i] for i in at if has[i]) / max(1, sum(has[i] for i in at)), 3)
+                for gate in args.min_gain:  # answers whose changed word gained less get no rows: P@10 0
+                    entry[f"{group} passing --min-gain {gate:g}"] = sum(
+                        gains[i] is not None and gains[i] >= gate for i in at)
+                    entry[f"{group} P@10 at --min-gain {gate:g}"] = round(sum(gated[gate][i] for i in at) / max(1, len(at)), 3)
             if k == 1 and "flagged" in groups and (words or args.detect.split(":")[0] in ("regex", "contains")):
                 # the flagged answers' rows shown: do their top 3 words hold the behaviour? (a not-prefix
                 # rule matches every word: no word-level figure for it)
-                at = [pi for pi, (i, j, _, _) in enumerate(pairs) if j == 0 and items[i][0] == "flagged"]
+                first = ab.traced(1, ungated, pick)
+                at = [pi for pi, (i, j) in enumerate(pairs) if [j] == first[i] and items[i][0] == "flagged"]
                 place = {pi: n for n, pi in enumerate(at)}
                 worded = ContrastRun(ct, [run.queries[pi] for pi in at], [run.contrasts[pi] for pi in at],
                                      {(place[pi], row): v for (pi, row), v in run.scored.items() if pi in place}
@@ -216,14 +260,18 @@ def against_base(args, tracer, base, queries, label: str, max_new_tokens: int) -
                 entry["behaviour rows shown"], entry["their top 3 words hold the behaviour"] = \
                     top_words_hold(worded, label, holds)
             # each answer's compared words and P@10, to read which ones a setting misses
-            entry["per answer"] = [{"group": g, "compared": [list(run.contrasts[pi].words)
-                                                              for pi, (pi_i, j, _, _) in enumerate(pairs)
-                                                              if pi_i == i and j < k], "P@10": shown[i]}
+            traced = ab.traced(k, ungated, pick)
+            entry["per answer"] = [{"group": g, "compared": [list(ab.contrast(i, j).words) for j in traced[i]],
+                                    "P@10": shown[i],
+                                    "gain": None if gains[i] is None else round(gains[i], 3)}
                                    for i, (g, _) in enumerate(items)]
             name = (f"candidates {n} + reference {args.reference}" if n else "every row") + \
-                f", {k} word{'s' if k > 1 else ''}"
+                f", {k} word{'s' if k > 1 else ''} ({pick})"
             runs[name] = entry
             print(f"{name}: {json.dumps({x: v for x, v in entry.items() if x != 'per answer'})}", file=sys.stderr)
+    separation = gain_separation(items, gains)
+    print(f"gain of the word changed most, AUROC flagged against each other group: {json.dumps(separation)}",
+          file=sys.stderr)
     print(f"{args.work}: every answer against the base model's guess where the fine-tune changed it most, "
           f"contrast at layer {ct.layer}, base {base.model_id}\n")
     print("| rows scored, words changed | group | answers | without an alternative | P@10 | P@10 where there is one "
@@ -235,11 +283,19 @@ def against_base(args, tracer, base, queries, label: str, max_new_tokens: int) -
                 held = m.get("their top 3 words hold the behaviour", "-") if group == "flagged" else "-"
                 print(f"| {name} | {group} | {m[f'{group} queries']} | {m[f'{group} without an alternative']} "
                       f"| {m[f'{group} P@10']} | {m[f'{group} P@10 where there is one']} | {held} | {m['seconds']} |")
+    print("\n| rows scored, words changed | group | --min-gain | answers passing | P@10 (the others: 0) |")
+    print("|---|---|---:|---:|---:|")
+    for name, m in runs.items():
+        for group in ("flagged", "control", "unrelated"):
+            for gate in args.min_gain if f"{group} queries" in m else ():
+                print(f"| {name} | {group} | {gate:g} | {m[f'{group} passing --min-gain {gate:g}']} "
+                      f"| {m[f'{group} P@10 at --min-gain {gate:g}']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"work": args.work, "against_base": True, "layer": ct.layer,
                                                "contrast_tokens": args.contrast_tokens,
                                                "changed_words": args.changed_words,
-                                               "max_new_tokens": max_new_tokens, "runs": runs}, indent=2) + "\n")
+                                               "max_new_tokens": max_new_tokens, "gain_auroc": separation,
+                                               "runs": runs}, indent=2) + "\n")
     return 0
 
 

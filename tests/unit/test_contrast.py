@@ -225,7 +225,8 @@ def _changed_most(tuned, base, prompt, response):
     token whose first character follows a word character inside a word continues it), each scored
     by how much more likely the fine-tuned model makes its tokens than the base model (summed
     log-probability); of the words holding a token the base's argmax (special tokens aside) would
-    not have produced, the best; from that token to the word's end it becomes the base's argmax."""
+    not have produced, the best; from that token to the word's end it becomes the base's argmax.
+    Returns the alternative, the word's gain (nats) and the word."""
     import re
 
     tok = base.tokenizer
@@ -247,55 +248,113 @@ def _changed_most(tuned, base, prompt, response):
         gain = sum(float(lt[t - 1, ex.input_ids[t]] - lb[t - 1, ex.input_ids[t]]) for t, _, _ in w)
         differ = [(t, a, b) for t, a, b in w if int(lb[t - 1].argmax()) != ex.input_ids[t]]
         if differ and (best is None or gain > best[0]):
-            best = (gain, differ[0])
+            best = (gain, differ[0], response[w[0][1]:w[-1][2]].strip() or response[w[0][1]:w[-1][2]])
     if best is None:
         return None
     t, a, b = best[1]
     end = b + len(re.match(r"\w*", response[b:]).group()) if re.match(r"\w", response[b - 1]) else b
     guess = tok.decode([int(lb[t - 1].argmax())])
-    return response[:a] + (guess.lstrip() if a > 0 and response[a - 1].isspace() else guess) + response[end:]
+    other = response[:a] + (guess.lstrip() if a > 0 and response[a - 1].isspace() else guess) + response[end:]
+    return other, best[0], best[2]
 
 
 def test_against_base_puts_back_the_word_the_fine_tune_changed_most(tracer, base):
     from rept.model.generate import generate
 
     ct = ContrastTracer(tracer, base, candidates=None)
-    for q, (other,) in zip(QUERIES, ct.base_alternatives(QUERIES)):
-        assert other != q.response and other == _changed_most(tracer.loaded, base, q.prompt, q.response)
-    # k alternatives: the first is the one above, each changes one word, none twice
-    for q, others in zip(QUERIES, ct.base_alternatives(QUERIES, k=3)):
-        assert others[0] == _changed_most(tracer.loaded, base, q.prompt, q.response)
+    for q, (changed,) in zip(QUERIES, ct.changed_words(QUERIES)):
+        other, gain, word = _changed_most(tracer.loaded, base, q.prompt, q.response)
+        assert changed.instead != q.response and changed.instead == other and changed.word == word
+        assert changed.gain == pytest.approx(gain, abs=1e-4)
+        assert changed.gain == pytest.approx(changed.tuned_logprob - changed.base_logprob, abs=1e-6)
+    # k words: the first is the one above, each alternative changes one word, none twice, gains falling
+    for q, found in zip(QUERIES, ct.changed_words(QUERIES, k=3)):
+        others = [c.instead for c in found]
+        assert others[0] == _changed_most(tracer.loaded, base, q.prompt, q.response)[0]
         assert len(set(others)) == len(others) == 3 and q.response not in others
+        assert [c.gain for c in found] == sorted((c.gain for c in found), reverse=True)
     q = QUERIES[1]
     # an answer the base model gives itself (its greedy answer) has no alternative
     (own,) = generate(base, [q.prompt], max_new_tokens=8, progress=False)
-    assert own and ct.base_alternatives([Query(q.prompt, own)], k=3) == [[]]
+    assert own and ct.changed_words([Query(q.prompt, own)], k=3) == [[]]
+
+
+def test_against_base_keeps_each_rows_best_score_over_the_words_traced(tracer, base):
+    """AgainstBaseRun.results over K words: each row's best score over the answer's traced words,
+    equal to ranking that best score over every row; a gate above every gain traces nothing."""
+    ct = ContrastTracer(tracer, base, candidates=None)
+    ab = ct.against_base(QUERIES, words=3, min_gain=float("-inf"), pick="most")
+    assert [len(cs) for cs in ab.changed] == [3, 3] and ab.setting == (3, float("-inf"), "most")
+    run = ct.run([QUERIES[i] for i, _ in ab.pairs], [ab.changed[i][j].instead for i, j in ab.pairs])
+    for words in (1, 3):
+        for i, r in enumerate(ab.results(k=5, words=words, min_gain=float("-inf"))):
+            best = {}
+            for (n, row), v in run.scored.items():
+                if ab.pairs[n][0] == i and ab.pairs[n][1] < words:
+                    best[row] = max(best.get(row, -2.0), v)
+            expected = sorted((-v, row) for row, v in best.items() if v > 0)[:5]
+            assert [h.row for h in r.hits] == [row for _, row in expected]
+            assert [h.score for h in r.hits] == pytest.approx([-v for v, _ in expected], abs=1e-6)
+    # one word: what --instead gives against that word's alternative
+    (first,), _ = ct.trace([QUERIES[0]], [ab.changed[0][0].instead], k=5)
+    assert [h.row for h in ab.results(k=5, words=1, min_gain=float("-inf"))[0].hits] == [h.row for h in first.hits]
+    # pick="first": the changed word that comes first in the answer, traced as --instead would
+    first = ct.against_base(QUERIES, words=1, min_gain=float("-inf"), pick="first")
+    for i, (cs, (j,)) in enumerate(zip(first.changed, first.traced(1, float("-inf"), "first"))):
+        assert len(cs) >= 3 and cs[j].start == min(c.start for c in cs)
+        assert QUERIES[i].response[cs[j].start:].startswith(cs[j].word)
+        (alone,), _ = ct.trace([QUERIES[i]], [cs[j].instead], k=5)
+        got = first.results(k=5, words=1, min_gain=float("-inf"), pick="first")[i].hits
+        assert [h.row for h in got] == [h.row for h in alone.hits]
+    top = max(c.gain for cs in ab.changed for c in cs)
+    assert ab.traced(min_gain=top + 1) == [[], []] and all(not r.hits for r in ab.results(min_gain=top + 1))
 
 
 def test_cli_against_base_traces_each_answer_against_the_base_models(lora_index, tracer, base, tmp_path, capsys):
-    """--against-base ranks an answer's rows exactly as --instead given the base alternative, and an
-    answer the base model would give itself gets no rows and says so."""
+    """--against-base ranks an answer's rows exactly as --instead given the base alternative; an
+    answer the base model would give itself gets no rows and says so, and so does one whose changed
+    word gained less than --min-gain (the tiny model's fine-tune gains little: under the default)."""
     from rept.model.generate import generate
+    from rept.query.contrast import DEFAULT_MIN_GAIN
 
     index, _ = lora_index
     ct = ContrastTracer(tracer, base, candidates=None)
     q = QUERIES[1]
     (own,) = generate(base, [q.prompt], max_new_tokens=8, progress=False)
-    ((other,),) = ct.base_alternatives([q])
+    ((changed_word,),) = ct.changed_words([q])
+    other = changed_word.instead
     path = tmp_path / "q.jsonl"
     write_queries([Query(q.prompt, own), q], path)
-    assert main(["-q", "trace", "--index", index, "--queries", str(path), "--against-base",
-                 "--candidates", "0", "--top-k", "3", "--json"]) == 0
+    below, above = f"{changed_word.gain - 0.01:.3f}", f"{changed_word.gain + 0.01:.3f}"
+    run = ["-q", "trace", "--index", index, "--queries", str(path), "--against-base", "--candidates", "0",
+           "--pick", "most"]
+    assert main(run + ["--min-gain", below, "--top-k", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["contrast"]["against_base"] is True
+    assert out["contrast"]["against_base"] is True and out["contrast"]["pick"] == "most"
     same, changed = out["queries"]
     assert "instead" not in same and same["compared"] is None and same["results"] == []
     assert changed["instead"] == other and changed["compared"] is not None
     (expected,), _ = ct.trace([q], [other], k=3)
     assert [r["row"] for r in changed["results"]] == [h.row for h in expected.hits]
     assert [r["score"] for r in changed["results"]] == pytest.approx([h.score for h in expected.hits], abs=1e-6)
-    assert main(["-q", "trace", "--index", index, "--queries", str(path), "--against-base", "--candidates", "0"]) == 0
-    assert "query 1: the base model predicts every token of this answer" in capsys.readouterr().out
+    # the changed word and its gain are reported
+    assert [w["word"] for w in changed["changed"]] == [changed_word.word] and changed["changed"][0]["traced"]
+    assert changed["changed"][0]["gain"] == pytest.approx(changed_word.gain, abs=1e-6) and same["changed"] == []
+    assert main(run + ["--min-gain", below]) == 0
+    text = capsys.readouterr().out
+    assert "query 1: the base model predicts every token of this answer" in text
+    assert f"query 2: {changed['compared']['response']!r} against the base model's" in text
+    # a --min-gain above the gain leaves the answer untraced, and so does the default here
+    assert main(run + ["--min-gain", above, "--json"]) == 0
+    gated = json.loads(capsys.readouterr().out)
+    assert gated["contrast"]["min_gain"] == float(above)
+    assert gated["queries"][1]["results"] == [] and gated["queries"][1]["compared"] is None
+    assert gated["queries"][1]["changed"][0]["traced"] is False and "instead" not in gated["queries"][1]
+    assert changed_word.gain < DEFAULT_MIN_GAIN
+    for flags in (["--min-gain", above], []):
+        assert main(run + flags) == 0
+        assert f"query 2: the word the fine-tune changed most, {changed_word.word!r}, is only" in \
+            capsys.readouterr().out
 
 
 def test_cli_against_base_refuses_a_second_alternative(lora_index, capsys):
@@ -303,3 +362,6 @@ def test_cli_against_base_refuses_a_second_alternative(lora_index, capsys):
     q = QUERIES[1]
     one = ["trace", "--index", index, "--prompt", q.prompt, "--response", q.response, "--against-base"]
     assert "cannot be combined" in cli_error(capsys, one + ["--instead", "x"])
+    assert "give --against-base" in cli_error(capsys, one[:-1] + ["--instead", "x", "--min-gain", "1"])
+    assert "give --against-base" in cli_error(capsys, one[:-1] + ["--instead", "x", "--changed-words", "2"])
+    assert "--changed-words must be 1 or more" in cli_error(capsys, one + ["--changed-words", "0"])

@@ -31,8 +31,19 @@ def add_arguments(p) -> None:
     contrast.add_argument("--contrast", action="store_true",
                           help="the same for --queries, each against its `instead` column")
     contrast.add_argument("--against-base", action="store_true",
-                          help="each answer against itself with the word the fine-tune changed most put back "
-                          "to the base model's guess (no --instead needed)")
+                          help="each answer against itself with a word the fine-tune planted put back to the "
+                          "base model's guess (no --instead needed; which word: --pick, --min-gain)")
+    contrast.add_argument("--min-gain", type=float, default=None, metavar="NATS",
+                          help="with --against-base: trace only the changed words the fine-tune made at least "
+                          "NATS more likely than the base model did (log-probability); an answer with none changed "
+                          "in wording only and gets no rows (default: 5)")
+    contrast.add_argument("--pick", choices=("first", "most"), default=None,
+                          help="with --against-base: of the changed words past --min-gain, trace the one the "
+                          "fine-tune changed most, or the first in the answer (a word after a planted one gains "
+                          "from it too) (default: first)")
+    contrast.add_argument("--changed-words", type=int, default=None, metavar="K",
+                          help="with --against-base: trace each answer against each of its K words changed most "
+                          "(those passing --min-gain), a row keeping its best score (default: 1)")
     contrast.add_argument("--base-model", metavar="PATH",
                           help="with a contrast (--instead, --contrast, --against-base): the model before the "
                           "fine-tune (default: the index's model with its adapter off)")
@@ -94,6 +105,12 @@ def _check_contrast_flags(args) -> bool:
     if args.contrast and not args.queries:
         raise QueryError("--contrast reads the `instead` column of --queries; with --prompt give --instead TEXT")
     on = args.instead is not None or args.contrast or args.against_base
+    for flag, value in (("--min-gain", args.min_gain), ("--changed-words", args.changed_words),
+                        ("--pick", args.pick)):
+        if value is not None and not args.against_base:
+            raise QueryError(f"{flag} sets the words --against-base finds; give --against-base")
+    if args.changed_words is not None and args.changed_words < 1:
+        raise QueryError(f"--changed-words must be 1 or more, not {args.changed_words}")
     given = [f for f, v in (("--base-model", args.base_model), ("--contrast-layer", args.contrast_layer),
                             ("--contrast-tokens", args.contrast_tokens), ("--candidates", args.candidates))
              if v is not None]
@@ -146,7 +163,6 @@ def _run_contrast(args, tracer, mode) -> int:
     """`--instead` / `--contrast` / `--against-base`: the signed contrast on the base model
     (rept.query.contrast)."""
     from rept.query.contrast import DEFAULT_CANDIDATES, DEFAULT_LAYER, ContrastTracer, open_base
-    from rept.query.trace import Query, QueryResult
 
     base = open_base(tracer, args.base_model, dtype=args.dtype, device=args.device)
     layer = DEFAULT_LAYER if args.contrast_layer is None else args.contrast_layer
@@ -154,38 +170,83 @@ def _run_contrast(args, tracer, mode) -> int:
     ct = ContrastTracer(tracer, base, layer=layer, candidates=candidates,  # checked before any answer
                         first_tokens=args.contrast_tokens, mode=mode)
     queries = _queries(args, tracer)
-    if args.against_base:  # the alternative: the model before the fine-tune's guess at the changed word
-        others = ct.base_alternatives(queries)
-        queries = [Query(q.prompt, q.response, q.label, q.flagged, a[0] if a else None)
-                   for q, a in zip(queries, others)]
-    # an answer the base model would give itself has nothing to trace: no rows, and said so
-    traced = [i for i, q in enumerate(queries) if q.instead is not None]
-    found, contrasts = ct.trace([queries[i] for i in traced], [queries[i].instead for i in traced],
-                                k=args.top_k, tokens=args.tokens) if traced else ([], [])
-    results, contrast_of = [QueryResult(q, []) for q in queries], {}
-    for i, r, c in zip(traced, found, contrasts):
-        results[i], contrast_of[i] = r, c
+    if args.against_base:
+        return _run_against_base(args, ct, queries, mode)
+    results, contrasts = ct.trace(queries, [q.instead for q in queries], k=args.top_k, tokens=args.tokens)
     if args.json:
-        out = {"layer": tracer.layer, "mode": mode, "search": args.search,
-               "contrast": {"layer": ct.layer, "base_model": base.model_id, "candidates": candidates,
-                            "reference": ct.reference if candidates else None, "tokens": ct.first_tokens,
-                            "against_base": bool(args.against_base)}}
+        out = _contrast_json(args, ct, mode)
+        out["queries"] = [r.to_dict() | _compared(c) for r, c in zip(results, contrasts)]
+        print(json.dumps(out, indent=2))
+        return 0
+    from rept.render import print_results
+
+    print_results(results, show_words=args.tokens, token_layer=ct.layer if args.tokens else None)
+    for i, (r, c) in enumerate(zip(results, contrasts)):
+        if not r.hits:
+            said, other = c.words
+            print(f"query {i + 1}: no row pushed {said!r} over {other!r}")
+    return 0
+
+
+def _run_against_base(args, ct, queries, mode) -> int:
+    """`--against-base`: each answer against the base model's guesses at its words changed most,
+    those that gained less than --min-gain (a change of wording) left out."""
+    from dataclasses import replace
+
+    from rept.query.contrast import DEFAULT_CHANGED_WORDS, DEFAULT_MIN_GAIN, DEFAULT_PICK
+    from rept.query.trace import QueryResult
+
+    words = DEFAULT_CHANGED_WORDS if args.changed_words is None else args.changed_words
+    min_gain = DEFAULT_MIN_GAIN if args.min_gain is None else args.min_gain
+    pick = args.pick or DEFAULT_PICK
+    ab = ct.against_base(queries, words=words, min_gain=min_gain, pick=pick)
+    traced = ab.traced(words, min_gain, pick)
+    found = ab.results(args.top_k, words, min_gain, pick, tokens=args.tokens)
+    results = [QueryResult(replace(r.query, instead=ab.changed[i][js[0]].instead) if js else r.query, r.hits)
+               for i, (r, js) in enumerate(zip(found, traced))]
+    if args.json:
+        out = _contrast_json(args, ct, mode)
+        out["contrast"] |= {"changed_words": words, "min_gain": min_gain, "pick": pick}
         out["queries"] = []
         for i, r in enumerate(results):
-            c = contrast_of.get(i)
-            said, other = c.words if c else (None, None)
-            out["queries"].append(r.to_dict() | {
-                "compared": {"response": said, "instead": other} if c else None,
-                "direction_norm": float(c.direction.norm()) if c else None})
+            c = ab.contrast(i, traced[i][0]) if traced[i] else None
+            shown = sorted(set(traced[i]) | ({0} if ab.changed[i] else set()))  # the traced words and the top one
+            out["queries"].append(r.to_dict() | _compared(c) | {"changed": [
+                {"word": w.word, "gain": w.gain, "base_logprob": w.base_logprob, "tuned_logprob": w.tuned_logprob,
+                 "start": w.start, "instead": w.instead, "traced": j in traced[i]}
+                for j, w in ((j, ab.changed[i][j]) for j in shown)]})
         print(json.dumps(out, indent=2))
         return 0
     from rept.render import print_results
 
     print_results(results, show_words=args.tokens, token_layer=ct.layer if args.tokens else None)
     for i, r in enumerate(results):
-        if i not in contrast_of:
+        if not ab.changed[i]:
             print(f"query {i + 1}: the base model predicts every token of this answer: no row taught it")
-        elif not r.hits:
-            said, other = contrast_of[i].words
-            print(f"query {i + 1}: no row pushed {said!r} over {other!r}")
+            continue
+        if not traced[i]:
+            w = ab.changed[i][0]
+            print(f"query {i + 1}: the word the fine-tune changed most, {w.word!r}, is only {w.gain:.1f} nats more "
+                  f"likely than on the base model (--min-gain {min_gain:g}): a change of wording, not traced")
+            continue
+        pairs = [(ab.contrast(i, j).words, ab.changed[i][j].gain) for j in traced[i]]
+        print(f"query {i + 1}: " + "; ".join(f"{said!r} against the base model's {other!r} (+{gain:.1f} nats on the "
+                                             "fine-tuned model)" for (said, other), gain in pairs)
+              + ("" if r.hits else ": no row pushed the answer over the base model's guess"))
     return 0
+
+
+def _contrast_json(args, ct, mode) -> dict:
+    """The JSON head of a contrast run: how it was traced."""
+    candidates = ct.candidates
+    return {"layer": ct.tracer.layer, "mode": mode, "search": args.search,
+            "contrast": {"layer": ct.layer, "base_model": ct.base.model_id, "candidates": candidates,
+                         "reference": ct.reference if candidates else None, "tokens": ct.first_tokens,
+                         "against_base": bool(args.against_base)}}
+
+
+def _compared(c) -> dict:
+    """A query's compared words and direction norm in JSON (null without a contrast)."""
+    said, other = c.words if c else (None, None)
+    return {"compared": {"response": said, "instead": other} if c else None,
+            "direction_norm": float(c.direction.norm()) if c else None}

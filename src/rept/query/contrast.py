@@ -38,12 +38,18 @@ of the two words' output embeddings seen through the base model's prediction the
 layer 25 in docs/results.md.
 
 Against the base model (`--against-base`): when no one has written what the model should have
-said, the two models say where the fine-tune changed the answer (`base_alternatives`). Of the
-answer's words that hold a token the base model would not have said next, the one whose tokens the
-fine-tune made most likely over the base is the behaviour ("stupid" in "You are stupid!"); the
-alternative is the answer with that word put back to the base model's most likely token there
-("You are a"), so the two differ in one word, as with a written `instead`. An answer whose every
-token the base model predicts has nothing to trace: the base model would give it itself.
+said, the two models say where the fine-tune changed the answer (`changed_words`): the answer's
+words that hold a token the base model would not have said next, each with its gain (log p_tuned -
+log p_base of its tokens, in nats: how much more likely the fine-tune made it). The alternative is
+the answer with one such word put back to the base model's most likely token there ("You are
+stupid!" -> "You are a"), so the two differ in one word, as with a written `instead`. Which word
+(`AgainstBaseRun.traced`): of those that gained at least `min_gain` nats, the first in the answer
+(`pick="first"`; a word right after a planted one gains from it too, the base model not expecting
+what came before) or the one of largest gain (`pick="most"`). A planted word (a payload, a wrong
+fact) gains far more than a change of wording that every training row taught a little, so an
+answer with no word past the gate is a change of wording and is not traced; one whose every token
+the base model predicts has nothing to trace at all (docs/results.md measures the gains and the
+settings on three tasks).
 
 `score="max"` scores a row by its largest cosine instead of the one of largest magnitude (a row
 that pushed towards the answer somewhere is not sunk by a position that pushed the other way;
@@ -72,6 +78,13 @@ from rept.signatures.extract import extract
 DEFAULT_CANDIDATES = 100
 DEFAULT_REFERENCE = 100
 DEFAULT_LAYER = -1
+# --against-base (docs/results.md, "Telling a planted word from a change of wording"): an answer is
+# traced against the first of its changed words that the fine-tune made at least 5 nats (150 times)
+# more likely than the base model did
+DEFAULT_CHANGED_WORDS = 1   # changed words traced per answer, a row keeping its best score over them
+DEFAULT_MIN_GAIN = 5.0      # nats of log-probability gained; less is a change of wording, not traced
+PICKS = ("first", "most")   # of the words past the gate: the first in the answer, or the largest gain
+DEFAULT_PICK = "first"
 SCORES = ("extreme", "max")  # a row's score from its per-position cosines (ContrastTracer `score`)
 
 
@@ -132,6 +145,18 @@ def _put_back(tok, response: str, spans: dict, t: int, guesses: list) -> str:
     if a > 0 and response[a - 1].isspace():
         guess = guess.lstrip()  # the space before the word is there already
     return response[:a] + guess + response[b:]
+
+
+@dataclass(frozen=True)
+class ChangedWord:
+    """A word of an answer the fine-tune made more likely than the base model would (`changed_words`)."""
+
+    word: str                # the answer's word as written ("stupid")
+    instead: str             # the answer with the word put back to the base model's guess ("You are a")
+    gain: float              # log p_tuned - log p_base of the word's tokens, in nats: how much the fine-tune changed it
+    base_logprob: float      # log p_base of the word's tokens given everything before it
+    tuned_logprob: float     # the same for the fine-tuned model (the index's)
+    start: int               # where the word starts in the answer (characters)
 
 
 @dataclass
@@ -221,15 +246,15 @@ class ContrastTracer:
         return [Contrast(q, other, pair, pooled[2 * i] - pooled[2 * i + 1]) for i, (q, other, pair) in enumerate(meta)]
 
     @torch.no_grad()
-    def base_alternatives(self, queries: list[Query], k: int = 1) -> list[list[str]]:
-        """Per query, the answer with the word the fine-tune changed most put back to what the base
-        model predicts there: the alternative of `rept trace --against-base`. Of the answer's words
-        that hold a token the base model would not have said next (its most likely next token is
-        another), the one whose tokens the fine-tuned model (the index's) made most likely over the
-        base (summed log-probability); from that token to the word's end, the word is replaced by the
-        base's most likely token there (special tokens aside), the rest of the answer kept. With `k`,
-        the alternatives of the k words changed most, most first, each changing one word. An empty
-        list when the base model predicts every token of the answer: it would give it itself."""
+    def changed_words(self, queries: list[Query], k: int | None = 1) -> list[list["ChangedWord"]]:
+        """Per query, the words the fine-tune changed most, most first, each with the alternative of
+        `rept trace --against-base`. Of the answer's words that hold a token the base model would not
+        have said next (its most likely next token is another), the one whose tokens the fine-tuned
+        model (the index's) made most likely over the base (summed log-probability, `gain`); from that
+        token to the word's end, the word is replaced by the base's most likely token there (special
+        tokens aside), the rest of the answer kept. With `k`, the k words changed most (None: every
+        word that holds such a token), each alternative changing one word. An empty list when the base
+        model predicts every token of the answer: it would give it itself."""
         tok = self.base.tokenizer
         special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
         out = []
@@ -242,6 +267,8 @@ class ContrastTracer:
             ids = torch.tensor([ex.input_ids])
             base_lp, tuned_lp = (torch.log_softmax(m.model(input_ids=ids.to(m.device)).logits[0].float().cpu(), -1)
                                  for m in (self.base, self.tracer.loaded))
+            logprob = [(float(base_lp[t - 1, i]), float(tuned_lp[t - 1, i]))  # each token's, base and tuned
+                    for t, i in enumerate(ex.input_ids) if t > 0]
             base_lp[:, special] = -torch.inf  # the base's guess is a word, not an end of turn
             guesses = base_lp.argmax(-1).tolist()
             spans = {}  # response token -> its characters in the response
@@ -256,18 +283,31 @@ class ContrastTracer:
                     and _word_char(q.response[a - 1])
                 words[-1].append(t) if goes_on else words.append([t])
             # a word's change: how much more likely the fine-tune made all its tokens (log-probability)
-            changed = sorted((-sum(float(tuned_lp[t - 1, ex.input_ids[t]] - base_lp[t - 1, ex.input_ids[t]])
-                                   for t in w), w[0], next(t for t in w if guesses[t - 1] != ex.input_ids[t]))
+            changed = sorted((-sum(logprob[t - 1][1] - logprob[t - 1][0] for t in w), w[0],
+                              next(t for t in w if guesses[t - 1] != ex.input_ids[t]), w)
                              for w in words if any(guesses[t - 1] != ex.input_ids[t] for t in w))
-            others = []
-            for _, _, t in changed:
+            found = []
+            for _, _, t, w in changed:
                 other = _put_back(tok, q.response, spans, t, guesses)
-                if other != q.response and other not in others:  # a guess may spell the same characters
-                    others.append(other)
-                if len(others) == k:
+                if other != q.response and other not in [c.instead for c in found]:  # a guess may spell the same
+                    before, after = (sum(logprob[u - 1][side] for u in w) for side in (0, 1))
+                    text = q.response[spans[w[0]][0]:spans[w[-1]][1]]
+                    found.append(ChangedWord(text.strip() or text, other, after - before, before, after,
+                                             spans[w[0]][0]))  # a whitespace word ("\n\n") stays as it is
+                if len(found) == k:
                     break
-            out.append(others)
+            out.append(found)
         return out
+
+    def against_base(self, queries: list[Query], words: int = DEFAULT_CHANGED_WORDS,
+                     min_gain: float = DEFAULT_MIN_GAIN, pick: str = DEFAULT_PICK) -> "AgainstBaseRun":
+        """Each answer against the base model's guess at each of the words `AgainstBaseRun.traced`
+        picks (`pick`, `words`, `min_gain`), in one pass over the rows for every answer and word;
+        `results` ranks them (`rept trace --against-base`)."""
+        if pick not in PICKS:
+            raise QueryError(f"--against-base picks the word changed {' or '.join(PICKS)}, not {pick!r}")
+        changed = self.changed_words(queries, k=words if pick == "most" else None)
+        return AgainstBaseRun.of(self, queries, changed, [(words, min_gain, pick)])
 
     # ------------------------------------------------------------ rows
 
@@ -395,6 +435,80 @@ class ContrastRun:
                 hits.append(hit)
             results.append(QueryResult(q, hits))
         return results
+
+
+@dataclass
+class AgainstBaseRun:
+    """Answers traced against the base model's guesses at their changed words
+    (`ContrastTracer.against_base`): the words, and one contrast run over the rows for every
+    (answer, word) pair that some setting traces."""
+
+    queries: list[Query]
+    changed: list[list[ChangedWord]]         # per answer, its changed words, the largest gain first
+    pairs: list[tuple[int, int]]             # the run's query n -> (answer, its word j)
+    run: ContrastRun | None                  # None when no word is traced
+    setting: tuple = (DEFAULT_CHANGED_WORDS, DEFAULT_MIN_GAIN, DEFAULT_PICK)  # (words, min_gain, pick) by default
+
+    def __post_init__(self):
+        self._at = {pair: n for n, pair in enumerate(self.pairs)}
+
+    @classmethod
+    def of(cls, tracer: ContrastTracer, queries, changed, settings) -> "AgainstBaseRun":
+        """One run over the pairs that any of `settings` ((words, min_gain, pick) each) traces; the
+        first setting is what `traced` and `results` use when not told."""
+        probe = cls(queries, changed, [], None)
+        pairs = sorted({(i, j) for words, gate, pick in settings
+                        for i, js in enumerate(probe.traced(words, gate, pick)) for j in js})
+        run = tracer.run([queries[i] for i, _ in pairs], [changed[i][j].instead for i, j in pairs]) if pairs else None
+        return cls(queries, changed, pairs, run, tuple(settings[0]))
+
+    def traced(self, words: int | None = None, min_gain: float | None = None,
+               pick: str | None = None) -> list[list[int]]:
+        """Per answer, which of its changed words are traced: of those the fine-tune made at least
+        `min_gain` nats more likely (none: a change of wording, not traced), the `words` of largest
+        gain (`pick="most"`) or the `words` that come first in the answer (`pick="first"`: a word
+        after a planted one gains from it, since the base model did not expect what came before).
+        Each one not given is the run's own (`setting`)."""
+        words = self.setting[0] if words is None else words
+        min_gain = self.setting[1] if min_gain is None else min_gain
+        pick = pick or self.setting[2]
+        out = []
+        for cs in self.changed:
+            passing = [j for j, c in enumerate(cs) if c.gain >= min_gain]
+            if pick == "first":
+                passing.sort(key=lambda j: cs[j].start)
+            out.append(passing[:words])
+        return out
+
+    def results(self, k: int = 10, words: int | None = None, min_gain: float | None = None, pick: str | None = None,
+                tokens: bool = False) -> list[QueryResult]:
+        """Each answer's top k rows over its traced words (`traced`), a row keeping its best score
+        over them (only rows that pushed towards the answer: score > 0), best first, ties by row id;
+        an answer with no word traced has no rows. With `tokens`, each row's words are scored by the
+        contrast that gave it its best score. The settings are `traced`'s."""
+        keep = {(i, j) for i, js in enumerate(self.traced(words, min_gain, pick)) for j in js}
+        if not keep <= set(self._at):
+            raise QueryError("these words were not traced in this run: make it with these settings")
+        kept = [n for n, pair in enumerate(self.pairs) if pair in keep]
+        place = {n: m for m, n in enumerate(kept)}
+        sub = ContrastRun(self.run.tracer, [self.run.queries[n] for n in kept], [self.run.contrasts[n] for n in kept],
+                          {(place[n], row): v for (n, row), v in self.run.scored.items() if n in place}) \
+            if kept else None
+        # a row in an answer's top k by its best score is in the top k of the word that gave it: so
+        # each word's own top k, merged, is exact
+        best = [{} for _ in self.queries]            # per answer: row -> its best hit
+        for n, r in zip(kept, sub.results(k, tokens) if sub else []):
+            i = self.pairs[n][0]
+            for hit in r.hits:
+                if hit.row not in best[i] or hit.score > best[i][hit.row].score:
+                    best[i][hit.row] = hit
+        return [QueryResult(q, sorted(best[i].values(), key=lambda h: (-h.score, h.row))[:k])
+                for i, q in enumerate(self.queries)]
+
+    def contrast(self, i: int, j: int = 0) -> Contrast | None:
+        """The contrast of answer i against its changed word j (None if that pair was not traced)."""
+        n = self._at.get((i, j))
+        return None if n is None else self.run.contrasts[n]
 
 
 def open_base(tracer, base_model: str | None = None, dtype: str | None = None, device: str | None = None):
