@@ -38,12 +38,13 @@ def add_arguments(p) -> None:
                           "NATS more likely than the base model did (log-probability); an answer with none changed "
                           "in wording only and gets no rows (default: 5)")
     contrast.add_argument("--pick", choices=("first", "most"), default=None,
-                          help="with --against-base: of the changed words past --min-gain, trace the one the "
-                          "fine-tune changed most, or the first in the answer (a word after a planted one gains "
-                          "from it too) (default: first)")
+                          help="with --against-base: of the changed words past --min-gain, trace the first in "
+                          "the answer (default; a word after a planted one gains from it too) or the one the "
+                          "fine-tune changed most")
     contrast.add_argument("--changed-words", type=int, default=None, metavar="K",
-                          help="with --against-base: trace each answer against each of its K words changed most "
-                          "(those passing --min-gain), a row keeping its best score (default: 1)")
+                          help="with --against-base: trace each answer against K of its changed words past "
+                          "--min-gain (the first K, or with --pick most the K of largest gain), a row keeping its "
+                          "best score (default: 1)")
     contrast.add_argument("--base-model", metavar="PATH",
                           help="with a contrast (--instead, --contrast, --against-base): the model before the "
                           "fine-tune (default: the index's model with its adapter off)")
@@ -230,7 +231,7 @@ def _run_against_base(args, ct, queries, mode) -> int:
                   f"likely than on the base model (--min-gain {min_gain:g}): a change of wording, not traced")
             continue
         pairs = [(ab.contrast(i, j).words, ab.changed[i][j].gain) for j in traced[i]]
-        print(f"query {i + 1}: " + "; ".join(f"{said!r} against the base model's {other!r} (+{gain:.1f} nats on the "
+        print(f"query {i + 1}: " + "; ".join(f"{said!r} against the base model's {other!r} ({gain:+.1f} nats on the "
                                              "fine-tuned model)" for (said, other), gain in pairs)
               + ("" if r.hits else ": no row pushed the answer over the base model's guess"))
     return 0
