@@ -40,8 +40,7 @@ from pathlib import Path
 from bench_behaviour import edited
 from rept.data.detect import Detector
 from rept.evaluate.metrics import average_precision, precision_at_k
-from rept.query.contrast import (DEFAULT_LAYER, DEFAULT_REFERENCE, PICKS, AgainstBaseRun, ContrastRun,
-                                 ContrastTracer, open_base)
+from rept.query.contrast import DEFAULT_LAYER, DEFAULT_REFERENCE, PICKS, AgainstBaseRun, ContrastTracer, open_base
 from rept.query.trace import Query, Tracer, load_queries, relevance, traceable_queries
 
 
@@ -253,10 +252,7 @@ def against_base(args, tracer, base, queries, label: str, max_new_tokens: int) -
                 # rule matches every word: no word-level figure for it)
                 first = ab.traced(1, ungated, pick)
                 at = [pi for pi, (i, j) in enumerate(pairs) if [j] == first[i] and items[i][0] == "flagged"]
-                place = {pi: n for n, pi in enumerate(at)}
-                worded = ContrastRun(ct, [run.queries[pi] for pi in at], [run.contrasts[pi] for pi in at],
-                                     {(place[pi], row): v for (pi, row), v in run.scored.items() if pi in place}
-                                     ).results(k=10, tokens=True)
+                worded = run.subset(at).results(k=10, tokens=True)
                 entry["behaviour rows shown"], entry["their top 3 words hold the behaviour"] = \
                     top_words_hold(worded, label, holds)
             # each answer's compared words and P@10, to read which ones a setting misses

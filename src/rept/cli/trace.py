@@ -201,8 +201,8 @@ def _run_against_base(args, ct, queries, mode) -> int:
     min_gain = DEFAULT_MIN_GAIN if args.min_gain is None else args.min_gain
     pick = args.pick or DEFAULT_PICK
     ab = ct.against_base(queries, words=words, min_gain=min_gain, pick=pick)
-    traced = ab.traced(words, min_gain, pick)
-    found = ab.results(args.top_k, words, min_gain, pick, tokens=args.tokens)
+    traced = ab.traced()  # the run's own setting: these words, this gate, this pick
+    found = ab.results(args.top_k, tokens=args.tokens)
     results = [QueryResult(replace(r.query, instead=ab.changed[i][js[0]].instead) if js else r.query, r.hits)
                for i, (r, js) in enumerate(zip(found, traced))]
     if args.json:

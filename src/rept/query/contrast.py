@@ -399,6 +399,12 @@ class ContrastRun:
     contrasts: list[Contrast]
     scored: dict                             # (query, row) -> score
 
+    def subset(self, queries: list[int]) -> "ContrastRun":
+        """The run of these of its queries alone, in this order (their scores as they are)."""
+        place = {n: m for m, n in enumerate(queries)}
+        return ContrastRun(self.tracer, [self.queries[n] for n in queries], [self.contrasts[n] for n in queries],
+                           {(place[n], row): v for (n, row), v in self.scored.items() if n in place})
+
     def matrix(self) -> tuple[np.ndarray, np.ndarray, list]:
         labels = self.tracer.labels()
         rows = np.array(sorted(labels), dtype=np.int64)
@@ -490,14 +496,10 @@ class AgainstBaseRun:
         if not keep <= set(self._at):
             raise QueryError("these words were not traced in this run: make it with these settings")
         kept = [n for n, pair in enumerate(self.pairs) if pair in keep]
-        place = {n: m for m, n in enumerate(kept)}
-        sub = ContrastRun(self.run.tracer, [self.run.queries[n] for n in kept], [self.run.contrasts[n] for n in kept],
-                          {(place[n], row): v for (n, row), v in self.run.scored.items() if n in place}) \
-            if kept else None
         # a row in an answer's top k by its best score is in the top k of the word that gave it: so
         # each word's own top k, merged, is exact
         best = [{} for _ in self.queries]            # per answer: row -> its best hit
-        for n, r in zip(kept, sub.results(k, tokens) if sub else []):
+        for n, r in zip(kept, self.run.subset(kept).results(k, tokens) if kept else []):
             i = self.pairs[n][0]
             for hit in r.hits:
                 if hit.row not in best[i] or hit.score > best[i][hit.row].score:
