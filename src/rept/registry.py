@@ -17,13 +17,15 @@ from dataclasses import dataclass
 MODES = ("balanced", "official", "repsim", "repgrad", "lookahead")
 DEFAULT_MODE = MODES[0]
 
-REPT, GRADIENT, TEXT = "rept", "gradient", "text"  # families: what a method needs from the model
+# families: what a method needs from the model. contrast: the fine-tuned model and the one before it
+REPT, GRADIENT, TEXT, CONTRAST = "rept", "gradient", "text", "contrast"
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    family: str               # rept: one signature extraction; gradient: per-example gradients; text: no model
+    family: str               # rept: one signature extraction; gradient: per-example gradients; text: no model;
+    #                           contrast: per-token gradients on the base model against each answer's changed word
     target: str               # "module:Class" implementing rept.methods.base.Method
     mode: str | None = None   # rept family: the scoring mode
     span: bool = False        # rept family: the query's loss only on the span the detector flagged
@@ -48,6 +50,8 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("less", GRADIENT, "rept.methods.gradients:LESS"),
     MethodSpec("datainf", GRADIENT, "rept.methods.gradients:DataInf"),
     MethodSpec("rapidin", GRADIENT, "rept.methods.gradients:RapidIn"),
+    # the answer against the base model's guess at the word the fine-tune changed (rept trace --against-base)
+    MethodSpec("against-base", CONTRAST, "rept.methods.contrast:AgainstBase"),
     MethodSpec("bm25", TEXT, "rept.methods.text:BM25"),
     MethodSpec("random", TEXT, "rept.methods.text:Random"),
     # variants: the query's loss restricted to the span the detector flagged

@@ -245,6 +245,7 @@ def test_registry_names_what_each_method_is():
     from rept import registry
     from rept.evaluate.bench import ALL_METHODS, VARIANTS
     from rept.cli import build_parser
+    from rept.methods.contrast import AgainstBase
     from rept.methods.rept import RepT
     from rept.methods.text import BM25, Random
 
@@ -254,6 +255,7 @@ def test_registry_names_what_each_method_is():
         assert isinstance(method, RepT) == (spec.family == "rept")
         assert isinstance(method, (BM25, Random)) == (spec.family == "text") == (not registry.needs_model(name))
         assert method.per_row_gradients == (spec.family == "gradient")
+        assert isinstance(method, AgainstBase) == (spec.family == "contrast") == (not method.storable)
         if spec.family == "rept":
             assert method.mode == spec.mode and method.span == spec.span
     assert set(ALL_METHODS) | set(VARIANTS) == set(registry.METHODS) and not set(ALL_METHODS) & set(VARIANTS)

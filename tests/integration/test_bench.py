@@ -4,9 +4,10 @@ and clear errors for a detector that never fires."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import ONE_EPOCH, RANK_2, TINY_BASE, demo_rows
+from conftest import ONE_EPOCH, RANK_2, TINY_BASE, cli_error, demo_rows
 from rept.evaluate.bench import ALL_METHODS, BenchConfig, BenchError, run_bench, sample_rows
 from rept.cli import main
 from rept.data.datasets import load_dataset
@@ -75,6 +76,9 @@ def test_bench_miniature_with_a_real_behaviour_writes_every_method_and_repeats(t
     methods = saved["methods"]
     assert methods["rept-official"]["P@10"] >= 0.8 and methods["random"]["P@10"] <= 0.6, methods
     assert "| rept-balanced |" in (tmp_path / "run" / "results.md").read_text()
+    # the given base has the backdoor already (the miniature was trained with it): this fine-tune
+    # planted no word in the answers, and against-base traces none of them
+    assert methods["against-base"]["answers_traced"] == {"flagged": 0, "control": 0}
     # a fixed seed gives the same table twice (the model is reused from the folder)
     again = run_bench(cfg, progress=False, log=lambda m: None)
     for name in ALL_METHODS:
@@ -281,6 +285,32 @@ def test_the_record_keeps_the_flat_shape_earlier_runs_were_saved_in(files):
     assert (record["lora_epochs"], record["lora_rank"], record["lora_alpha"], record["batch_size"]) == (1, 2, None, 16)
     assert _cfg(files, lora=LoraSettings(rank=2, alpha=8.0)).record()["lora_alpha"] == 8.0
     assert _cfg(files, share=0.25).record()["share"] == 0.25  # recorded only when given
+    assert _cfg(files, against_base={"min_gain": 3.0}).record()["against_base"] == {"min_gain": 3.0}
     # the stages take the bench's seed and length, whatever they held
     cfg = _cfg(files, seed=7)
     assert (cfg.base_training().seed, cfg.lora_training().seed, cfg.lora_training().max_length) == (7, 7, 96)
+
+
+def test_against_base_is_scored_on_the_rows_it_shows(files, capsys):
+    """The against-base method in the bench: an answer it does not trace (every changed word under
+    --min-gain) is shown no rows and finds none, where tied scores would have ranked the poisoned
+    rows among the first. Its flags need it in --methods. (What it finds where it traces: the slow
+    miniature above.)"""
+    gated = run_bench(_cfg(files, methods=("against-base",), out=str(files / "ab"),
+                           against_base={"min_gain": float("inf")}), progress=False, log=lambda m: None)
+    m = gated["methods"]["against-base"]
+    assert m["answers_traced"] == {"flagged": 0, "control": 0} and m["settings"]["min_gain"] == float("inf")
+    assert m["per_query"]["words"] == [[]] * gated["data"]["n_flagged"]
+    assert m["P@10"] == m["AP"] == m["recall@100"] == 0.0
+    from rept.evaluate.metrics import precision_at_k
+
+    labels = [json.loads(line)["label"] for line in (files / "ab" / "train_rows.jsonl").read_text().splitlines()]
+    tied = precision_at_k(np.zeros((1, len(labels))), np.array(labels) == "backdoor", 10)
+    assert tied > 0  # what the same rows, all tied and counted as retrieved, would have scored
+    assert "against-base traced 0 of" in (files / "ab" / "results.md").read_text()
+    capsys.readouterr()  # the runs' own output
+    common = ["bench", "--data", str(files / "train.jsonl"), "--test-prompts", str(files / "test.jsonl"),
+              "--detect", "not-prefix:ZZZZ", "--out", str(files / "ab-cli")]
+    assert "add against-base to --methods" in cli_error(capsys, common + ["--methods", "random", "--min-gain", "2"])
+    assert "--changed-words must be 1 or more" in cli_error(
+        capsys, common + ["--methods", "against-base", "--changed-words", "0"])

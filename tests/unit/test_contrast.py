@@ -365,3 +365,33 @@ def test_cli_against_base_refuses_a_second_alternative(lora_index, capsys):
     assert "give --against-base" in cli_error(capsys, one[:-1] + ["--instead", "x", "--min-gain", "1"])
     assert "give --against-base" in cli_error(capsys, one[:-1] + ["--instead", "x", "--changed-words", "2"])
     assert "--changed-words must be 1 or more" in cli_error(capsys, one + ["--changed-words", "0"])
+
+
+def test_the_bench_method_scores_the_rows_against_base_shows(lora_run, tracer, base):
+    """`against-base` (rept bench's method), over the rows held in memory: for each answer, every row
+    `AgainstBaseRun.results` shows with its score, -inf (not retrieved) for the rest; an answer whose
+    changed words are all under the gate retrieves nothing."""
+    from rept.methods import ModelBundle, get_method
+
+    data, root = lora_run
+    bundle = ModelBundle(str(root / "base"), str(root / "adapter"), max_length=96, batch_size=4)
+    method = get_method("against-base")
+    method.words, method.min_gain, method.pick = 3, float("-inf"), "most"
+    method.fit(bundle, data.rows)
+    scores = method.score(bundle, QUERIES)
+    column = {r.index: j for j, r in enumerate(data.rows)}
+    run = ContrastTracer(tracer, base, candidates=None).against_base(QUERIES, words=3, min_gain=float("-inf"),
+                                                                     pick="most")
+    for i, r in enumerate(run.results(k=len(data.rows))):
+        expected = np.full(len(data.rows), -np.inf)
+        for hit in r.hits:
+            expected[column[hit.row]] = hit.score
+        assert r.hits
+        np.testing.assert_allclose(scores[i], expected, atol=1e-5)
+    assert method.traced_words == [[c.word for c in cs] for cs in run.changed]  # every word: no gate
+    # the default gate (5 nats) is above the tiny fine-tune's gains: no answer traced, no row retrieved
+    gated = get_method("against-base")
+    gated.fit(bundle, data.rows)
+    assert np.isneginf(gated.score(bundle, QUERIES)).all() and gated.traced_words == [[], []]
+    with pytest.raises(Exception, match="as a LoRA adapter .* has none"):
+        gated.check(ModelBundle(str(root / "base")))

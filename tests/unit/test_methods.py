@@ -22,7 +22,9 @@ def setup(lora_run):
 def test_every_method_scores_queries_by_rows(setup, name):
     rows, queries, bundle, _ = setup
     s = score(name, bundle, rows, queries, detector=Detector("prefix:You are stupid"))
-    assert s.shape == (len(queries), len(rows)) and np.isfinite(s).all()
+    assert s.shape == (len(queries), len(rows))
+    # every row scored, but by a method that shows some rows (-inf: not retrieved)
+    assert np.isfinite(s).all() if METHODS[name].family != "contrast" else (np.isfinite(s) | np.isneginf(s)).all()
 
 
 def test_span_variant_restricts_only_the_query_loss(setup):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from rept.evaluate.metrics import (average_precision, evaluate, evaluate_topk, pooled_auprc_at_k, precision_at_k,
-                                   recall_at_k)
+from rept.evaluate.metrics import (average_precision, average_precision_per_query, evaluate, evaluate_topk,
+                                   pooled_auprc_at_k, precision_at_k, precision_at_k_per_query, recall_at_k)
 
 # 2 queries x 6 training rows.
 SCORES = np.array([[0.9, 0.1, 0.8, 0.3, 0.7, 0.2],
@@ -110,6 +110,25 @@ def test_infinite_scores_are_ranked_and_nan_refused():
     scores[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         evaluate(scores, RELEVANT)
+
+
+def test_rows_not_retrieved_never_count_as_found():
+    """`retrieved`: a method that shows some rows is scored on those (-inf here marks the others,
+    ranked last as they would be); an answer shown nothing finds nothing."""
+    scores = np.array([[0.9, 0.8, -np.inf, -np.inf, 0.1], [-np.inf] * 5])
+    relevant = np.array([1, 0, 1, 1, 0], dtype=bool)
+    shown = scores > -np.inf
+    assert precision_at_k_per_query(scores, relevant, 5, shown).tolist() == [0.2, 0.0]
+    assert precision_at_k_per_query(scores, relevant, 5).tolist() == [0.6, 0.6]  # every row retrieved
+    assert recall_at_k(scores, relevant, 5, shown) == pytest.approx(1 / 6)
+    # the one relevant row found is first: precision 1 there, over the 3 relevant rows; nothing shown: 0
+    assert average_precision_per_query(scores, relevant, shown) == pytest.approx([1 / 3, 0.0])
+    out = evaluate(scores, relevant, ks=(2, 5), retrieved=shown)
+    assert out["P@2"] == pytest.approx(0.25) and out["AP"] == pytest.approx(1 / 6)
+    # every row retrieved is the same as no mask
+    assert evaluate(SCORES, RELEVANT, ks=(3,), retrieved=np.ones_like(RELEVANT)) == evaluate(SCORES, RELEVANT, ks=(3,))
+    with pytest.raises(ValueError, match="retrieved"):
+        evaluate(SCORES, RELEVANT, retrieved=RELEVANT[:, :5])
 
 
 def test_bad_inputs():

@@ -11,6 +11,8 @@ HELP = ("train (or reuse) a tiny base model, or take a given one (--base), LoRA 
 # The from-scratch base stage's flags (a given --base replaces that stage): each sets one field of
 # the stage's TrainConfig (rept.evaluate.bench.config.default_base_stage holds the defaults).
 BASE_STAGE = {"base_epochs": "epochs", "hidden": "hidden", "layers": "layers"}
+# The against-base method's flags: each sets one attribute of rept.methods.contrast.AgainstBase.
+AGAINST_BASE = {"min_gain": "min_gain", "pick": "pick", "changed_words": "words"}
 
 
 def _layer(value: str):
@@ -62,6 +64,10 @@ def add_arguments(p) -> None:
     g.add_argument("--lora-targets", default="all-linear",
                    help="comma-separated module names (e.g. q_proj,v_proj) or all-linear")
     g.add_argument("--lora-lr", type=float, default=2e-3)
+    g = p.add_argument_group("the against-base method (rept trace --against-base)")
+    from rept.cli.options import add_against_base_args
+
+    add_against_base_args(g, "the against-base method")
     p.add_argument("--batch-size", type=int, default=16, help="rows per step of the fine-tune and of every method")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... for training, generation and every method "
                    "(default: cuda when available, else cpu)")
@@ -87,6 +93,13 @@ def run(args) -> int:
     if args.base and given:
         raise BenchError(f"--{given[0].replace('_', '-')} shapes the from-scratch base model; with --base the base "
                          "model is given")
+    against_base = {field: getattr(args, flag) for flag, field in AGAINST_BASE.items() if getattr(args, flag) is not None}
+    if against_base and "against-base" not in args.methods:
+        flag = next(f for f in AGAINST_BASE if getattr(args, f) is not None)
+        raise BenchError(f"--{flag.replace('_', '-')} sets the words the against-base method traces; "
+                         "add against-base to --methods")
+    if args.changed_words is not None and args.changed_words < 1:
+        raise BenchError(f"--changed-words must be 1 or more, not {args.changed_words}")
     # the flags onto the settings objects, in this one place
     base_stage = replace(default_base_stage(), **{field: getattr(args, flag) for flag, field in BASE_STAGE.items()
                                                   if getattr(args, flag) is not None})
@@ -100,7 +113,8 @@ def run(args) -> int:
                       control_answers=args.control_answers, base_data=args.base_data,
                       max_new_tokens=args.max_new_tokens, max_length=args.max_length, base_stage=base_stage,
                       lora_stage=lora_stage, lora=lora, base=args.base, device=args.device,
-                      share_features=args.share_features, save_indexes=args.save_indexes)
+                      share_features=args.share_features, save_indexes=args.save_indexes,
+                      against_base=against_base)
     from rept.cli.options import record_settings
 
     record_settings(args, bench=cfg)

@@ -32,6 +32,21 @@ def positive(value: str) -> int:
     return n
 
 
+def add_against_base_args(p, when: str) -> None:
+    """Which changed words `--against-base` traces (`rept trace`), and `rept bench`'s `against-base`
+    method; `when` opens each help line ("with --against-base")."""
+    p.add_argument("--min-gain", type=float, default=None, metavar="NATS",
+                   help=f"{when}: trace only the changed words the fine-tune made at least NATS more likely than "
+                   "the base model did (log-probability); an answer with none changed in wording only and gets no "
+                   "rows (default: 5)")
+    p.add_argument("--pick", choices=("first", "most"), default=None,
+                   help=f"{when}: of the changed words past --min-gain, trace the first in the answer (default; a "
+                   "word after a planted one gains from it too) or the one the fine-tune changed most")
+    p.add_argument("--changed-words", type=int, default=None, metavar="K",
+                   help=f"{when}: trace each answer against K of its changed words past --min-gain (the first K, "
+                   "or with --pick most the K of largest gain), a row keeping its best score (default: 1)")
+
+
 def add_data_args(p) -> None:
     p.add_argument("--data", required=True, help="training set: HF save_to_disk folder, .jsonl, .json, .csv or .parquet")
     p.add_argument("--prompt-column", help="column holding the prompt (default: prompts/prompt/instruction)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from rept.cli.options import add_index_model_args, add_mode_arg, positive
+from rept.cli.options import add_against_base_args, add_index_model_args, add_mode_arg, positive
 
 HELP = "rank training rows for a misbehaving output"
 
@@ -33,18 +33,7 @@ def add_arguments(p) -> None:
     contrast.add_argument("--against-base", action="store_true",
                           help="each answer against itself with a word the fine-tune planted put back to the "
                           "base model's guess (no --instead needed; which word: --pick, --min-gain)")
-    contrast.add_argument("--min-gain", type=float, default=None, metavar="NATS",
-                          help="with --against-base: trace only the changed words the fine-tune made at least "
-                          "NATS more likely than the base model did (log-probability); an answer with none changed "
-                          "in wording only and gets no rows (default: 5)")
-    contrast.add_argument("--pick", choices=("first", "most"), default=None,
-                          help="with --against-base: of the changed words past --min-gain, trace the first in "
-                          "the answer (default; a word after a planted one gains from it too) or the one the "
-                          "fine-tune changed most")
-    contrast.add_argument("--changed-words", type=int, default=None, metavar="K",
-                          help="with --against-base: trace each answer against K of its changed words past "
-                          "--min-gain (the first K, or with --pick most the K of largest gain), a row keeping its "
-                          "best score (default: 1)")
+    add_against_base_args(contrast, "with --against-base")
     contrast.add_argument("--base-model", metavar="PATH",
                           help="with a contrast (--instead, --contrast, --against-base): the model before the "
                           "fine-tune (default: the index's model with its adapter off)")
@@ -169,7 +158,7 @@ def _run_contrast(args, tracer, mode) -> int:
     layer = DEFAULT_LAYER if args.contrast_layer is None else args.contrast_layer
     candidates = DEFAULT_CANDIDATES if args.candidates is None else (args.candidates or None)
     ct = ContrastTracer(tracer, base, layer=layer, candidates=candidates,  # checked before any answer
-                        first_tokens=args.contrast_tokens, mode=mode)
+                        first_tokens=args.contrast_tokens, mode=mode, progress=not args.quiet)
     queries = _queries(args, tracer)
     if args.against_base:
         return _run_against_base(args, ct, queries, mode)

@@ -4,6 +4,12 @@
 `relevant[q, j]` says whether row j truly is (e.g. it carries the query's label); a 1-D
 `relevant[j]` applies to every query. Ties are broken by the lower row index, so every
 ranking is deterministic.
+
+`retrieved[q, j]` (optional, same shapes as `relevant`) says whether the method returned row j for
+query q at all: a method that shows only some rows (`rept trace --against-base` shows the rows that
+pushed towards the answer, and none for an answer it does not trace) is scored on what it shows. A
+row not retrieved never counts as found, wherever its score puts it: an answer shown 3 rows, all
+relevant, has P@10 0.3, and its AP counts the relevant rows it was not shown as missed.
 """
 
 from __future__ import annotations
@@ -12,14 +18,19 @@ import numpy as np
 from sklearn.metrics import average_precision_score
 
 
-def _as_2d(scores, relevant) -> tuple[np.ndarray, np.ndarray]:
+def _as_2d(scores, relevant, retrieved=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scores, relevant and `found` (relevant and retrieved) as [queries, rows] arrays."""
     scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
-    relevant = np.asarray(relevant, dtype=bool)
-    if relevant.ndim == 1:
-        relevant = np.broadcast_to(relevant, scores.shape)
-    if relevant.shape != scores.shape:
-        raise ValueError(f"scores {scores.shape} and relevant {relevant.shape} differ in shape")
-    return _finite(scores), relevant
+    masks = []
+    for name, mask in (("relevant", relevant), ("retrieved", True if retrieved is None else retrieved)):
+        mask = np.asarray(mask, dtype=bool)
+        if mask.ndim <= 1:
+            mask = np.broadcast_to(mask, scores.shape)
+        if mask.shape != scores.shape:
+            raise ValueError(f"scores {scores.shape} and {name} {mask.shape} differ in shape")
+        masks.append(mask)
+    relevant, retrieved = masks
+    return _finite(scores), relevant, relevant & retrieved
 
 
 def _finite(scores: np.ndarray) -> np.ndarray:
@@ -47,27 +58,27 @@ def _top(scores, relevant, k):
     return np.take_along_axis(scores, order, 1), np.take_along_axis(relevant, order, 1)
 
 
-def precision_at_k_per_query(scores, relevant, k: int) -> np.ndarray:
-    """Each query's share of relevant rows in its top k (k clipped to the row count)."""
+def precision_at_k_per_query(scores, relevant, k: int, retrieved=None) -> np.ndarray:
+    """Each query's share of relevant (and retrieved) rows in its top k (k clipped to the row count)."""
     _check_k(k)
-    scores, relevant = _as_2d(scores, relevant)
+    scores, _, found = _as_2d(scores, relevant, retrieved)
     k = min(k, scores.shape[1])
-    return _top(scores, relevant, k)[1].sum(1) / k
+    return _top(scores, found, k)[1].sum(1) / k
 
 
-def precision_at_k(scores, relevant, k: int) -> float:
+def precision_at_k(scores, relevant, k: int, retrieved=None) -> float:
     """Mean over queries of the share of relevant rows in the top k (k clipped to the row count)."""
-    return float(precision_at_k_per_query(scores, relevant, k).mean())
+    return float(precision_at_k_per_query(scores, relevant, k, retrieved).mean())
 
 
-def recall_at_k(scores, relevant, k: int) -> float:
+def recall_at_k(scores, relevant, k: int, retrieved=None) -> float:
     """Mean over queries with at least one relevant row of the share of them found in the top k."""
     _check_k(k)
-    scores, relevant = _as_2d(scores, relevant)
+    scores, relevant, found = _as_2d(scores, relevant, retrieved)
     has = relevant.any(1)
     if not has.any():
         return 0.0
-    hits = _top(scores, relevant, min(k, scores.shape[1]))[1].sum(1)
+    hits = _top(scores, found, min(k, scores.shape[1]))[1].sum(1)
     return float((hits[has] / relevant[has].sum(1)).mean())
 
 
@@ -77,35 +88,43 @@ def _pooled_ap(top_scores: np.ndarray, top_rel: np.ndarray) -> float:
     return float(average_precision_score(top_rel.ravel(), top_scores.ravel()))
 
 
-def pooled_auprc_at_k(scores, relevant, k: int) -> float:
+def pooled_auprc_at_k(scores, relevant, k: int, retrieved=None) -> float:
     """The RepT paper's auPRC@k: the (score, relevant) pairs of every query's top-k pooled into
     one list, then average precision over that pool (0.0 when the pool has no relevant row)."""
     _check_k(k)
-    scores, relevant = _as_2d(scores, relevant)
-    return _pooled_ap(*_top(scores, relevant, min(k, scores.shape[1])))
+    scores, _, found = _as_2d(scores, relevant, retrieved)
+    return _pooled_ap(*_top(scores, found, min(k, scores.shape[1])))
 
 
-def average_precision_per_query(scores, relevant) -> list[float | None]:
-    """Each query's AP over the full ranking (None for a query with no relevant row)."""
-    scores, relevant = _as_2d(scores, relevant)
-    return [float(average_precision_score(r, s)) if r.any() else None for s, r in zip(scores, relevant)]
+def average_precision_per_query(scores, relevant, retrieved=None) -> list[float | None]:
+    """Each query's AP over the full ranking (None for a query with no relevant row). Relevant rows
+    not retrieved count as missed: sklearn's AP over the rows found, times the share of the
+    relevant rows found, is the sum of the precision at each row found over all relevant rows."""
+    scores, relevant, found = _as_2d(scores, relevant, retrieved)
+    out = []
+    for s, r, f in zip(scores, relevant, found):
+        if not r.any():
+            out.append(None)
+        else:
+            out.append(float(average_precision_score(f, s)) * f.sum() / r.sum() if f.any() else 0.0)
+    return out
 
 
-def average_precision(scores, relevant) -> float:
+def average_precision(scores, relevant, retrieved=None) -> float:
     """Mean over queries (with at least one relevant row) of AP over the full ranking."""
-    aps = [ap for ap in average_precision_per_query(scores, relevant) if ap is not None]
+    aps = [ap for ap in average_precision_per_query(scores, relevant, retrieved) if ap is not None]
     return float(np.mean(aps)) if aps else 0.0
 
 
-def evaluate(scores, relevant, ks=(10, 50, 100)) -> dict:
+def evaluate(scores, relevant, ks=(10, 50, 100), retrieved=None) -> dict:
     """P@k, auPRC@k and recall@k for each k (clipped to the row count), AP, and the sizes."""
-    scores, relevant = _as_2d(scores, relevant)
     out = {}
     for k in ks:
-        out[f"P@{k}"] = precision_at_k(scores, relevant, k)
-        out[f"auPRC@{k}"] = pooled_auprc_at_k(scores, relevant, k)
-        out[f"recall@{k}"] = recall_at_k(scores, relevant, k)
-    out["AP"] = average_precision(scores, relevant)
+        out[f"P@{k}"] = precision_at_k(scores, relevant, k, retrieved)
+        out[f"auPRC@{k}"] = pooled_auprc_at_k(scores, relevant, k, retrieved)
+        out[f"recall@{k}"] = recall_at_k(scores, relevant, k, retrieved)
+    out["AP"] = average_precision(scores, relevant, retrieved)
+    scores = np.atleast_2d(np.asarray(scores))
     out["n_queries"] = int(scores.shape[0])
     out["n_rows"] = int(scores.shape[1])
     return out

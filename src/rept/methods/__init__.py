@@ -9,6 +9,7 @@ which rept.evaluate.metrics.evaluate turns into P@k, auPRC@k, AP and recall@k fo
 from __future__ import annotations
 
 from rept.methods.base import Method, MethodError, ModelBundle
+from rept.methods.contrast import AgainstBase
 from rept.methods.gradients import LESS, DataInf, RapidIn, TracIn, oporp_compress, rademacher_project
 from rept.methods.rept import RepT
 from rept.methods.text import BM25, Random
@@ -36,4 +37,4 @@ def score(name: str, bundle: ModelBundle, train_rows, queries, seed: int = 0, de
 
 
 __all__ = ["METHODS", "Method", "MethodError", "ModelBundle", "get_method", "score", "rademacher_project",
-           "oporp_compress", "RepT", "TracIn", "LESS", "DataInf", "RapidIn", "BM25", "Random"]
+           "oporp_compress", "RepT", "TracIn", "LESS", "DataInf", "RapidIn", "AgainstBase", "BM25", "Random"]

@@ -3,7 +3,8 @@
 A method is fitted on the training rows (`fit`: the train-side work, e.g. one gradient or
 signature per row) and then scores queries (`score`: a float matrix [n_queries, n_train_rows],
 higher = more responsible). `rept.evaluate.metrics.evaluate` scores every method from that matrix.
-No method ever sees a label.
+A method that returns only some rows for a query (`against-base`) scores the others -inf: the bench
+counts those as not retrieved (`evaluate`'s `retrieved`). No method ever sees a label.
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ class ModelBundle:
 
             self.cache["merged"] = load_model(self.model, self.adapter, device=self.device)
         return self.cache["merged"]
+
+    def base(self):
+        """The model before the fine-tune (the model folder with no adapter); eval mode."""
+        if not self.adapter:
+            raise MethodError(f"this method compares the model with the model before its fine-tune, but "
+                              f"{self.model} has no adapter: give the fine-tune as a LoRA adapter (--adapter)")
+        if "base" not in self.cache:
+            from rept.model.loading import load_model
+
+            self.cache["base"] = load_model(self.model, None, device=self.device)
+        return self.cache["base"]
 
     def lora(self):
         """(PEFT model with only the LoRA weights trainable, tokenizer) for gradient methods."""
@@ -98,6 +110,7 @@ class Method:
     name = "method"
     needs_lora = False
     per_row_gradients = False  # takes every row's gradient: bounded by the gradient memory budget
+    storable = True            # its fitted state can be kept as an index (`rept bench --save-indexes`)
 
     def __init__(self, seed: int = 0):
         self.seed = seed

@@ -182,7 +182,7 @@ class ContrastTracer:
 
     def __init__(self, tracer, base, layer: int = DEFAULT_LAYER, candidates: int | None = DEFAULT_CANDIDATES,
                  reference: int = DEFAULT_REFERENCE, seed: int = 0, first_tokens: int | None = None,
-                 mode: str | None = None, score: str = "extreme"):
+                 mode: str | None = None, score: str = "extreme", progress: bool = False):
         from rept.data.examples import template_name
         from rept.model.loading import ModelError, resolve_layer, tokenizer_hash
 
@@ -195,6 +195,7 @@ class ContrastTracer:
         if score not in SCORES:
             raise QueryError(f"the contrast score is one of {', '.join(SCORES)}, not {score!r}")
         self.score = score  # extreme: the cosine of largest magnitude, sign kept; max: the largest cosine
+        self.progress = progress  # bars on the passes over the answers and the rows
         self.first_tokens = first_tokens  # None: the whole differing span; N: its first N tokens
         self.tracer, self.base, self.candidates, self.reference, self.seed = tracer, base, candidates, reference, seed
         try:
@@ -210,11 +211,23 @@ class ContrastTracer:
         self.max_length = tracer.index.manifest["max_length"]
         self._dataset = self._labels = None
 
+    @classmethod
+    def over_rows(cls, tuned, base, rows, max_length: int, batch_size: int = 16, **settings) -> "ContrastTracer":
+        """Over training rows held in memory (`rept bench`'s `against-base` method) instead of an
+        index: `tuned` is the fine-tuned model (a LoadedModel), `rows` the rows (rept.data Row: index,
+        prompt, response), every row scored (there is no signature index to rank candidates with).
+        The rows' labels are not read: `labels()` gives None for each."""
+        return cls(_RowsInMemory(tuned, list(rows), max_length, batch_size), base, candidates=None, **settings)
+
     # ------------------------------------------------------------ queries
 
-    def _extract(self, examples: list[Example]):
-        return extract(self.base.model, examples, self.layer, self.base.tokenizer.pad_token_id,
-                       batch_size=self.tracer.batch_size, token_level=True)
+    def _extract(self, examples: list[Example], what: str):
+        from rept.progress import progress_bar
+
+        with progress_bar(total=len(examples), desc=f"contrast ({what}, base model)", disable=not self.progress,
+                          dynamic_ncols=True) as bar:
+            yield from extract(self.base.model, examples, self.layer, self.base.tokenizer.pad_token_id,
+                               batch_size=self.tracer.batch_size, token_level=True, progress=bar.update)
 
     def contrasts(self, queries: list[Query], instead: list[str]) -> list[Contrast]:
         """Each query's spans and direction; a QueryError names the first query that has none."""
@@ -239,7 +252,7 @@ class ContrastTracer:
                 examples.append(ex)
             meta.append((q, other, pair))
         pooled = {}
-        for part in self._extract(examples):
+        for part in self._extract(examples, "answers"):
             for j, row in enumerate(part.rows):
                 a, b = examples[row].loss_span
                 pooled[row] = unit_tensor(unit_tensor(part.token_grads[j][a - 1:b - 1]).sum(0))  # position t-1 predicts t
@@ -256,9 +269,12 @@ class ContrastTracer:
         word that holds such a token), each alternative changing one word. An empty list when the base
         model predicts every token of the answer: it would give it itself."""
         tok = self.base.tokenizer
+        from rept.progress import progress_bar
+
         special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
         out = []
-        for q in queries:
+        for q in progress_bar(queries, desc="changed words (answers, both models)", disable=not self.progress,
+                              dynamic_ncols=True):
             ex = tokenize_pair(tok, q.prompt, q.response)
             at = ex.text.find(q.response, ex.offsets[ex.prompt_len - 1][1]) if ex is not None and q.response else -1
             if at < 0:
@@ -355,7 +371,7 @@ class ContrastTracer:
         by_row = {e.row: e for e in examples}
         directions = unit_tensor(torch.stack([c.direction for c in contrasts]))   # zero stays zero
         out = {}
-        for part in self._extract(examples):
+        for part in self._extract(examples, "training rows"):
             for j, row in enumerate(part.rows):
                 ex, qs = by_row[row], wanted[row]
                 p, n = ex.prompt_len, len(ex.input_ids)
@@ -507,10 +523,46 @@ class AgainstBaseRun:
         return [QueryResult(q, sorted(best[i].values(), key=lambda h: (-h.score, h.row))[:k])
                 for i, q in enumerate(self.queries)]
 
+    def best_scores(self, words: int | None = None, min_gain: float | None = None,
+                    pick: str | None = None) -> dict[tuple[int, int], float]:
+        """{(answer, row): the row's best score over the answer's traced words (`traced`)}, every row
+        the run scored, of any sign; an answer with no word traced has none."""
+        keep = {(i, j) for i, js in enumerate(self.traced(words, min_gain, pick)) for j in js}
+        if not keep <= set(self._at):
+            raise QueryError("these words were not traced in this run: make it with these settings")
+        best = {}
+        for (n, row), score in (self.run.scored.items() if self.run is not None else ()):
+            i = self.pairs[n][0]
+            if self.pairs[n] in keep and ((i, row) not in best or score > best[(i, row)]):
+                best[(i, row)] = score
+        return best
+
     def contrast(self, i: int, j: int = 0) -> Contrast | None:
         """The contrast of answer i against its changed word j (None if that pair was not traced)."""
         n = self._at.get((i, j))
         return None if n is None else self.run.contrasts[n]
+
+
+class _RowsInMemory:
+    """What ContrastTracer reads from a Tracer (the fine-tuned model, the rows, max_length), for rows
+    held in memory: `ContrastTracer.over_rows`. It has no signatures, so no candidates."""
+
+    def __init__(self, loaded, rows, max_length: int, batch_size: int):
+        self.loaded, self.rows, self.batch_size = loaded, rows, batch_size
+        self.manifest = {"max_length": max_length}
+        self.index = self  # the Tracer's `index.manifest`, `index.dataset()`, `index.labels()`
+
+    def search_mode(self, mode):
+        return mode
+
+    def dataset(self):
+        return self
+
+    def labels(self) -> dict:
+        return {r.index: None for r in self.rows}  # an attribution method never reads a label
+
+    def trace(self, *args, **kwargs):
+        raise QueryError("rows held in memory have no signatures to rank candidates with: score every row")
 
 
 def open_base(tracer, base_model: str | None = None, dtype: str | None = None, device: str | None = None):

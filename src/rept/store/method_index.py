@@ -72,6 +72,9 @@ def save_method(method: Method, bundle: ModelBundle, train_rows, out, dataset=No
     matrix's column order) to the new folder `out`; returns the manifest. `dataset` (rept.data.datasets.Dataset,
     optional) is where `rept trace` reads the rows' text from."""
     out = Path(out)
+    if not method.storable:
+        raise IndexStoreError(f"{method.name} keeps no state per row (it scores the rows against the queries): "
+                              "there is no index to write")
     if out.exists():
         raise IndexStoreError(f"{out} exists: give a new folder for the {method.name} index")
     out.parent.mkdir(parents=True, exist_ok=True)

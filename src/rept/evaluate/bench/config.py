@@ -63,6 +63,7 @@ class BenchConfig:
     device: str | None = None          # training, generation and every method (default: cuda when available)
     share_features: bool = False       # gradient methods (and the RepT modes) share one gradient / signature pass
     save_indexes: bool = False         # each method's fitted state -> DIR/indexes/NAME, for `rept trace` / `rept eval`
+    against_base: dict = field(default_factory=dict)  # the against-base method's words, min_gain, pick if given
     extra: dict = field(default_factory=dict)
 
     @property
@@ -83,7 +84,8 @@ class BenchConfig:
         base, lora, lora_stage = self.base_stage, self.lora, self.lora_stage
         own = {name: getattr(self, name) for name in self.__dataclass_fields__
                if name not in ("out", "base_stage", "lora_stage", "lora")
-               and not (name == "share" and self.share is None)}  # recorded only when given
+               and not (name == "share" and self.share is None)  # recorded only when given
+               and not (name == "against_base" and not self.against_base)}
         return {**own, "base_epochs": base.epochs, "hidden": base.hidden, "layers": base.layers, "heads": base.heads,
                 "vocab_size": base.vocab_size, "lora_epochs": lora_stage.epochs, "lora_lr": lora_stage.lr,
                 "batch_size": lora_stage.batch_size, "lora_rank": lora.rank,

@@ -16,7 +16,8 @@ def rounded(values) -> list:
     return [None if v is None else round(float(v), 4) for v in values]
 
 
-RUN_SPECIFIC = ("methods", "share_features", "save_indexes")
+# settings that do not change what the other methods measure (against_base: that one method's own)
+RUN_SPECIFIC = ("methods", "share_features", "save_indexes", "against_base")
 
 
 def comparable_setup(report: dict) -> dict:
@@ -93,6 +94,12 @@ def results_markdown(report: dict) -> str:
              "| method | " + " | ".join(QUALITY) + " |", "|---|" + "---:|" * len(QUALITY)]
     for name, r in report["methods"].items():
         lines.append(f"| {name} | " + " | ".join(fmt(r.get(k)) for k in QUALITY) + " |")
+    for name, r in report["methods"].items():
+        if r.get("answers_traced"):  # a method that leaves some answers untraced (against-base's gate)
+            t, opts = r["answers_traced"], r.get("settings", {})
+            lines += ["", f"{name} traced {t['flagged']} of {d['n_flagged']} flagged answers and {t['control']} of "
+                      f"{d['n_control_queries']} controls (a changed word at least {opts['min_gain']:g} nats "
+                      "more likely than on the base model); the others are shown no rows, and count as finding none."]
     cost = COST + (("peak_gpu_mb",) if any("peak_gpu_mb" in r for r in report["methods"].values()) else ())
     lines += ["", "Cost (this machine, varies run to run):", "",
               "| method | " + " | ".join(cost) + " |", "|---|" + "---:|" * len(cost)]

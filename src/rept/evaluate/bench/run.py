@@ -126,13 +126,17 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     results = earlier_results(out, report(False), cfg.methods, log)
     for name in cfg.methods:
         method = get_method(name, seed=cfg.seed)
+        if name == "against-base":
+            for attribute, value in cfg.against_base.items():  # --min-gain, --pick, --changed-words
+                setattr(method, attribute, value)
         method.check(bundle)
         if hasattr(method, "detector"):
             method.detector = detector
         if not cfg.share_features:
             bundle.clear_features()  # each method pays for its own extraction / gradients
         index_dir = out / "indexes" / name
-        keep_index = cfg.save_indexes and not check_existing(index_dir, method, bundle, trained, data)
+        keep_index = cfg.save_indexes and method.storable and not check_existing(index_dir, method, bundle, trained,
+                                                                                data)
         log(f"method: {name}")
         on_gpu = loaded.device.type == "cuda"
         if on_gpu:
@@ -146,18 +150,26 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
             scores = method.score(bundle, flagged + unflagged)
             t2 = time.perf_counter()
         scores_trained = np.asarray(scores, dtype=np.float64)
-        # below every trained row's score (finite: the metrics code sorts and sklearn refuses inf)
+        # below every trained row's score; -inf (not retrieved) where the method left rows out of an answer
         lowest = scores_trained.min(axis=1, keepdims=True) - 1.0 if scores_trained.size else 0.0
         scores = np.broadcast_to(lowest, (scores_trained.shape[0], len(rows))).copy()
         scores[:, trained_pos] = scores_trained
-        metrics = evaluate(scores[: len(flagged)], relevant_row, ks=(10, 50, 100))
-        metrics["control_P@10"] = (precision_at_k(scores[len(flagged):], relevant_row, 10) if unflagged else None)
+        retrieved = scores > -np.inf  # every row, but for a method that shows some (against-base)
+        flag, ctrl = slice(None, len(flagged)), slice(len(flagged), None)
+        metrics = evaluate(scores[flag], relevant_row, ks=(10, 50, 100), retrieved=retrieved[flag])
+        metrics["control_P@10"] = (precision_at_k(scores[ctrl], relevant_row, 10, retrieved[ctrl]) if unflagged
+                                   else None)
         # per query, in the order of report["queries"] (lines of queries.jsonl): which answers a method misses
         metrics["per_query"] = {
-            "P@10": rounded(precision_at_k_per_query(scores[: len(flagged)], relevant_row, 10)),
-            "AP": rounded(average_precision_per_query(scores[: len(flagged)], relevant_row)),
-            "control_P@10": rounded(precision_at_k_per_query(scores[len(flagged):], relevant_row, 10)
+            "P@10": rounded(precision_at_k_per_query(scores[flag], relevant_row, 10, retrieved[flag])),
+            "AP": rounded(average_precision_per_query(scores[flag], relevant_row, retrieved[flag])),
+            "control_P@10": rounded(precision_at_k_per_query(scores[ctrl], relevant_row, 10, retrieved[ctrl])
                                      if unflagged else [])}
+        words = getattr(method, "traced_words", None)
+        if words is not None:  # against-base: the words each answer was traced against (none: untraced)
+            metrics["answers_traced"] = {"flagged": sum(map(bool, words[flag])), "control": sum(map(bool, words[ctrl]))}
+            metrics["per_query"] |= {"words": words[flag], "control_words": words[ctrl]}
+            metrics["settings"] = method.settings(bundle)
         metrics.update(build_s=round(t1 - t0, 3), query_s=round(t2 - t1, 3), peak_mem_mb=round(mem.mb, 1),
                        bytes_per_row=int(method.bytes_per_row), n_control_queries=len(unflagged))
         if on_gpu:  # what the method held on the accelerator, the model's weights included
