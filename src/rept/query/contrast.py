@@ -268,9 +268,9 @@ class ContrastTracer:
         tokens aside), the rest of the answer kept. With `k`, the k words changed most (None: every
         word that holds such a token), each alternative changing one word. An empty list when the base
         model predicts every token of the answer: it would give it itself."""
-        tok = self.base.tokenizer
         from rept.progress import progress_bar
 
+        tok = self.base.tokenizer
         special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
         out = []
         for q in progress_bar(queries, desc="changed words (answers, both models)", disable=not self.progress,
