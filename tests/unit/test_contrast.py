@@ -395,3 +395,25 @@ def test_the_bench_method_scores_the_rows_against_base_shows(lora_run, tracer, b
     assert np.isneginf(gated.score(bundle, QUERIES)).all() and gated.traced_words == [[], []]
     with pytest.raises(Exception, match="as a LoRA adapter .* has none"):
         gated.check(ModelBundle(str(root / "base")))
+
+
+def test_eval_against_base_scores_the_rows_trace_shows(lora_index, tracer, base, tmp_path, capsys):
+    """`rept eval --against-base`: P@k over the rows `rept trace --against-base --candidates 0` shows
+    (fewer than k shown: the rest count as not found); a gate above the gain traces nothing and
+    finds nothing."""
+    index, _ = lora_index
+    path = tmp_path / "q.jsonl"
+    write_queries([QUERIES[0]], path)
+    run = ["-q", "eval", "--index", index, "--queries", str(path), "--against-base", "--k", "3", "20",
+           "--pick", "most", "--json"]
+    assert main(run + ["--min-gain", "-1000"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (shown,) = ContrastTracer(tracer, base, candidates=None).against_base(
+        [QUERIES[0]], min_gain=-1000, pick="most").results(k=20)
+    assert shown.hits and out["answers_traced"] == 1
+    for k in (3, 20):  # the index holds 24 rows
+        assert out[f"P@{k}"] == pytest.approx(sum(h.label == "backdoor" for h in shown.hits[:k]) / k)
+    assert main(run + ["--min-gain", "1000"]) == 0
+    gated = json.loads(capsys.readouterr().out)
+    assert gated["answers_traced"] == 0 and gated["P@3"] == gated["AP"] == 0.0
+    assert "belongs to --against-base" in cli_error(capsys, run[1:6] + ["--min-gain", "2"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from rept.cli.options import add_index_model_args, add_mode_arg, positive
+from rept.cli.options import add_against_base_args, add_index_model_args, add_mode_arg, positive
 
 HELP = "precision@k, pooled auPRC@k, AP and recall@k for labelled queries"
 
@@ -17,6 +17,15 @@ def add_arguments(p) -> None:
     p.add_argument("--per-query", action="store_true",
                    help="also each query's P@k (the smallest k) and AP, worst first: which answers are missed")
     p.add_argument("--json", action="store_true", help="print JSON")
+    g = p.add_argument_group("behaviour, not topic (rept trace --against-base)")
+    g.add_argument("--against-base", action="store_true",
+                   help="score each answer as `rept trace --against-base --candidates 0` ranks it (every row, on the "
+                   "base model), on the rows it shows: a row not shown, and every row of an answer not traced, "
+                   "counts as not found")
+    add_against_base_args(g, "with --against-base")
+    g.add_argument("--base-model", metavar="PATH",
+                   help="with --against-base: the model before the fine-tune (default: the index's model with its "
+                   "adapter off)")
     add_index_model_args(p)
 
 
@@ -29,11 +38,22 @@ def run(args) -> int:
     labelled = [q for q in queries if q.label is not None]
     if not labelled:
         raise QueryError(f"{args.queries}: no query has a label (eval needs a label column naming the behaviour)")
-    tracer = open_index(args)
-    scores, _, labels = tracer.scores(labelled, mode=args.mode)
+    given = [flag for flag in ("min_gain", "pick", "changed_words", "base_model") if getattr(args, flag) is not None]
+    if given and not args.against_base:
+        raise QueryError(f"--{given[0].replace('_', '-')} belongs to --against-base; give --against-base")
+    if args.changed_words is not None and args.changed_words < 1:
+        raise QueryError(f"--changed-words must be 1 or more, not {args.changed_words}")
+    tracer = open_index(args, signatures_only=args.against_base)
+    retrieved, traced = None, None
+    if args.against_base:
+        scores, labels, retrieved, traced = _against_base_scores(args, tracer, labelled)
+    else:
+        scores, _, labels = tracer.scores(labelled, mode=args.mode)
     relevant = relevance(labels, labelled)
-    metrics = evaluate(scores, relevant, ks=tuple(args.k))
-    worst = per_query_table(scores, relevant, labelled, min(args.k)) if args.per_query else None
+    metrics = evaluate(scores, relevant, ks=tuple(args.k), retrieved=retrieved)
+    if traced is not None:
+        metrics["answers_traced"] = sum(map(bool, traced))
+    worst = per_query_table(scores, relevant, labelled, min(args.k), retrieved) if args.per_query else None
     if args.json:
         print(json.dumps(metrics | ({"per_query": worst} if worst is not None else {}), indent=2))
         return 0
@@ -58,3 +78,27 @@ def run(args) -> int:
                           one_line(q["response"], 60))
         Console().print(table)
     return 0
+
+
+def _against_base_scores(args, tracer, queries):
+    """[queries, stored rows] of `rept trace --against-base` over every row: a row's best score over
+    the answer's traced words where it pushed towards the answer, -inf (not shown) elsewhere; the
+    rows' labels, the shown mask and the words each answer was traced against."""
+    import numpy as np
+
+    from rept.query.contrast import DEFAULT_CHANGED_WORDS, DEFAULT_MIN_GAIN, DEFAULT_PICK, ContrastTracer, open_base
+
+    base = open_base(tracer, args.base_model, dtype=args.dtype, device=args.device)
+    ct = ContrastTracer(tracer, base, candidates=None, mode=args.mode, progress=not args.quiet)
+    run = ct.against_base(queries, words=DEFAULT_CHANGED_WORDS if args.changed_words is None else args.changed_words,
+                          min_gain=DEFAULT_MIN_GAIN if args.min_gain is None else args.min_gain,
+                          pick=args.pick or DEFAULT_PICK)
+    labels = ct.labels()
+    rows = sorted(labels)
+    column = {row: j for j, row in enumerate(rows)}
+    scores = np.full((len(queries), len(rows)), -np.inf)
+    for (i, row), score in run.best_scores().items():
+        if score > 0:  # the rows `rept trace --against-base` shows
+            scores[i, column[row]] = score
+    traced = [[run.changed[i][j].word for j in js] for i, js in enumerate(run.traced())]
+    return scores, [labels[row] for row in rows], scores > -np.inf, traced

@@ -189,10 +189,10 @@ def evaluate_topk(top_rows, top_scores, relevant_rows, n_relevant=None, ks=(10, 
     return out
 
 
-def per_query_table(scores: np.ndarray, relevant: np.ndarray, queries, k: int) -> list[dict]:
+def per_query_table(scores: np.ndarray, relevant: np.ndarray, queries, k: int, retrieved=None) -> list[dict]:
     """Each query's P@k and AP with its text, the lowest P@k first (then the lowest AP): which
     answers a method misses."""
     out = [{"query": i, "prompt": q.prompt, "response": q.response, f"P@{k}": float(p), "AP": ap}
-           for i, (q, p, ap) in enumerate(zip(queries, precision_at_k_per_query(scores, relevant, k),
-                                              average_precision_per_query(scores, relevant)))]
+           for i, (q, p, ap) in enumerate(zip(queries, precision_at_k_per_query(scores, relevant, k, retrieved),
+                                              average_precision_per_query(scores, relevant, retrieved)))]
     return sorted(out, key=lambda q: (q[f"P@{k}"], -1.0 if q["AP"] is None else q["AP"]))
