@@ -95,10 +95,5 @@ def _against_base_scores(args, tracer, queries):
                           pick=args.pick or DEFAULT_PICK)
     labels = ct.labels()
     rows = sorted(labels)
-    column = {row: j for j, row in enumerate(rows)}
-    scores = np.full((len(queries), len(rows)), -np.inf)
-    for (i, row), score in run.best_scores().items():
-        if score > 0:  # the rows `rept trace --against-base` shows
-            scores[i, column[row]] = score
-    traced = [[run.changed[i][j].word for j in js] for i, js in enumerate(run.traced())]
-    return scores, [labels[row] for row in rows], scores > -np.inf, traced
+    scores = run.shown_scores(rows)
+    return scores, [labels[row] for row in rows], scores > -np.inf, run.traced_words()

@@ -44,13 +44,8 @@ class AgainstBase(Method):
                                           batch_size=bundle.batch_size, layer=self.layer, seed=self.seed,
                                           progress=bundle.progress)
         run = tracer.against_base(list(queries), words=self.words, min_gain=self.min_gain, pick=self.pick)
-        column = {r.index: j for j, r in enumerate(self.rows)}
-        out = np.full((len(queries), len(self.rows)), -np.inf)
-        for (i, row), score in run.best_scores().items():
-            if score > 0:  # the rows `rept trace --against-base` shows
-                out[i, column[row]] = score
-        self.traced_words = [[run.changed[i][j].word for j in js] for i, js in enumerate(run.traced())]
-        return out
+        self.traced_words = run.traced_words()
+        return run.shown_scores([r.index for r in self.rows])  # the rows `rept trace --against-base` shows
 
     def settings(self, bundle: ModelBundle) -> dict:
         return {"seed": self.seed, "words": self.words, "min_gain": self.min_gain, "pick": self.pick,

@@ -537,6 +537,20 @@ class AgainstBaseRun:
                 best[(i, row)] = score
         return best
 
+    def shown_scores(self, rows: list[int]) -> np.ndarray:
+        """[answers, rows]: each row's best score where it pushed towards the answer (the rows
+        `results` shows), -inf (not shown) elsewhere and for every row of an answer not traced."""
+        column = {row: j for j, row in enumerate(rows)}
+        out = np.full((len(self.queries), len(rows)), -np.inf)
+        for (i, row), score in self.best_scores().items():
+            if score > 0 and row in column:
+                out[i, column[row]] = score
+        return out
+
+    def traced_words(self) -> list[list[str]]:
+        """Per answer, the changed words it was traced against (none: not traced)."""
+        return [[self.changed[i][j].word for j in js] for i, js in enumerate(self.traced())]
+
     def contrast(self, i: int, j: int = 0) -> Contrast | None:
         """The contrast of answer i against its changed word j (None if that pair was not traced)."""
         n = self._at.get((i, j))
