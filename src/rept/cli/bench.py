@@ -98,8 +98,9 @@ def run(args) -> int:
         flag = next(f for f in AGAINST_BASE if getattr(args, f) is not None)
         raise BenchError(f"--{flag.replace('_', '-')} sets the words the against-base method traces; "
                          "add against-base to --methods")
-    if args.changed_words is not None and args.changed_words < 1:
-        raise BenchError(f"--changed-words must be 1 or more, not {args.changed_words}")
+    from rept.cli.options import against_base_setting
+
+    against_base_setting(args)  # --changed-words below 1 refused before any training
     # the flags onto the settings objects, in this one place
     base_stage = replace(default_base_stage(), **{field: getattr(args, flag) for flag, field in BASE_STAGE.items()
                                                   if getattr(args, flag) is not None})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from rept.cli.options import add_against_base_args, add_index_model_args, add_mode_arg, positive
+from rept.cli.options import add_against_base_args, add_index_model_args, add_mode_arg, against_base_setting, positive
 
 HELP = "precision@k, pooled auPRC@k, AP and recall@k for labelled queries"
 
@@ -41,12 +41,11 @@ def run(args) -> int:
     given = [flag for flag in ("min_gain", "pick", "changed_words", "base_model") if getattr(args, flag) is not None]
     if given and not args.against_base:
         raise QueryError(f"--{given[0].replace('_', '-')} belongs to --against-base; give --against-base")
-    if args.changed_words is not None and args.changed_words < 1:
-        raise QueryError(f"--changed-words must be 1 or more, not {args.changed_words}")
+    setting = against_base_setting(args)  # --changed-words below 1 refused before the index opens
     tracer = open_index(args, signatures_only=args.against_base)
     retrieved, traced = None, None
     if args.against_base:
-        scores, labels, retrieved, traced = _against_base_scores(args, tracer, labelled)
+        scores, labels, retrieved, traced = _against_base_scores(args, tracer, labelled, setting)
     else:
         scores, _, labels = tracer.scores(labelled, mode=args.mode)
     relevant = relevance(labels, labelled)
@@ -80,19 +79,18 @@ def run(args) -> int:
     return 0
 
 
-def _against_base_scores(args, tracer, queries):
+def _against_base_scores(args, tracer, queries, setting):
     """[queries, stored rows] of `rept trace --against-base` over every row: a row's best score over
     the answer's traced words where it pushed towards the answer, -inf (not shown) elsewhere; the
     rows' labels, the shown mask and the words each answer was traced against."""
     import numpy as np
 
-    from rept.query.contrast import DEFAULT_CHANGED_WORDS, DEFAULT_MIN_GAIN, DEFAULT_PICK, ContrastTracer, open_base
+    from rept.query.contrast import ContrastTracer, open_base
 
     base = open_base(tracer, args.base_model, dtype=args.dtype, device=args.device)
     ct = ContrastTracer(tracer, base, candidates=None, mode=args.mode, progress=not args.quiet)
-    run = ct.against_base(queries, words=DEFAULT_CHANGED_WORDS if args.changed_words is None else args.changed_words,
-                          min_gain=DEFAULT_MIN_GAIN if args.min_gain is None else args.min_gain,
-                          pick=args.pick or DEFAULT_PICK)
+    words, min_gain, pick = setting
+    run = ct.against_base(queries, words=words, min_gain=min_gain, pick=pick)
     labels = ct.labels()
     rows = sorted(labels)
     scores = run.shown_scores(rows)

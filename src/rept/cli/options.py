@@ -47,6 +47,18 @@ def add_against_base_args(p, when: str) -> None:
                    "or with --pick most the K of largest gain), a row keeping its best score (default: 1)")
 
 
+def against_base_setting(args) -> tuple[int, float, str]:
+    """(words, min_gain, pick) from the flags of `add_against_base_args`, rept.query.contrast's
+    defaults where not given; --changed-words below 1 is refused."""
+    from rept.errors import ReptError
+    from rept.query.contrast import DEFAULT_CHANGED_WORDS, DEFAULT_MIN_GAIN, DEFAULT_PICK
+
+    if args.changed_words is not None and args.changed_words < 1:
+        raise ReptError(f"--changed-words must be 1 or more, not {args.changed_words}")
+    return (DEFAULT_CHANGED_WORDS if args.changed_words is None else args.changed_words,
+            DEFAULT_MIN_GAIN if args.min_gain is None else args.min_gain, args.pick or DEFAULT_PICK)
+
+
 def add_data_args(p) -> None:
     p.add_argument("--data", required=True, help="training set: HF save_to_disk folder, .jsonl, .json, .csv or .parquet")
     p.add_argument("--prompt-column", help="column holding the prompt (default: prompts/prompt/instruction)")

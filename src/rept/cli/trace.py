@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from rept.cli.options import add_against_base_args, add_index_model_args, add_mode_arg, positive
+from rept.cli.options import add_against_base_args, add_index_model_args, add_mode_arg, against_base_setting, positive
 
 HELP = "rank training rows for a misbehaving output"
 
@@ -99,8 +99,7 @@ def _check_contrast_flags(args) -> bool:
                         ("--pick", args.pick)):
         if value is not None and not args.against_base:
             raise QueryError(f"{flag} sets the words --against-base finds; give --against-base")
-    if args.changed_words is not None and args.changed_words < 1:
-        raise QueryError(f"--changed-words must be 1 or more, not {args.changed_words}")
+    against_base_setting(args)  # --changed-words below 1 refused before any model loads
     given = [f for f, v in (("--base-model", args.base_model), ("--contrast-layer", args.contrast_layer),
                             ("--contrast-tokens", args.contrast_tokens), ("--candidates", args.candidates))
              if v is not None]
@@ -183,12 +182,9 @@ def _run_against_base(args, ct, queries, mode) -> int:
     those that gained less than --min-gain (a change of wording) left out."""
     from dataclasses import replace
 
-    from rept.query.contrast import DEFAULT_CHANGED_WORDS, DEFAULT_MIN_GAIN, DEFAULT_PICK
     from rept.query.trace import QueryResult
 
-    words = DEFAULT_CHANGED_WORDS if args.changed_words is None else args.changed_words
-    min_gain = DEFAULT_MIN_GAIN if args.min_gain is None else args.min_gain
-    pick = args.pick or DEFAULT_PICK
+    words, min_gain, pick = against_base_setting(args)
     ab = ct.against_base(queries, words=words, min_gain=min_gain, pick=pick)
     traced = ab.traced()  # the run's own setting: these words, this gate, this pick
     found = ab.results(args.top_k, tokens=args.tokens)

@@ -508,9 +508,7 @@ class AgainstBaseRun:
         over them (only rows that pushed towards the answer: score > 0), best first, ties by row id;
         an answer with no word traced has no rows. With `tokens`, each row's words are scored by the
         contrast that gave it its best score. The settings are `traced`'s."""
-        keep = {(i, j) for i, js in enumerate(self.traced(words, min_gain, pick)) for j in js}
-        if not keep <= set(self._at):
-            raise QueryError("these words were not traced in this run: make it with these settings")
+        keep = self._kept(words, min_gain, pick)
         kept = [n for n, pair in enumerate(self.pairs) if pair in keep]
         # a row in an answer's top k by its best score is in the top k of the word that gave it: so
         # each word's own top k, merged, is exact
@@ -523,13 +521,18 @@ class AgainstBaseRun:
         return [QueryResult(q, sorted(best[i].values(), key=lambda h: (-h.score, h.row))[:k])
                 for i, q in enumerate(self.queries)]
 
+    def _kept(self, words, min_gain, pick) -> set[tuple[int, int]]:
+        """The (answer, word) pairs `traced` picks with these settings; each must be in this run."""
+        keep = {(i, j) for i, js in enumerate(self.traced(words, min_gain, pick)) for j in js}
+        if not keep <= set(self._at):
+            raise QueryError("these words were not traced in this run: make it with these settings")
+        return keep
+
     def best_scores(self, words: int | None = None, min_gain: float | None = None,
                     pick: str | None = None) -> dict[tuple[int, int], float]:
         """{(answer, row): the row's best score over the answer's traced words (`traced`)}, every row
         the run scored, of any sign; an answer with no word traced has none."""
-        keep = {(i, j) for i, js in enumerate(self.traced(words, min_gain, pick)) for j in js}
-        if not keep <= set(self._at):
-            raise QueryError("these words were not traced in this run: make it with these settings")
+        keep = self._kept(words, min_gain, pick)
         best = {}
         for (n, row), score in (self.run.scored.items() if self.run is not None else ()):
             i = self.pairs[n][0]
