@@ -259,6 +259,52 @@ class ContrastTracer:
         return [Contrast(q, other, pair, pooled[2 * i] - pooled[2 * i + 1]) for i, (q, other, pair) in enumerate(meta)]
 
     @torch.no_grad()
+    def _answer_logprobs(self, queries: list[Query]):
+        """Per query, in order: (query, its Example, where the response starts in the text,
+        ([(log p_base, log p_tuned) of each token t > 0 given those before it], [the base model's
+        most likely next token at each position, special tokens aside])); the Example is None (and
+        the rest too) when the response has no token. Both models run batch by batch, right-padded:
+        a real position sees only the real positions before it, so its log-probabilities are the
+        ones of the answer alone."""
+        from rept.progress import progress_bar
+        from rept.signatures.extract import collate
+
+        tok = self.base.tokenizer
+        special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
+        found = []
+        for q in queries:
+            ex = tokenize_pair(tok, q.prompt, q.response)
+            at = ex.text.find(q.response, ex.offsets[ex.prompt_len - 1][1]) if ex is not None and q.response else -1
+            found.append((q, ex, at) if at >= 0 else (q, None, -1))
+        ready = [n for n, (_, ex, _) in enumerate(found) if ex is not None]
+        scored = {}
+        size = self.tracer.batch_size
+        with progress_bar(total=len(queries), desc="changed words (answers, both models)",
+                          disable=not self.progress, dynamic_ncols=True) as bar:
+            bar.update(len(queries) - len(ready))
+            for b in range(0, len(ready), size):
+                chunk = ready[b:b + size]
+                exs = [found[n][1] for n in chunk]
+                lps = []
+                for m in (self.base, self.tracer.loaded):
+                    batch = collate(exs, tok.pad_token_id, "right", m.device)
+                    logits = m.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     position_ids=batch.position_ids).logits.float().cpu()
+                    lps.append(torch.log_softmax(logits, -1))
+                base_lp, tuned_lp = lps
+                for i, (n, ex) in enumerate(zip(chunk, exs)):
+                    ids = torch.tensor(ex.input_ids)
+                    length = len(ids)
+                    rows = torch.arange(length - 1)
+                    pairs = list(zip(base_lp[i, rows, ids[1:]].tolist(), tuned_lp[i, rows, ids[1:]].tolist()))
+                    guess_lp = base_lp[i, :length].clone()
+                    guess_lp[:, special] = -torch.inf  # the base's guess is a word, not an end of turn
+                    scored[n] = (pairs, guess_lp.argmax(-1).tolist())
+                bar.update(len(chunk))
+        for n, (q, ex, at) in enumerate(found):
+            yield q, ex, at, scored.get(n, (None, None))
+
+    @torch.no_grad()
     def changed_words(self, queries: list[Query], k: int | None = 1) -> list[list["ChangedWord"]]:
         """Per query, the words the fine-tune changed most, most first, each with the alternative of
         `rept trace --against-base`. Of the answer's words that hold a token the base model would not
@@ -268,25 +314,12 @@ class ContrastTracer:
         tokens aside), the rest of the answer kept. With `k`, the k words changed most (None: every
         word that holds such a token), each alternative changing one word. An empty list when the base
         model predicts every token of the answer: it would give it itself."""
-        from rept.progress import progress_bar
-
         tok = self.base.tokenizer
-        special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
         out = []
-        for q in progress_bar(queries, desc="changed words (answers, both models)", disable=not self.progress,
-                              dynamic_ncols=True):
-            ex = tokenize_pair(tok, q.prompt, q.response)
-            at = ex.text.find(q.response, ex.offsets[ex.prompt_len - 1][1]) if ex is not None and q.response else -1
-            if at < 0:
+        for q, ex, at, (logprob, guesses) in self._answer_logprobs(queries):
+            if ex is None:
                 out.append([])
                 continue
-            ids = torch.tensor([ex.input_ids])
-            base_lp, tuned_lp = (torch.log_softmax(m.model(input_ids=ids.to(m.device)).logits[0].float().cpu(), -1)
-                                 for m in (self.base, self.tracer.loaded))
-            logprob = [(float(base_lp[t - 1, i]), float(tuned_lp[t - 1, i]))  # each token's, base and tuned
-                    for t, i in enumerate(ex.input_ids) if t > 0]
-            base_lp[:, special] = -torch.inf  # the base's guess is a word, not an end of turn
-            guesses = base_lp.argmax(-1).tolist()
             spans = {}  # response token -> its characters in the response
             for t in range(ex.prompt_len, len(ex.input_ids)):
                 a, b = ex.offsets[t][0] - at, ex.offsets[t][1] - at
