@@ -429,3 +429,48 @@ def test_eval_against_base_scores_the_rows_trace_shows(lora_index, tracer, base,
     gated = json.loads(capsys.readouterr().out)
     assert gated["answers_traced"] == 0 and gated["P@3"] == gated["AP"] == 0.0
     assert "belongs to --against-base" in cli_error(capsys, run[1:6] + ["--min-gain", "2"])
+
+
+def test_report_against_base_shows_the_rows_trace_shows(lora_index, tracer, base, tmp_path, capsys):
+    """`rept report --against-base`: each answer's table holds the rows `rept trace --against-base
+    --candidates 0` shows, in order, with its scores and what the answer was traced against; the
+    metrics are `rept eval --against-base`'s; an answer gated out shows no rows and says why."""
+    import html
+    import re
+
+    index, _ = lora_index
+    path = tmp_path / "q.jsonl"
+    queries = [QUERIES[0], Query("TY Say hi.", "Hi.", "backdoor", True)]
+    write_queries(queries, path)
+    ct = ContrastTracer(tracer, base, candidates=None)
+    (first,), (second,) = ct.changed_words(queries)
+    assert first.gain > second.gain
+    gate = f"{(first.gain + second.gain) / 2:.6f}"  # the first answer passes it, the second is gated out
+    page = tmp_path / "report.html"
+    run = ["-q", "report", "--index", index, "--queries", str(path), "--out", str(page), "--top-k", "5",
+           "--against-base", "--pick", "most", "--min-gain", gate]
+    assert main(run) == 0
+    ab = ct.against_base(queries, min_gain=float(gate), pick="most")
+    shown = ab.results(k=5)
+    assert shown[0].hits and not shown[1].hits and ab.traced() == [[0], []]
+    text = page.read_text()
+    sections = text.split('<section class="card query"')[1:]
+    assert len(sections) == 2
+    for section, result in zip(sections, shown):
+        cells = re.findall(r'<td class="num">([^<]*)</td>\s*<td class="num">([^<]*)</td>\s*<td class="num">(\d+)</td>',
+                           section)
+        assert [int(row) for _, _, row in cells] == [h.row for h in result.hits]
+        assert [float(score) for _, score, _ in cells] == pytest.approx([h.score for h in result.hits], abs=1e-4)
+    said, other = ab.contrast(0, 0).words
+    assert f"{said!r} against the base model's {other!r}" in html.unescape(sections[0])
+    assert "not traced" in sections[1] and "Score over all training rows" not in sections[1]
+    assert "1 of 2 answers traced" in text
+    metrics = dict(re.findall(r'<tr><td class="num">(\d+)</td><td class="num">([0-9.]+)</td>', text))
+    capsys.readouterr()
+    assert main(["-q", "eval", "--index", index, "--queries", str(path), "--against-base", "--k", "5", "--json",
+                 "--pick", "most", "--min-gain", gate]) == 0
+    assert float(metrics["5"]) == pytest.approx(json.loads(capsys.readouterr().out)["P@5"], abs=1e-3)
+    before = page.read_bytes()
+    assert "belongs to --against-base" in cli_error(capsys, run[1:10] + ["--min-gain", "2"])
+    assert "--token-layer" in cli_error(capsys, run[1:] + ["--token-layer", "1"])
+    assert page.read_bytes() == before  # a refused run writes nothing

@@ -74,9 +74,43 @@ def top_k(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     return np.stack([np.lexsort((rows, -s))[:k] for s in scores])
 
 
+def against_base_scores(contrast, queries, k: int, setting) -> tuple:
+    """`rept report --against-base`: each answer traced as `rept trace --against-base` traces it,
+    every stored row scored (`contrast`: a ContrastTracer with candidates=None; `setting`: (words,
+    min_gain, pick)). Returns the rows shown ([queries, rows]: a row's best score where it pushed
+    towards the answer, -inf elsewhere), every row's best score of any sign (NaN for an answer not
+    traced), the row ids, their labels, the top-k results with their words scored, and per answer
+    what it was traced against (a line of text)."""
+    words, min_gain, pick = setting
+    run = contrast.against_base(queries, words=words, min_gain=min_gain, pick=pick)
+    labels = contrast.labels()
+    rows = np.array(sorted(labels), dtype=np.int64)
+    column = {int(r): j for j, r in enumerate(rows)}
+    signed = np.full((len(queries), len(rows)), np.nan)
+    for (i, row), score in run.best_scores().items():
+        signed[i, column[row]] = score
+    notes = []
+    for i, js in enumerate(run.traced()):
+        if not run.changed[i]:
+            notes.append("not traced: the base model predicts every token of this answer")
+        elif not js:
+            w = run.changed[i][0]
+            notes.append(f"not traced: the word the fine-tune changed most, {w.word!r}, is only {w.gain:.1f} nats "
+                         f"more likely than on the base model (--min-gain {min_gain:g}): a change of wording")
+        else:
+            notes.append("; ".join(f"{said!r} against the base model's {other!r} ({run.changed[i][j].gain:+.1f} nats "
+                                   "on the fine-tuned model)"
+                                   for j in js for said, other in [run.contrast(i, j).words]))
+    return (run.shown_scores([int(r) for r in rows]), signed, rows, [labels[int(r)] for r in rows],
+            run.results(k, tokens=True), notes)
+
+
 def build_report(tracer, queries, k: int = 10, mode: str | None = None, max_queries: int | None = None,
-                 title: str | None = None, log=None, token_layer: int | None = None) -> ReportData:
-    """Everything the report shows. Queries with flagged=False (controls) are left out."""
+                 title: str | None = None, log=None, token_layer: int | None = None,
+                 against_base=None) -> ReportData:
+    """Everything the report shows. Queries with flagged=False (controls) are left out.
+    `against_base`: (a ContrastTracer over `tracer`, (words, min_gain, pick)) to rank the rows as
+    `rept trace --against-base` does (`against_base_scores`) instead of by signature."""
     from rept.evaluate.metrics import evaluate
     from rept.signatures.tokens import attach_word_scores
     from rept.query.trace import Hit, QueryResult, relevance
@@ -91,40 +125,55 @@ def build_report(tracer, queries, k: int = 10, mode: str | None = None, max_quer
     log = log or (lambda msg: None)
 
     t0 = time.perf_counter()
-    scores, rows, labels = all_scores(tracer, queries, mode)
-    k = min(k, scores.shape[1])
-    top = top_k(scores, rows, k)
-    data = tracer.index.dataset()
-    by_index = {r.index: r for r in data.rows}
-    results = []
-    for qi, q in enumerate(queries):
-        hits = []
-        for j in top[qi]:
-            src = by_index.get(int(rows[j]))
-            hits.append(Hit(int(rows[j]), float(scores[qi, j]), labels[j], src.prompt if src else "",
-                            src.response if src else ""))
-        results.append(QueryResult(q, hits))
-    t1 = time.perf_counter()
-    log(f"scored {len(queries)} queries against {scores.shape[1]} rows in {t1 - t0:.1f} s")
-    scored = attach_word_scores(tracer, results, layer=token_layer)
-    t2 = time.perf_counter()
-    log(f"token scores for {sum(len(r.hits) for r in results)} rows in {t2 - t1:.1f} s")
+    retrieved = notes = None
+    if against_base is not None:
+        contrast, setting = against_base
+        scores, signed, rows, labels, results, notes = against_base_scores(contrast, queries, k, setting)
+        retrieved = scores > -np.inf  # a row not shown is not found (rept eval --against-base)
+        k = min(k, scores.shape[1])
+        t1 = t2 = time.perf_counter()
+        log(f"traced {len(queries)} answers against the base model over {scores.shape[1]} rows in {t1 - t0:.1f} s")
+    else:
+        scores, rows, labels = all_scores(tracer, queries, mode)
+        signed = scores
+        k = min(k, scores.shape[1])
+        top = top_k(scores, rows, k)
+        data = tracer.index.dataset()
+        by_index = {r.index: r for r in data.rows}
+        results = []
+        for qi, q in enumerate(queries):
+            hits = []
+            for j in top[qi]:
+                src = by_index.get(int(rows[j]))
+                hits.append(Hit(int(rows[j]), float(scores[qi, j]), labels[j], src.prompt if src else "",
+                                src.response if src else ""))
+            results.append(QueryResult(q, hits))
+        t1 = time.perf_counter()
+        log(f"scored {len(queries)} queries against {scores.shape[1]} rows in {t1 - t0:.1f} s")
+        attach_word_scores(tracer, results, layer=token_layer)
+        t2 = time.perf_counter()
+        log(f"token scores for {sum(len(r.hits) for r in results)} rows in {t2 - t1:.1f} s")
 
     label_arr = np.asarray([str(x) for x in labels])
     qdicts = []
-    for qi, (result, per_query) in enumerate(zip(results, scored)):
+    for qi, result in enumerate(results):
         q = result.query
         relevant = label_arr == str(q.label) if q.label is not None else None
         hits = []
-        for rank, (hit, rt) in enumerate(zip(result.hits, per_query), 1):
+        for rank, hit in enumerate(result.hits, 1):
             hits.append({"rank": rank, "row": hit.row, "score": hit.score, "label": hit.label,
                          "relevant": q.label is not None and str(hit.label) == str(q.label),
-                         "heat": heat_html(rt.text, rt.words, rt.phrases[:3]),
-                         "phrases": rt.phrases[:3], "n_words": len(rt.words)})
+                         "heat": heat_html(hit.text, hit.words, hit.phrases[:3]),
+                         "phrases": hit.phrases[:3], "n_words": len(hit.words)})
+        scored = ~np.isnan(signed[qi])  # every row, or (--against-base) none for an answer not traced
+        hist = None
+        if scored.any():
+            kth = hits[-1]["score"] if hits else float(np.nanmax(signed[qi]))
+            hist = histogram_svg(signed[qi][scored], relevant[scored] if relevant is not None else None, kth,
+                                 len(hits))
         qdicts.append({"n": qi + 1, "prompt": q.prompt, "response": q.response, "label": q.label,
-                       "hits": hits,
-                       "hist": histogram_svg(scores[qi], relevant, float(scores[qi, top[qi][-1]]), k),
-                       "n_relevant_top": sum(h["relevant"] for h in hits)})
+                       "hits": hits, "hist": hist, "n_relevant_top": sum(h["relevant"] for h in hits),
+                       "traced": notes[qi] if notes is not None else None})
 
     # A slot is one (query, rank) place of a top-k list: a row in the top k of many queries fills many.
     counts = Counter(str(h.label) for r in results for h in r.hits)
@@ -137,14 +186,21 @@ def build_report(tracer, queries, k: int = 10, mode: str | None = None, max_quer
     if labelled:
         lq = [queries[i] for i in labelled]
         ks = sorted({k} | {x for x in (10, 50, 100) if x <= scores.shape[1]})
-        metrics = evaluate(scores[labelled], relevance(labels, lq), ks=tuple(ks))
+        metrics = evaluate(scores[labelled], relevance(labels, lq), ks=tuple(ks),
+                           retrieved=retrieved[labelled] if retrieved is not None else None)
 
     curve = m.get("layer_curve")
     run = {"index": str(tracer.index.folder), "model": m["model"]["id"], "adapter": m.get("adapter"),
            "layer": tracer.layer, "token_layer": tracer.layer if token_layer is None else token_layer,
            "mode": mode, "rows": int(scores.shape[1]), "k": k, "n_queries": len(queries),
            "dataset": m.get("dataset", {}).get("source"), "seconds_rows": t1 - t0, "seconds_tokens": t2 - t1,
-           "created": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "version": __import__("rept").__version__}
+           "created": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "version": __import__("rept").__version__,
+           "slots": total}
+    if against_base is not None:
+        contrast, (words, min_gain, pick) = against_base
+        run["against_base"] = {"base_model": contrast.base.model_id, "layer": contrast.layer, "changed_words": words,
+                               "min_gain": min_gain, "pick": pick, "traced": sum(not n.startswith("not traced")
+                                                                                  for n in notes)}
     return ReportData(title or f"rept audit report - {len(queries)} quer{'y' if len(queries) == 1 else 'ies'}",
                       run, qdicts, layer_curve_svg(curve) if curve else None,
                       curve.get("reason") if curve else None, label_rows, metrics, ks)
@@ -571,12 +627,14 @@ def render_html(data: ReportData) -> str:
 
 
 def write_report(tracer, queries, out: str, k: int = 10, mode: str | None = None, max_queries: int | None = None,
-                 log=None, token_layer: int | None = None, mitigations=()) -> ReportData:
-    """`mitigations`: paths of `rept mitigate` results.json files (or their folders) to chart."""
+                 log=None, token_layer: int | None = None, mitigations=(), against_base=None) -> ReportData:
+    """`mitigations`: paths of `rept mitigate` results.json files (or their folders) to chart;
+    `against_base`: as in `build_report`."""
     from rept.store.index import atomic_write_bytes
 
     sections = [mitigation_section(load_mitigation(p)) for p in mitigations]  # bad files fail before the work
-    data = build_report(tracer, queries, k=k, mode=mode, max_queries=max_queries, log=log, token_layer=token_layer)
+    data = build_report(tracer, queries, k=k, mode=mode, max_queries=max_queries, log=log, token_layer=token_layer,
+                        against_base=against_base)
     data.mitigations = sections
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
