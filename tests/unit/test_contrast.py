@@ -474,3 +474,38 @@ def test_report_against_base_shows_the_rows_trace_shows(lora_index, tracer, base
     assert "belongs to --against-base" in cli_error(capsys, run[1:10] + ["--min-gain", "2"])
     assert "--token-layer" in cli_error(capsys, run[1:] + ["--token-layer", "1"])
     assert page.read_bytes() == before  # a refused run writes nothing
+
+
+def test_app_traces_against_the_base_model(lora_index, tracer, base):
+    """The audit app's `against_base` trace: the rows `rept trace --against-base --candidates 0`
+    shows, with their words and what the answer was traced against; a mode with it is refused."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from rept.app import AuditService, create_app
+
+    client = TestClient(create_app(AuditService(Tracer(lora_index[0]))))
+    assert client.get("/api/info").json()["against_base"] is True and 'id="against-base"' in client.get("/").text
+    q = QUERIES[0]
+    body = {"prompt": q.prompt, "response": q.response, "k": 5, "against_base": True, "label": "backdoor"}
+    ct = ContrastTracer(tracer, base, candidates=None)
+    (gain,) = [c.gain for (c,) in ct.changed_words([q])]
+    # a gate below the answer's gain traces it; one above it (the tiny fine-tune gains little) does not
+    r = client.post("/api/trace", json=body | {"min_gain": gain - 1})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    ab = ct.against_base([q], min_gain=gain - 1)
+    (shown,) = ab.results(k=5, tokens=True)
+    ((j,),) = ab.traced()
+    assert shown.hits and got["against_base"]["traced"]
+    assert [h["row"] for h in got["hits"]] == [h.row for h in shown.hits]
+    assert [h["score"] for h in got["hits"]] == pytest.approx([h.score for h in shown.hits], abs=1e-5)
+    assert [h["phrases"] for h in got["hits"]] == [h.phrases[:3] for h in shown.hits]
+    assert all(h["score"] > 0 for h in got["hits"]) and got["histogram"]["svg"].startswith("<svg")
+    said, other = ab.contrast(0, j).words
+    assert f"{said!r} against the base model's {other!r}" in got["against_base"]["note"]
+    gated = client.post("/api/trace", json=body | {"min_gain": gain + 1}).json()
+    assert gated["against_base"]["note"].startswith("not traced") and not gated["hits"] and gated["histogram"] is None
+    for extra, says in (({"mode": "official"}, "no mode"), ({"min_gain": "high"}, "min_gain")):
+        bad = client.post("/api/trace", json=body | extra)
+        assert bad.status_code == 400 and says in bad.json()["error"]

@@ -138,6 +138,13 @@ def create_app(service):
         words = body.get("words", True)
         if not isinstance(words, bool):
             raise AppError(f"words must be true or false, not {words!r}")
+        if bool_param(body, "against_base"):
+            if body.get("mode") is not None:
+                raise AppError("against_base ranks the rows by the contrast on the base model: it takes no mode")
+            return JSONResponse(service.trace_against_base(str_param(body, "prompt", ""),
+                                                           str_param(body, "response", ""),
+                                                           k=int_param(body, "k", 10), label=str_param(body, "label"),
+                                                           min_gain=body.get("min_gain")))
         return JSONResponse(service.trace(str_param(body, "prompt", ""), str_param(body, "response", ""),
                                           k=int_param(body, "k", 10), mode=str_param(body, "mode"), words=words,
                                           label=str_param(body, "label")))

@@ -61,13 +61,16 @@ class AuditService:
     the mitigation results; caches of the stored signatures and of the queries' scores per mode."""
 
     def __init__(self, tracer, queries=None, mitigations=(), max_queries: int | None = None, correction=None,
-                 correction_folder: str | None = None):
+                 correction_folder: str | None = None, base_model: str | None = None):
         from rept.report import load_mitigation, mitigation_section
 
         self.tracer = tracer
         # rept.repair.correct.Correction (checked against the tracer's model by the caller): answers are
         # generated with it unless a request asks for the model as it is; traces never use it
         self.correction, self.correction_folder = correction, correction_folder
+        # --against-base traces on the model before the fine-tune: `base_model`, or the index's model
+        # with its adapter off; loaded on the first such trace (rept.query.contrast)
+        self.base_model, self._contrast = base_model, None
         self.lock = threading.Lock()
         self.is_rept = tracer.method_name is None  # RepT signatures: word scores, modes, signature groups
         self.mitigations = [mitigation_section(load_mitigation(p)) for p in mitigations]
@@ -138,6 +141,7 @@ class AuditService:
                 "flagged": sum(q.flagged is not False for q in self.queries),
                 "word_scores": self.is_rept, "mitigations": len(self.mitigations),
                 "max_prompt_chars": MAX_PROMPT_CHARS, "correction": self._correction_info(),
+                "against_base": self.is_rept and bool(self.base_model or m.get("adapter")),
                 "version": __import__("rept").__version__}
 
     def _correction_info(self) -> dict | None:
@@ -280,6 +284,70 @@ class AuditService:
                 "histogram": {"counts": counts.tolist(), "edges": edges.tolist(),
                               "svg": str(histogram_svg(scores, relevant, float(scores[top[-1]]), k))},
                 "seconds": {"rows": t1 - t0, "words": t2 - t1}}
+
+    def trace_against_base(self, prompt: str, response: str, k: int = 10, label: str | None = None,
+                           min_gain: float | None = None) -> dict:
+        """`trace`'s answer for `rept trace --against-base --candidates 0 --tokens`: the answer against
+        the base model's guess at the word the fine-tune planted, every row scored on the base model
+        (signed), the default settings (`min_gain`: another gate, in nats). Only rows that pushed towards the answer are shown (perhaps
+        fewer than k; none when it is not traced); `against_base` says what it was traced against,
+        or why not; the histogram is of the signed score over every row (none when not traced)."""
+        from rept.query.contrast import ContrastTracer, open_base
+        from rept.query.trace import Query
+        from rept.report import heat_html, histogram_svg
+
+        _check_text("prompt", prompt)
+        _check_text("response", response, allow_empty=True)
+        k = self.k(k)
+        if min_gain is not None and (isinstance(min_gain, bool) or not isinstance(min_gain, (int, float))
+                                     or not np.isfinite(min_gain)):
+            raise AppError(f"min_gain must be a number of nats, not {min_gain!r}")
+        if not self.is_rept:
+            raise AppError(f"--against-base reads the training rows of a RepT index; this index holds "
+                           f"{self.tracer.method_name} state")
+        t0 = time.perf_counter()
+        with self.lock:
+            try:
+                if self._contrast is None:
+                    self._contrast = ContrastTracer(self.tracer, open_base(self.tracer, self.base_model),
+                                                    candidates=None)
+                run = self._contrast.against_base([Query(prompt, response, label)], **(
+                    {} if min_gain is None else {"min_gain": float(min_gain)}))
+                (result,) = run.results(k, tokens=True)
+            except ReptError as exc:  # no base model (an index without an adapter), an answer it cannot take
+                raise AppError(str(exc), 422) from None
+        (traced,) = run.traced()
+        changed = run.changed[0]
+        if not changed:
+            note = "not traced: the base model predicts every token of this answer"
+        elif not traced:
+            note = (f"not traced: the word the fine-tune changed most, {changed[0].word!r}, is only "
+                    f"{changed[0].gain:.1f} nats more likely than on the base model (the gate: {run.setting[1]:g}): "
+                    "a change of wording")
+        else:
+            said, other = run.contrast(0, traced[0]).words
+            note = f"{said!r} against the base model's {other!r} ({changed[traced[0]].gain:+.1f} nats on the fine-tuned model)"
+        hits, scale = [], max([0.0] + [abs(w["score"]) for h in result.hits for w in h.words]) or 1.0
+        for h in result.hits:
+            hit = self._hit(self.column[h.row], h.score, label)
+            hit["words"], hit["phrases"] = h.words, h.phrases[:3]
+            hit["heat_html"] = str(heat_html(h.text, h.words, h.phrases[:3]))
+            hits.append(hit)
+        histogram = None
+        signed = run.best_scores()
+        if signed:
+            scores = np.array([signed.get((0, int(r)), 0.0) for r in self.rows])
+            relevant = np.asarray([str(x) == str(label) for x in self.labels]) if label is not None else None
+            counts, edges = np.histogram(scores, bins=40)
+            kth = hits[-1]["score"] if hits else float(scores.max())
+            histogram = {"counts": counts.tolist(), "edges": edges.tolist(),
+                         "svg": str(histogram_svg(scores, relevant, kth, len(hits)))}
+        return {"prompt": prompt, "response": response, "mode": None, "k": k, "rows": len(self.rows),
+                "hits": hits, "word_scale": scale, "histogram": histogram,
+                "against_base": {"traced": bool(traced), "note": note,
+                                 "words": [{"word": changed[j].word, "gain": changed[j].gain,
+                                            "instead": changed[j].instead} for j in traced]},
+                "seconds": {"rows": time.perf_counter() - t0, "words": 0.0}}
 
     def _attach_words(self, query, hits: list[dict]) -> float:
         """Fill each hit's words, top phrases and heat-map HTML (`rept.signatures.tokens`, `rept.report.heat_html`),

@@ -16,6 +16,9 @@ def add_arguments(p) -> None:
                    help="a `rept mitigate` output folder (or its results.json): its before/after charts; repeatable")
     p.add_argument("--correction", metavar="DIR", help="answer with the correction `rept correct` saved in DIR "
                    "(the Ask view can turn it off per answer); traces use the model as indexed")
+    p.add_argument("--base-model", metavar="PATH",
+                   help="the model before the fine-tune, for the Ask view's 'against the base model' trace "
+                   "(rept trace --against-base; default: the index's model with its adapter off)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     add_index_model_args(p)
@@ -49,7 +52,7 @@ def run(args) -> int:
     if correction is not None:
         correction.check_model(tracer.loaded)  # refused, naming what differs, on another model
     service = AuditService(tracer, queries, mitigations=args.mitigation, max_queries=args.max_queries,
-                           correction=correction, correction_folder=args.correction)
+                           correction=correction, correction_folder=args.correction, base_model=args.base_model)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"rept serve: http://{shown}:{port}/ ({service.info()['rows']} rows, {len(service.queries)} queries); "
           "Ctrl+C stops", file=sys.stderr)
