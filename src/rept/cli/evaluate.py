@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from rept.cli.options import add_against_base_args, add_index_model_args, add_mode_arg, against_base_setting, positive
+from rept.cli.options import (add_against_base_group, add_index_model_args, add_mode_arg, against_base_request,
+                              positive)
 
 HELP = "precision@k, pooled auPRC@k, AP and recall@k for labelled queries"
 
@@ -17,15 +18,9 @@ def add_arguments(p) -> None:
     p.add_argument("--per-query", action="store_true",
                    help="also each query's P@k (the smallest k) and AP, worst first: which answers are missed")
     p.add_argument("--json", action="store_true", help="print JSON")
-    g = p.add_argument_group("behaviour, not topic (rept trace --against-base)")
-    g.add_argument("--against-base", action="store_true",
-                   help="score each answer as `rept trace --against-base --candidates 0` ranks it (every row, on the "
-                   "base model), on the rows it shows: a row not shown, and every row of an answer not traced, "
-                   "counts as not found")
-    add_against_base_args(g, "with --against-base")
-    g.add_argument("--base-model", metavar="PATH",
-                   help="with --against-base: the model before the fine-tune (default: the index's model with its "
-                   "adapter off)")
+    add_against_base_group(p, "score each answer as `rept trace --against-base --candidates 0` ranks it (every row, "
+                           "on the base model), on the rows it shows: a row not shown, and every row of an answer "
+                           "not traced, counts as not found")
     add_index_model_args(p)
 
 
@@ -38,10 +33,7 @@ def run(args) -> int:
     labelled = [q for q in queries if q.label is not None]
     if not labelled:
         raise QueryError(f"{args.queries}: no query has a label (eval needs a label column naming the behaviour)")
-    given = [flag for flag in ("min_gain", "pick", "changed_words", "base_model") if getattr(args, flag) is not None]
-    if given and not args.against_base:
-        raise QueryError(f"--{given[0].replace('_', '-')} belongs to --against-base; give --against-base")
-    setting = against_base_setting(args)  # --changed-words below 1 refused before the index opens
+    setting = against_base_request(args)  # refused before the index opens
     tracer = open_index(args, signatures_only=args.against_base)
     retrieved, traced = None, None
     if args.against_base:

@@ -47,6 +47,29 @@ def add_against_base_args(p, when: str) -> None:
                    "or with --pick most the K of largest gain), a row keeping its best score (default: 1)")
 
 
+def add_against_base_group(p, what: str) -> None:
+    """`--against-base` (its help: `what`), its three flags and `--base-model`, as `rept eval` and
+    `rept report` take them; `against_base_request` reads them."""
+    g = p.add_argument_group("behaviour, not topic (rept trace --against-base)")
+    g.add_argument("--against-base", action="store_true", help=what)
+    add_against_base_args(g, "with --against-base")
+    g.add_argument("--base-model", metavar="PATH",
+                   help="with --against-base: the model before the fine-tune (default: the index's model with its "
+                   "adapter off)")
+
+
+def against_base_request(args) -> tuple[int, float, str] | None:
+    """The (words, min_gain, pick) of `add_against_base_group`'s flags, None without --against-base;
+    any of its flags without --against-base is refused in one line."""
+    from rept.errors import ReptError
+
+    given = [flag for flag in ("min_gain", "pick", "changed_words", "base_model") if getattr(args, flag) is not None]
+    if given and not args.against_base:
+        raise ReptError(f"--{given[0].replace('_', '-')} belongs to --against-base; give --against-base")
+    setting = against_base_setting(args)  # --changed-words below 1 refused before any model loads
+    return setting if args.against_base else None
+
+
 def against_base_setting(args) -> tuple[int, float, str]:
     """(words, min_gain, pick) from the flags of `add_against_base_args`, rept.query.contrast's
     defaults where not given; --changed-words below 1 is refused."""

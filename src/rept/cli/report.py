@@ -7,7 +7,7 @@ HELP = ("write one self-contained HTML audit report: top rows with word heat map
 
 
 def add_arguments(p) -> None:
-    from rept.cli.options import add_against_base_args, add_index_model_args, add_mode_arg, positive
+    from rept.cli.options import add_against_base_group, add_index_model_args, add_mode_arg, positive
 
     p.add_argument("--index", required=True, help="index folder made by `rept index` (or `rept demo`)")
     p.add_argument("--queries", required=True, help="JSONL/CSV/Parquet with prompt, response[, label, flagged]; "
@@ -21,15 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--mitigation", action="append", default=[], metavar="RESULTS_JSON",
                    help="a `rept mitigate` results.json (or its folder): adds before/after bar charts of the "
                    "behaviour rate and clean loss; repeat to compare runs (e.g. one per --culprits-from)")
-    g = p.add_argument_group("behaviour, not topic (rept trace --against-base)")
-    g.add_argument("--against-base", action="store_true",
-                   help="rank the rows as `rept trace --against-base --candidates 0 --tokens` does (each answer "
-                   "against the base model's guess at a word the fine-tune planted, every row scored on the base "
-                   "model, signed) instead of by signature")
-    add_against_base_args(g, "with --against-base")
-    g.add_argument("--base-model", metavar="PATH",
-                   help="with --against-base: the model before the fine-tune (default: the index's model with its "
-                   "adapter off)")
+    add_against_base_group(p, "rank the rows as `rept trace --against-base --candidates 0 --tokens` does (each "
+                           "answer against the base model's guess at a word the fine-tune planted, every row scored "
+                           "on the base model, signed) instead of by signature")
     add_index_model_args(p)
 
 
@@ -40,21 +34,18 @@ def run(args) -> int:
     from rept.report import write_report
     from rept.query.trace import load_queries
 
-    from rept.cli.options import against_base_setting
+    from rept.cli.options import against_base_request
     from rept.query.trace import QueryError
 
-    given = [flag for flag in ("min_gain", "pick", "changed_words", "base_model") if getattr(args, flag) is not None]
-    if given and not args.against_base:
-        raise QueryError(f"--{given[0].replace('_', '-')} belongs to --against-base; give --against-base")
-    if args.against_base and args.token_layer is not None:
+    setting = against_base_request(args)  # refused before the index opens
+    if setting is not None and args.token_layer is not None:
         raise QueryError("--token-layer has no effect with --against-base: the words are scored by the contrast, "
                          "at the final normed output")
-    setting = against_base_setting(args)  # --changed-words below 1 refused before the index opens
     queries = load_queries(args.queries)
     tracer = open_index(args, signatures_only=True)  # word heat maps need RepT signatures
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     against_base = None
-    if args.against_base:
+    if setting is not None:
         from rept.query.contrast import ContrastTracer, open_base
 
         base = open_base(tracer, args.base_model, dtype=args.dtype, device=args.device)
