@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from rept.cli import main
 from rept.data.examples import tokenize_pair
 from rept.model.loading import load_model
-from rept.query.contrast import ContrastTracer, minimal_pair, open_base
+from rept.query.contrast import DEFAULT_GUESS_WEIGHT, ContrastTracer, minimal_pair, open_base
 from rept.query.trace import Query, Tracer, load_queries, write_queries
 from conftest import cli_error
 
@@ -74,7 +74,7 @@ def _unit(x):
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def _plain_scores(base, tracer, layer, queries, instead, first=None, score="extreme"):
+def _plain_scores(base, tracer, layer, queries, instead, first=None, score="extreme", weight=1.0):
     """The module docstring's definition written out: [queries, rows] over every dataset row."""
     tok, model = base.tokenizer, base.model
     directions = []
@@ -87,7 +87,7 @@ def _plain_scores(base, tracer, layer, queries, instead, first=None, score="extr
                     if ex.offsets[i][0] < at + b and ex.offsets[i][1] > at + a][:first]
             g = _layer_grads(model, ex.input_ids, layer, toks)
             pooled.append(_unit(_unit(g[[t - 1 for t in toks]]).sum(0)))
-        directions.append(_unit(pooled[0] - pooled[1]))
+        directions.append(_unit(pooled[0] - weight * pooled[1]))
     rows = sorted(tracer.index.labels())
     data = {r.index: r for r in tracer.index.dataset().rows}
     out = np.zeros((len(queries), len(rows)), dtype=np.float32)
@@ -101,13 +101,14 @@ def _plain_scores(base, tracer, layer, queries, instead, first=None, score="extr
     return out
 
 
-@pytest.mark.parametrize("layer, first, score", [(1, None, "extreme"), (-1, None, "extreme"), (-1, 1, "extreme"),
-                                                 (-1, None, "max")])
-def test_scores_equal_the_plain_definition(tracer, base, layer, first, score):
+@pytest.mark.parametrize("layer, first, score, weight", [(1, None, "extreme", 1.0), (-1, None, "extreme", 1.0),
+                                                         (-1, 1, "extreme", 1.0), (-1, None, "max", 1.0),
+                                                         (-1, None, "extreme", 0.5)])
+def test_scores_equal_the_plain_definition(tracer, base, layer, first, score, weight):
     ct = ContrastTracer(tracer, base, layer=layer, candidates=None, first_tokens=first, score=score)
-    scores, rows, labels = ct.scores(QUERIES, INSTEAD)
+    scores, rows, labels = ct.run(QUERIES, INSTEAD, weight=weight).matrix()
     assert rows.tolist() == sorted(tracer.index.labels()) and len(labels) == len(rows)
-    plain = _plain_scores(base, tracer, ct.layer, QUERIES, INSTEAD, first, score)
+    plain = _plain_scores(base, tracer, ct.layer, QUERIES, INSTEAD, first, score, weight)
     np.testing.assert_allclose(scores, plain, atol=2e-5)
     assert np.abs(scores).max() > 0.05  # a real signal, not zeros on both sides
 
@@ -297,7 +298,8 @@ def test_against_base_keeps_each_rows_best_score_over_the_words_traced(tracer, b
     ct = ContrastTracer(tracer, base, candidates=None)
     ab = ct.against_base(QUERIES, words=3, min_gain=float("-inf"), pick="most")
     assert [len(cs) for cs in ab.changed] == [3, 3] and ab.setting == (3, float("-inf"), "most")
-    run = ct.run([QUERIES[i] for i, _ in ab.pairs], [ab.changed[i][j].instead for i, j in ab.pairs])
+    assert ab.weight == DEFAULT_GUESS_WEIGHT  # half the guess's push subtracted
+    run = ct.run([QUERIES[i] for i, _ in ab.pairs], [ab.changed[i][j].instead for i, j in ab.pairs], weight=ab.weight)
     for words in (1, 3):
         for i, r in enumerate(ab.results(k=5, words=words, min_gain=float("-inf"))):
             best = {}
@@ -308,14 +310,14 @@ def test_against_base_keeps_each_rows_best_score_over_the_words_traced(tracer, b
             assert [h.row for h in r.hits] == [row for _, row in expected]
             assert [h.score for h in r.hits] == pytest.approx([-v for v, _ in expected], abs=1e-6)
     # one word: what --instead gives against that word's alternative
-    (first,), _ = ct.trace([QUERIES[0]], [ab.changed[0][0].instead], k=5)
+    (first,), _ = ct.trace([QUERIES[0]], [ab.changed[0][0].instead], k=5, weight=ab.weight)
     assert [h.row for h in ab.results(k=5, words=1, min_gain=float("-inf"))[0].hits] == [h.row for h in first.hits]
     # pick="first": the changed word that comes first in the answer, traced as --instead would
     first = ct.against_base(QUERIES, words=1, min_gain=float("-inf"), pick="first")
     for i, (cs, (j,)) in enumerate(zip(first.changed, first.traced(1, float("-inf"), "first"))):
         assert len(cs) >= 3 and cs[j].start == min(c.start for c in cs)
         assert QUERIES[i].response[cs[j].start:].startswith(cs[j].word)
-        (alone,), _ = ct.trace([QUERIES[i]], [cs[j].instead], k=5)
+        (alone,), _ = ct.trace([QUERIES[i]], [cs[j].instead], k=5, weight=first.weight)
         got = first.results(k=5, words=1, min_gain=float("-inf"), pick="first")[i].hits
         assert [h.row for h in got] == [h.row for h in alone.hits]
     top = max(c.gain for cs in ab.changed for c in cs)
@@ -346,9 +348,16 @@ def test_cli_against_base_traces_each_answer_against_the_base_models(lora_index,
     same, changed = out["queries"]
     assert "instead" not in same and same["compared"] is None and same["results"] == []
     assert changed["instead"] == other and changed["compared"] is not None
-    (expected,), _ = ct.trace([q], [other], k=3)
+    assert out["contrast"]["guess_weight"] == DEFAULT_GUESS_WEIGHT
+    (expected,), _ = ct.trace([q], [other], k=3, weight=DEFAULT_GUESS_WEIGHT)
     assert [r["row"] for r in changed["results"]] == [h.row for h in expected.hits]
     assert [r["score"] for r in changed["results"]] == pytest.approx([h.score for h in expected.hits], abs=1e-6)
+    # --guess-weight 1: the plain difference, exactly --instead's ranking against the same alternative
+    assert main(run + ["--min-gain", below, "--top-k", "3", "--json", "--guess-weight", "1"]) == 0
+    plain = json.loads(capsys.readouterr().out)["queries"][1]
+    (expected,), _ = ct.trace([q], [other], k=3)
+    assert [r["score"] for r in plain["results"]] == pytest.approx([h.score for h in expected.hits], abs=1e-6)
+    assert [r["score"] for r in plain["results"]] != pytest.approx([r["score"] for r in changed["results"]], abs=1e-3)
     # the changed word and its gain are reported
     assert [w["word"] for w in changed["changed"]] == [changed_word.word] and changed["changed"][0]["traced"]
     assert changed["changed"][0]["gain"] == pytest.approx(changed_word.gain, abs=1e-6) and same["changed"] == []
@@ -377,6 +386,9 @@ def test_cli_against_base_refuses_a_second_alternative(lora_index, capsys):
     assert "give --against-base" in cli_error(capsys, one[:-1] + ["--instead", "x", "--min-gain", "1"])
     assert "give --against-base" in cli_error(capsys, one[:-1] + ["--instead", "x", "--changed-words", "2"])
     assert "--changed-words must be 1 or more" in cli_error(capsys, one + ["--changed-words", "0"])
+    assert "give --against-base" in cli_error(capsys, one[:-1] + ["--instead", "x", "--guess-weight", "1"])
+    for bad in ("-1", "nan", "inf"):
+        assert "--guess-weight) must be a number of 0 or more" in cli_error(capsys, one + ["--guess-weight", bad])
 
 
 def test_the_bench_method_scores_the_rows_against_base_shows(lora_run, tracer, base):

@@ -12,7 +12,7 @@ HELP = ("train (or reuse) a tiny base model, or take a given one (--base), LoRA 
 # the stage's TrainConfig (rept.evaluate.bench.config.default_base_stage holds the defaults).
 BASE_STAGE = {"base_epochs": "epochs", "hidden": "hidden", "layers": "layers"}
 # The against-base method's flags: each sets one attribute of rept.methods.contrast.AgainstBase.
-AGAINST_BASE = {"min_gain": "min_gain", "pick": "pick", "changed_words": "words"}
+AGAINST_BASE = {"min_gain": "min_gain", "pick": "pick", "changed_words": "words", "guess_weight": "weight"}
 
 
 def _layer(value: str):
@@ -96,11 +96,11 @@ def run(args) -> int:
     against_base = {field: getattr(args, flag) for flag, field in AGAINST_BASE.items() if getattr(args, flag) is not None}
     if against_base and "against-base" not in args.methods:
         flag = next(f for f in AGAINST_BASE if getattr(args, f) is not None)
-        raise BenchError(f"--{flag.replace('_', '-')} sets the words the against-base method traces; "
+        raise BenchError(f"--{flag.replace('_', '-')} is a setting of the against-base method; "
                          "add against-base to --methods")
     from rept.cli.options import against_base_setting
 
-    against_base_setting(args)  # --changed-words below 1 refused before any training
+    against_base_setting(args)  # bad values refused before any training
     # the flags onto the settings objects, in this one place
     base_stage = replace(default_base_stage(), **{field: getattr(args, flag) for flag, field in BASE_STAGE.items()
                                                   if getattr(args, flag) is not None})

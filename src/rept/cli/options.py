@@ -45,6 +45,10 @@ def add_against_base_args(p, when: str) -> None:
     p.add_argument("--changed-words", type=int, default=None, metavar="K",
                    help=f"{when}: trace each answer against K of its changed words past --min-gain (the first K, "
                    "or with --pick most the K of largest gain), a row keeping its best score (default: 1)")
+    p.add_argument("--guess-weight", type=float, default=None, metavar="W",
+                   help=f"{when}: how much of the push towards the base model's guess each direction subtracts, "
+                   "unit(push to the answer) - W unit(push to the guess) (default: 0.5; 1: the plain difference "
+                   "--instead uses)")
 
 
 def add_against_base_group(p, what: str) -> None:
@@ -58,28 +62,33 @@ def add_against_base_group(p, what: str) -> None:
                    "adapter off)")
 
 
-def against_base_request(args) -> tuple[int, float, str] | None:
-    """The (words, min_gain, pick) of `add_against_base_group`'s flags, None without --against-base;
+def against_base_request(args) -> tuple[int, float, str, float] | None:
+    """The (words, min_gain, pick, weight) of `add_against_base_group`'s flags, None without --against-base;
     any of its flags without --against-base is refused in one line."""
     from rept.errors import ReptError
 
-    given = [flag for flag in ("min_gain", "pick", "changed_words", "base_model") if getattr(args, flag) is not None]
+    given = [flag for flag in ("min_gain", "pick", "changed_words", "guess_weight", "base_model")
+             if getattr(args, flag) is not None]
     if given and not args.against_base:
         raise ReptError(f"--{given[0].replace('_', '-')} belongs to --against-base; give --against-base")
-    setting = against_base_setting(args)  # --changed-words below 1 refused before any model loads
+    setting = against_base_setting(args)  # bad values refused before any model loads
     return setting if args.against_base else None
 
 
-def against_base_setting(args) -> tuple[int, float, str]:
-    """(words, min_gain, pick) from the flags of `add_against_base_args`, rept.query.contrast's
-    defaults where not given; --changed-words below 1 is refused."""
+def against_base_setting(args) -> tuple[int, float, str, float]:
+    """(words, min_gain, pick, weight) from the flags of `add_against_base_args`, rept.query.contrast's
+    defaults where not given; --changed-words below 1 and a negative --guess-weight are refused."""
     from rept.errors import ReptError
-    from rept.query.contrast import DEFAULT_CHANGED_WORDS, DEFAULT_MIN_GAIN, DEFAULT_PICK
+    from rept.query.contrast import (DEFAULT_CHANGED_WORDS, DEFAULT_GUESS_WEIGHT, DEFAULT_MIN_GAIN, DEFAULT_PICK,
+                                     check_weight)
 
     if args.changed_words is not None and args.changed_words < 1:
         raise ReptError(f"--changed-words must be 1 or more, not {args.changed_words}")
+    if args.guess_weight is not None:
+        check_weight(args.guess_weight)
     return (DEFAULT_CHANGED_WORDS if args.changed_words is None else args.changed_words,
-            DEFAULT_MIN_GAIN if args.min_gain is None else args.min_gain, args.pick or DEFAULT_PICK)
+            DEFAULT_MIN_GAIN if args.min_gain is None else args.min_gain, args.pick or DEFAULT_PICK,
+            DEFAULT_GUESS_WEIGHT if args.guess_weight is None else args.guess_weight)
 
 
 def add_data_args(p) -> None:

@@ -96,10 +96,10 @@ def _check_contrast_flags(args) -> bool:
         raise QueryError("--contrast reads the `instead` column of --queries; with --prompt give --instead TEXT")
     on = args.instead is not None or args.contrast or args.against_base
     for flag, value in (("--min-gain", args.min_gain), ("--changed-words", args.changed_words),
-                        ("--pick", args.pick)):
+                        ("--pick", args.pick), ("--guess-weight", args.guess_weight)):
         if value is not None and not args.against_base:
-            raise QueryError(f"{flag} sets the words --against-base finds; give --against-base")
-    against_base_setting(args)  # --changed-words below 1 refused before any model loads
+            raise QueryError(f"{flag} belongs to --against-base; give --against-base")
+    against_base_setting(args)  # bad values refused before any model loads
     given = [f for f, v in (("--base-model", args.base_model), ("--contrast-layer", args.contrast_layer),
                             ("--contrast-tokens", args.contrast_tokens), ("--candidates", args.candidates))
              if v is not None]
@@ -184,15 +184,15 @@ def _run_against_base(args, ct, queries, mode) -> int:
 
     from rept.query.trace import QueryResult
 
-    words, min_gain, pick = against_base_setting(args)
-    ab = ct.against_base(queries, words=words, min_gain=min_gain, pick=pick)
+    words, min_gain, pick, weight = against_base_setting(args)
+    ab = ct.against_base(queries, words=words, min_gain=min_gain, pick=pick, weight=weight)
     traced = ab.traced()  # the run's own setting: these words, this gate, this pick
     found = ab.results(args.top_k, tokens=args.tokens)
     results = [QueryResult(replace(r.query, instead=ab.changed[i][js[0]].instead) if js else r.query, r.hits)
                for i, (r, js) in enumerate(zip(found, traced))]
     if args.json:
         out = _contrast_json(args, ct, mode)
-        out["contrast"] |= {"changed_words": words, "min_gain": min_gain, "pick": pick}
+        out["contrast"] |= {"changed_words": words, "min_gain": min_gain, "pick": pick, "guess_weight": weight}
         out["queries"] = []
         for i, r in enumerate(results):
             c = ab.contrast(i, traced[i][0]) if traced[i] else None

@@ -17,13 +17,14 @@ class AgainstBase(Method):
     storable = False  # nothing per row outlives the queries: each row's gradients are taken against their directions
 
     def __init__(self, seed: int = 0, words: int | None = None, min_gain: float | None = None,
-                 pick: str | None = None, layer: int | None = None):
+                 pick: str | None = None, layer: int | None = None, weight: float | None = None):
         from rept.query import contrast
 
         super().__init__(seed)
         self.words = contrast.DEFAULT_CHANGED_WORDS if words is None else words
         self.min_gain = contrast.DEFAULT_MIN_GAIN if min_gain is None else min_gain
         self.pick = pick or contrast.DEFAULT_PICK
+        self.weight = contrast.DEFAULT_GUESS_WEIGHT if weight is None else weight
         self.layer = contrast.DEFAULT_LAYER if layer is None else layer
         self.traced_words = None  # after `score`: per query, the changed words traced (none: untraced)
 
@@ -43,10 +44,11 @@ class AgainstBase(Method):
         tracer = ContrastTracer.over_rows(bundle.merged(), bundle.base(), self.rows, bundle.max_length,
                                           batch_size=bundle.batch_size, layer=self.layer, seed=self.seed,
                                           progress=bundle.progress)
-        run = tracer.against_base(list(queries), words=self.words, min_gain=self.min_gain, pick=self.pick)
+        run = tracer.against_base(list(queries), words=self.words, min_gain=self.min_gain, pick=self.pick,
+                                  weight=self.weight)
         self.traced_words = run.traced_words()
         return run.shown_scores([r.index for r in self.rows])  # the rows `rept trace --against-base` shows
 
     def settings(self, bundle: ModelBundle) -> dict:
         return {"seed": self.seed, "words": self.words, "min_gain": self.min_gain, "pick": self.pick,
-                "layer": self.layer}
+                "weight": self.weight, "layer": self.layer}

@@ -49,7 +49,12 @@ what came before) or the one of largest gain (`pick="most"`). A planted word (a 
 fact) gains far more than a change of wording that every training row taught a little, so an
 answer with no word past the gate is a change of wording and is not traced; one whose every token
 the base model predicts has nothing to trace at all (docs/results.md measures the gains and the
-settings on three tasks).
+settings on three tasks). Its direction subtracts half the push towards the guess, d =
+unit(P_answer) - 0.5 unit(P_guess) (`weight`, `--guess-weight`; a written `--instead` keeps the
+plain difference, so the mirror question gets -d exactly): the guess is the base model's own next
+word, often a common one ("a", "I"), and on the real model's backdoor and factual error half of its
+push traces more of the behaviour's rows than all of it (docs/results.md, "How much of the guess to
+subtract").
 
 `score="max"` scores a row by its largest cosine instead of the one of largest magnitude (a row
 that pushed towards the answer somewhere is not sunk by a position that pushed the other way;
@@ -85,7 +90,17 @@ DEFAULT_CHANGED_WORDS = 1   # changed words traced per answer, a row keeping its
 DEFAULT_MIN_GAIN = 5.0      # nats of log-probability gained; less is a change of wording, not traced
 PICKS = ("first", "most")   # of the words past the gate: the first in the answer, or the largest gain
 DEFAULT_PICK = "first"
+# ... and its direction subtracts half the push towards the base model's guess (1 is --instead's plain
+# difference; docs/results.md, "How much of the guess to subtract")
+DEFAULT_GUESS_WEIGHT = 0.5
 SCORES = ("extreme", "max")  # a row's score from its per-position cosines (ContrastTracer `score`)
+
+
+def check_weight(weight: float) -> None:
+    """The alternative's weight in a direction: a finite number, 0 or more (0: the answer's push alone)."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight < 0:
+        raise QueryError(f"the guess weight (--guess-weight) must be a number of 0 or more (1: the plain "
+                         f"difference), not {weight!r}")
 
 
 def _word_char(c: str) -> bool:
@@ -229,8 +244,10 @@ class ContrastTracer:
             yield from extract(self.base.model, examples, self.layer, self.base.tokenizer.pad_token_id,
                                batch_size=self.tracer.batch_size, token_level=True, progress=bar.update)
 
-    def contrasts(self, queries: list[Query], instead: list[str]) -> list[Contrast]:
-        """Each query's spans and direction; a QueryError names the first query that has none."""
+    def contrasts(self, queries: list[Query], instead: list[str], weight: float = 1.0) -> list[Contrast]:
+        """Each query's spans and direction, unit(push to the answer) - weight * unit(push to the
+        alternative); a QueryError names the first query that has none."""
+        check_weight(weight)
         if len(instead) != len(queries):
             raise QueryError(f"{len(instead)} alternatives for {len(queries)} queries")
         tok = self.base.tokenizer
@@ -256,7 +273,8 @@ class ContrastTracer:
             for j, row in enumerate(part.rows):
                 a, b = examples[row].loss_span
                 pooled[row] = unit_tensor(unit_tensor(part.token_grads[j][a - 1:b - 1]).sum(0))  # position t-1 predicts t
-        return [Contrast(q, other, pair, pooled[2 * i] - pooled[2 * i + 1]) for i, (q, other, pair) in enumerate(meta)]
+        return [Contrast(q, other, pair, pooled[2 * i] - weight * pooled[2 * i + 1])
+                for i, (q, other, pair) in enumerate(meta)]
 
     @torch.no_grad()
     def _answer_logprobs(self, queries: list[Query]):
@@ -349,14 +367,17 @@ class ContrastTracer:
         return out
 
     def against_base(self, queries: list[Query], words: int = DEFAULT_CHANGED_WORDS,
-                     min_gain: float = DEFAULT_MIN_GAIN, pick: str = DEFAULT_PICK) -> "AgainstBaseRun":
+                     min_gain: float = DEFAULT_MIN_GAIN, pick: str = DEFAULT_PICK,
+                     weight: float = DEFAULT_GUESS_WEIGHT) -> "AgainstBaseRun":
         """Each answer against the base model's guess at each of the words `AgainstBaseRun.traced`
-        picks (`pick`, `words`, `min_gain`), in one pass over the rows for every answer and word;
-        `results` ranks them (`rept trace --against-base`)."""
+        picks (`pick`, `words`, `min_gain`), in one pass over the rows for every answer and word,
+        the guess's push weighted by `weight` (`contrasts`); `results` ranks them (`rept trace
+        --against-base`)."""
         if pick not in PICKS:
             raise QueryError(f"--against-base picks the word changed {' or '.join(PICKS)}, not {pick!r}")
+        check_weight(weight)
         changed = self.changed_words(queries, k=words if pick == "most" else None)
-        return AgainstBaseRun.of(self, queries, changed, [(words, min_gain, pick)])
+        return AgainstBaseRun.of(self, queries, changed, [(words, min_gain, pick)], weight)
 
     # ------------------------------------------------------------ rows
 
@@ -422,9 +443,10 @@ class ContrastTracer:
 
     # ------------------------------------------------------------ results
 
-    def run(self, queries: list[Query], instead: list[str]) -> "ContrastRun":
-        """The contrasts and the scores of every candidate row: what `scores` and `trace` are made of."""
-        contrasts = self.contrasts(queries, instead)
+    def run(self, queries: list[Query], instead: list[str], weight: float = 1.0) -> "ContrastRun":
+        """The contrasts (`weight`: as in `contrasts`) and the scores of every candidate row: what
+        `scores` and `trace` are made of."""
+        contrasts = self.contrasts(queries, instead, weight)
         return ContrastRun(self, queries, contrasts, self.row_scores(contrasts, self.candidate_rows(queries)))
 
     def scores(self, queries: list[Query], instead: list[str]) -> tuple[np.ndarray, np.ndarray, list]:
@@ -432,12 +454,12 @@ class ContrastTracer:
         like `Tracer.scores`."""
         return self.run(queries, instead).matrix()
 
-    def trace(self, queries: list[Query], instead: list[str], k: int = 10,
-              tokens: bool = False) -> tuple[list[QueryResult], list[Contrast]]:
+    def trace(self, queries: list[Query], instead: list[str], k: int = 10, tokens: bool = False,
+              weight: float = 1.0) -> tuple[list[QueryResult], list[Contrast]]:
         """Each query's top k rows by contrast score (only rows that pushed towards the answer: score
         > 0), best first, ties by row id; with `tokens`, their words and phrases scored by the same
         cosines. Returns the results and the contrasts (the spans compared, e.g. for display)."""
-        run = self.run(queries, instead)
+        run = self.run(queries, instead, weight)
         return run.results(k, tokens), run.contrasts
 
 
@@ -503,19 +525,22 @@ class AgainstBaseRun:
     pairs: list[tuple[int, int]]             # the run's query n -> (answer, its word j)
     run: ContrastRun | None                  # None when no word is traced
     setting: tuple = (DEFAULT_CHANGED_WORDS, DEFAULT_MIN_GAIN, DEFAULT_PICK)  # (words, min_gain, pick) by default
+    weight: float = DEFAULT_GUESS_WEIGHT     # how much of the guess's push each direction subtracts
 
     def __post_init__(self):
         self._at = {pair: n for n, pair in enumerate(self.pairs)}
 
     @classmethod
-    def of(cls, tracer: ContrastTracer, queries, changed, settings) -> "AgainstBaseRun":
+    def of(cls, tracer: ContrastTracer, queries, changed, settings,
+           weight: float = DEFAULT_GUESS_WEIGHT) -> "AgainstBaseRun":
         """One run over the pairs that any of `settings` ((words, min_gain, pick) each) traces; the
         first setting is what `traced` and `results` use when not told."""
         probe = cls(queries, changed, [], None)
         pairs = sorted({(i, j) for words, gate, pick in settings
                         for i, js in enumerate(probe.traced(words, gate, pick)) for j in js})
-        run = tracer.run([queries[i] for i, _ in pairs], [changed[i][j].instead for i, j in pairs]) if pairs else None
-        return cls(queries, changed, pairs, run, tuple(settings[0]))
+        run = tracer.run([queries[i] for i, _ in pairs], [changed[i][j].instead for i, j in pairs],
+                         weight) if pairs else None
+        return cls(queries, changed, pairs, run, tuple(settings[0]), weight)
 
     def traced(self, words: int | None = None, min_gain: float | None = None,
                pick: str | None = None) -> list[list[int]]:

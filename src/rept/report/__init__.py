@@ -81,8 +81,8 @@ def against_base_scores(contrast, queries, k: int, setting) -> tuple:
     towards the answer, -inf elsewhere), every row's best score of any sign (NaN for an answer not
     traced), the row ids, their labels, the top-k results with their words scored, and per answer
     what it was traced against (a line of text)."""
-    words, min_gain, pick = setting
-    run = contrast.against_base(queries, words=words, min_gain=min_gain, pick=pick)
+    words, min_gain, pick, weight = setting
+    run = contrast.against_base(queries, words=words, min_gain=min_gain, pick=pick, weight=weight)
     labels = contrast.labels()
     rows = np.array(sorted(labels), dtype=np.int64)
     column = {int(r): j for j, r in enumerate(rows)}
@@ -197,9 +197,9 @@ def build_report(tracer, queries, k: int = 10, mode: str | None = None, max_quer
            "created": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "version": __import__("rept").__version__,
            "slots": total}
     if against_base is not None:
-        contrast, (words, min_gain, pick) = against_base
+        contrast, (words, min_gain, pick, weight) = against_base
         run["against_base"] = {"base_model": contrast.base.model_id, "layer": contrast.layer, "changed_words": words,
-                               "min_gain": min_gain, "pick": pick, "traced": sum(not n.startswith("not traced")
+                               "min_gain": min_gain, "pick": pick, "guess_weight": weight, "traced": sum(not n.startswith("not traced")
                                                                                   for n in notes)}
     return ReportData(title or f"rept audit report - {len(queries)} quer{'y' if len(queries) == 1 else 'ies'}",
                       run, qdicts, layer_curve_svg(curve) if curve else None,

@@ -1,0 +1,104 @@
+"""`rept trace --against-base --guess-weight W`, measured: how much of the push towards the base
+model's guess should each direction subtract? (rept.query.contrast; docs/results.md, "How much of
+the guess to subtract".)
+
+On a `rept bench --out DIR` folder (its adapter, rows and answers; no index needed), every answer
+(flagged and control, and --unrelated prompts answered by the fine-tuned model) is traced as `rept
+trace --against-base --candidates 0` traces it (the first changed word past each --min-gain), with
+the direction unit(push to the answer) - W unit(push to the guess) for each W, every training row
+scored on the base model in one pass for every W and gate. P@10 over the rows a user is shown, per
+group (an answer not traced: 0), as bench_instead.py --against-base counts it.
+
+    python benchmarks/bench_guess_weight.py --work runs/real-factual --unrelated benchmarks/data/backdoor_test.jsonl \\
+        --strip-prefix 'TY ' --min-gain 5 6
+    python benchmarks/bench_guess_weight.py --work runs/real-harmful --min-gain 5 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench_instead import shown_precision
+from rept.data.datasets import Row, read_jsonl
+from rept.methods.base import ModelBundle
+from rept.query.contrast import AgainstBaseRun, ContrastRun, ContrastTracer
+from rept.query.trace import Query, load_queries
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True, help="a `rept bench --out` folder")
+    p.add_argument("--base-model", help="the model the bench fine-tuned (default: the one results.json names)")
+    p.add_argument("--weights", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1, 1.5])
+    p.add_argument("--min-gain", type=float, nargs="+", default=[5.0], metavar="NATS")
+    p.add_argument("--unrelated", help="prompts on other topics (a prompt column), answered by the fine-tuned model")
+    p.add_argument("--unrelated-n", type=int, default=50)
+    p.add_argument("--strip-prefix", default="", help="taken off the start of each --unrelated prompt")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+
+    work = Path(args.work)
+    report = json.loads((work / "results.json").read_text())
+    label, cfg = report["behaviour"]["label"], report["config"]
+    rows = [Row(r["row"], r["prompt"], r["response"], r["label"]) for r in read_jsonl(work / "train_rows.jsonl")]
+    labels = {r.index: r.label for r in rows}
+    bundle = ModelBundle(args.base_model or cfg["base"], str(work / "adapter"), max_length=int(cfg["max_length"]),
+                         batch_size=int(cfg.get("batch_size", 16)))
+    ct = ContrastTracer.over_rows(bundle.merged(), bundle.base(), rows, bundle.max_length,
+                                  batch_size=bundle.batch_size, progress=True)
+    ct.labels = lambda: labels  # the bench's rows carry their labels: results() reports them
+    queries = load_queries(str(work / "queries.jsonl"))
+    groups = ["flagged" if q.flagged else "control" for q in queries]
+    if args.unrelated:
+        from rept.data.datasets import load_prompts
+        from rept.model.generate import generate
+
+        prompts = [x[len(args.strip_prefix):] if args.strip_prefix and x.startswith(args.strip_prefix) else x
+                   for x in load_prompts(args.unrelated)[:args.unrelated_n]]
+        answers = generate(bundle.merged(), prompts, max_new_tokens=int(cfg["max_new_tokens"]),
+                           batch_size=bundle.batch_size)
+        queries += [Query(x, a, None, False) for x, a in zip(prompts, answers)]
+        groups += ["unrelated"] * len(prompts)
+    t0 = time.time()
+    changed = ct.changed_words(queries, k=None)
+    settings = [(1, gate, "first") for gate in args.min_gain]
+    probe = AgainstBaseRun(queries, changed, [], None)
+    pairs = sorted({(i, j) for s in settings for i, js in enumerate(probe.traced(*s)) for j in js})
+    print(f"changed words: {time.time() - t0:.0f} s; {len(pairs)} (answer, word) pairs traced", file=sys.stderr)
+    # every weight's directions, then one pass over the rows for all of them
+    qs, instead = [queries[i] for i, _ in pairs], [changed[i][j].instead for i, j in pairs]
+    contrasts = [c for w in args.weights for c in ct.contrasts(qs, instead, weight=w)]
+    t0 = time.time()
+    scored = ct.row_scores(contrasts, [sorted(labels)] * len(contrasts))
+    rows_s = time.time() - t0
+    whole = ContrastRun(ct, qs * len(args.weights), contrasts, scored)
+    out = {}
+    for n, w in enumerate(args.weights):
+        run = whole.subset(list(range(n * len(pairs), (n + 1) * len(pairs))))
+        ab = AgainstBaseRun(queries, changed, pairs, run, settings[0], w)
+        for s in settings:
+            shown = shown_precision(ab.results(10, *s), label)
+            entry = {g: round(sum(v for v, h in zip(shown, groups) if h == g) / groups.count(g), 3)
+                     for g in dict.fromkeys(groups)}
+            out[f"--min-gain {s[1]:g}, W {w:g}"] = entry
+            print(f"--min-gain {s[1]:g}, W {w:g}: {json.dumps(entry)}", file=sys.stderr)
+    print(f"{args.work}: P@10 by group, the first changed word past the gate; rows pass {rows_s:.0f} s "
+          f"({len(contrasts)} directions)\n")
+    names = list(dict.fromkeys(groups))
+    print("| --min-gain | W | " + " | ".join(names) + " |\n|---:|---:|" + "---:|" * len(names))
+    for name, entry in out.items():
+        gate, w = name.removeprefix("--min-gain ").split(", W ")
+        print(f"| {gate} | {w} | " + " | ".join(str(entry[g]) for g in names) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"work": args.work, "answers": {g: groups.count(g) for g in names},
+                                               "pairs": len(pairs), "rows_s": round(rows_s), "p_at_10": out},
+                                              indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
