@@ -181,7 +181,7 @@ class Contrast:
     query: Query
     instead: str
     spans: tuple[tuple[int, int], tuple[int, int]]
-    direction: torch.Tensor                  # [hidden] float32; the zero vector when the pushes agree
+    direction: torch.Tensor                  # [hidden] float32; zero when the pushes agree (weight 1)
 
     @property
     def words(self) -> tuple[str, str]:
