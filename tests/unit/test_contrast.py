@@ -518,6 +518,14 @@ def test_app_traces_against_the_base_model(lora_index, tracer, base):
     assert f"{said!r} against the base model's {other!r}" in got["against_base"]["note"]
     gated = client.post("/api/trace", json=body | {"min_gain": gain + 1}).json()
     assert gated["against_base"]["note"].startswith("not traced") and not gated["hits"] and gated["histogram"] is None
-    for extra, says in (({"mode": "official"}, "no mode"), ({"min_gain": "high"}, "min_gain")):
+    assert got["against_base"]["guess_weight"] == DEFAULT_GUESS_WEIGHT
+    # guess_weight: the direction of `against_base(weight=)`, here the plain difference
+    plain = client.post("/api/trace", json=body | {"min_gain": gain - 1, "guess_weight": 1}).json()
+    (shown,) = ct.against_base([q], min_gain=gain - 1, weight=1.0).results(k=5)
+    assert plain["against_base"]["guess_weight"] == 1.0
+    assert [h["score"] for h in plain["hits"]] == pytest.approx([h.score for h in shown.hits], abs=1e-5)
+    for extra, says in (({"mode": "official"}, "no mode"), ({"min_gain": "high"}, "min_gain"),
+                        ({"guess_weight": -1}, "guess_weight"), ({"guess_weight": "half"}, "guess_weight"),
+                        ({"guess_weight": True}, "guess_weight")):
         bad = client.post("/api/trace", json=body | extra)
         assert bad.status_code == 400 and says in bad.json()["error"]

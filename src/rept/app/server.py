@@ -144,7 +144,8 @@ def create_app(service):
             return JSONResponse(service.trace_against_base(str_param(body, "prompt", ""),
                                                            str_param(body, "response", ""),
                                                            k=int_param(body, "k", 10), label=str_param(body, "label"),
-                                                           min_gain=body.get("min_gain")))
+                                                           min_gain=body.get("min_gain"),
+                                                           guess_weight=body.get("guess_weight")))
         return JSONResponse(service.trace(str_param(body, "prompt", ""), str_param(body, "response", ""),
                                           k=int_param(body, "k", 10), mode=str_param(body, "mode"), words=words,
                                           label=str_param(body, "label")))

@@ -286,13 +286,14 @@ class AuditService:
                 "seconds": {"rows": t1 - t0, "words": t2 - t1}}
 
     def trace_against_base(self, prompt: str, response: str, k: int = 10, label: str | None = None,
-                           min_gain: float | None = None) -> dict:
+                           min_gain: float | None = None, guess_weight: float | None = None) -> dict:
         """`trace`'s answer for `rept trace --against-base --candidates 0 --tokens`: the answer against
         the base model's guess at the word the fine-tune planted, every row scored on the base model
-        (signed), the default settings (`min_gain`: another gate, in nats). Only rows that pushed towards the answer are shown (perhaps
+        (signed), the default settings (`min_gain`: another gate, in nats; `guess_weight`: as
+        `--guess-weight`). Only rows that pushed towards the answer are shown (perhaps
         fewer than k; none when it is not traced); `against_base` says what it was traced against,
         or why not; the histogram is of the signed score over every row (none when not traced)."""
-        from rept.query.contrast import ContrastTracer, open_base
+        from rept.query.contrast import ContrastTracer, check_weight, open_base
         from rept.query.trace import Query
         from rept.report import heat_html, histogram_svg
 
@@ -302,6 +303,11 @@ class AuditService:
         if min_gain is not None and (isinstance(min_gain, bool) or not isinstance(min_gain, (int, float))
                                      or not np.isfinite(min_gain)):
             raise AppError(f"min_gain must be a number of nats, not {min_gain!r}")
+        if guess_weight is not None:
+            try:
+                check_weight(guess_weight)
+            except ReptError:
+                raise AppError(f"guess_weight must be a number of 0 or more, not {guess_weight!r}") from None
         if not self.is_rept:
             raise AppError(f"--against-base reads the training rows of a RepT index; this index holds "
                            f"{self.tracer.method_name} state")
@@ -311,8 +317,9 @@ class AuditService:
                 if self._contrast is None:
                     self._contrast = ContrastTracer(self.tracer, open_base(self.tracer, self.base_model),
                                                     candidates=None)
-                run = self._contrast.against_base([Query(prompt, response, label)], **(
-                    {} if min_gain is None else {"min_gain": float(min_gain)}))
+                given = {"min_gain": min_gain, "weight": guess_weight}
+                run = self._contrast.against_base([Query(prompt, response, label)],
+                                                  **{key: float(v) for key, v in given.items() if v is not None})
                 (result,) = run.results(k, tokens=True)
             except ReptError as exc:  # no base model (an index without an adapter), an answer it cannot take
                 raise AppError(str(exc), 422) from None
@@ -344,7 +351,7 @@ class AuditService:
                          "svg": str(histogram_svg(scores, relevant, kth, len(hits)))}
         return {"prompt": prompt, "response": response, "mode": None, "k": k, "rows": len(self.rows),
                 "hits": hits, "word_scale": scale, "histogram": histogram,
-                "against_base": {"traced": bool(traced), "note": note,
+                "against_base": {"traced": bool(traced), "note": note, "guess_weight": run.weight,
                                  "words": [{"word": changed[j].word, "gain": changed[j].gain,
                                             "instead": changed[j].instead} for j in traced]},
                 "seconds": {"rows": time.perf_counter() - t0, "words": 0.0}}
