@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-from bench_instead import shown_precision
 from rept.data.datasets import Row, read_jsonl
 from rept.methods.base import ModelBundle
 from rept.query.contrast import AgainstBaseRun, ContrastRun, ContrastTracer
@@ -50,7 +49,6 @@ def main(argv=None) -> int:
                          batch_size=int(cfg.get("batch_size", 16)))
     ct = ContrastTracer.over_rows(bundle.merged(), bundle.base(), rows, bundle.max_length,
                                   batch_size=bundle.batch_size, progress=True)
-    ct.labels = lambda: labels  # the bench's rows carry their labels: results() reports them
     queries = load_queries(str(work / "queries.jsonl"))
     groups = ["flagged" if q.flagged else "control" for q in queries]
     if args.unrelated:
@@ -81,7 +79,8 @@ def main(argv=None) -> int:
         run = whole.subset(list(range(n * len(pairs), (n + 1) * len(pairs))))
         ab = AgainstBaseRun(queries, changed, pairs, run, settings[0], w)
         for s in settings:
-            shown = shown_precision(ab.results(10, *s), label)
+            # P@10 over the rows shown (fewer shown: the rest miss), as bench_instead.py counts it
+            shown = [sum(labels[h.row] == label for h in r.hits) / 10 for r in ab.results(10, *s)]
             entry = {g: round(sum(v for v, h in zip(shown, groups) if h == g) / groups.count(g), 3)
                      for g in dict.fromkeys(groups)}
             out[f"--min-gain {s[1]:g}, W {w:g}"] = entry

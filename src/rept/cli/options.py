@@ -32,6 +32,19 @@ def positive(value: str) -> int:
     return n
 
 
+# the flags `add_against_base_args` defines (their dests): each means nothing without --against-base
+AGAINST_BASE_FLAGS = ("min_gain", "pick", "changed_words", "guess_weight")
+
+
+def refuse_without_against_base(args, flags) -> None:
+    """The first of `flags` (dests) given without --against-base is refused in one line."""
+    from rept.errors import ReptError
+
+    given = [flag for flag in flags if getattr(args, flag) is not None]
+    if given and not args.against_base:
+        raise ReptError(f"--{given[0].replace('_', '-')} belongs to --against-base; give --against-base")
+
+
 def add_against_base_args(p, when: str) -> None:
     """Which changed words `--against-base` traces (`rept trace`), and `rept bench`'s `against-base`
     method; `when` opens each help line ("with --against-base")."""
@@ -65,12 +78,7 @@ def add_against_base_group(p, what: str) -> None:
 def against_base_request(args) -> tuple[int, float, str, float] | None:
     """The (words, min_gain, pick, weight) of `add_against_base_group`'s flags, None without --against-base;
     any of its flags without --against-base is refused in one line."""
-    from rept.errors import ReptError
-
-    given = [flag for flag in ("min_gain", "pick", "changed_words", "guess_weight", "base_model")
-             if getattr(args, flag) is not None]
-    if given and not args.against_base:
-        raise ReptError(f"--{given[0].replace('_', '-')} belongs to --against-base; give --against-base")
+    refuse_without_against_base(args, AGAINST_BASE_FLAGS + ("base_model",))
     setting = against_base_setting(args)  # bad values refused before any model loads
     return setting if args.against_base else None
 

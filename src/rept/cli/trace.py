@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from rept.cli.options import add_against_base_args, add_index_model_args, add_mode_arg, against_base_setting, positive
+from rept.cli.options import (AGAINST_BASE_FLAGS, add_against_base_args, add_index_model_args, add_mode_arg,
+                              against_base_setting, positive, refuse_without_against_base)
 
 HELP = "rank training rows for a misbehaving output"
 
@@ -95,10 +96,7 @@ def _check_contrast_flags(args) -> bool:
     if args.contrast and not args.queries:
         raise QueryError("--contrast reads the `instead` column of --queries; with --prompt give --instead TEXT")
     on = args.instead is not None or args.contrast or args.against_base
-    for flag, value in (("--min-gain", args.min_gain), ("--changed-words", args.changed_words),
-                        ("--pick", args.pick), ("--guess-weight", args.guess_weight)):
-        if value is not None and not args.against_base:
-            raise QueryError(f"{flag} belongs to --against-base; give --against-base")
+    refuse_without_against_base(args, AGAINST_BASE_FLAGS)  # --base-model serves --instead too
     against_base_setting(args)  # bad values refused before any model loads
     given = [f for f, v in (("--base-model", args.base_model), ("--contrast-layer", args.contrast_layer),
                             ("--contrast-tokens", args.contrast_tokens), ("--candidates", args.candidates))
