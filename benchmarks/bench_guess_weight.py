@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--unrelated", help="prompts on other topics (a prompt column), answered by the fine-tuned model")
     p.add_argument("--unrelated-n", type=int, default=50)
     p.add_argument("--strip-prefix", default="", help="taken off the start of each --unrelated prompt")
+    p.add_argument("--by-word", action="store_true",
+                   help="also the flagged answers' P@10 by the word each was traced against")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
@@ -85,6 +87,9 @@ def main(argv=None) -> int:
                      for g in dict.fromkeys(groups)}
             out[f"--min-gain {s[1]:g}, W {w:g}"] = entry
             print(f"--min-gain {s[1]:g}, W {w:g}: {json.dumps(entry)}", file=sys.stderr)
+            if args.by_word:  # which traced words the flagged answers miss on
+                entry["flagged by word"] = by_word(ab, shown, groups, s)
+                print(f"  by word: {json.dumps(entry['flagged by word'])}", file=sys.stderr)
     print(f"{args.work}: P@10 by group, the first changed word past the gate; rows pass {rows_s:.0f} s "
           f"({len(contrasts)} directions)\n")
     names = list(dict.fromkeys(groups))
@@ -97,6 +102,15 @@ def main(argv=None) -> int:
                                                "pairs": len(pairs), "rows_s": round(rows_s), "p_at_10": out},
                                               indent=2) + "\n")
     return 0
+
+
+def by_word(ab: AgainstBaseRun, shown: list[float], groups: list[str], setting) -> dict:
+    """{word traced: [flagged answers traced against it, their mean P@10]}, the most common first."""
+    by = {}
+    for i, js in enumerate(ab.traced(*setting)):
+        if groups[i] == "flagged" and js:
+            by.setdefault(ab.changed[i][js[0]].word, []).append(shown[i])
+    return {w: [len(v), round(sum(v) / len(v), 2)] for w, v in sorted(by.items(), key=lambda x: -len(x[1]))}
 
 
 if __name__ == "__main__":

@@ -378,6 +378,27 @@ def test_cli_against_base_traces_each_answer_against_the_base_models(lora_index,
             capsys.readouterr().out
 
 
+def test_cli_against_base_scores_every_row_unless_told(lora_index, tracer, base, tmp_path, capsys):
+    """--against-base without --candidates scores every row (the ranking eval, report, the app and the
+    bench use); --candidates N still narrows it to the index's top N and the seeded sample."""
+    index, _ = lora_index
+    path = tmp_path / "q.jsonl"
+    write_queries(QUERIES, path)
+    run = ["-q", "trace", "--index", index, "--queries", str(path), "--against-base", "--min-gain=-inf",
+           "--top-k", "50", "--json"]
+    outs = []
+    for flags in ([], ["--candidates", "0"], ["--candidates", "1"]):
+        assert main(run + flags) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    default, every, narrow = outs
+    assert default["contrast"]["candidates"] is None and default["contrast"]["reference"] is None
+    assert default["queries"] == every["queries"]
+    assert narrow["contrast"]["candidates"] == 1 and narrow["contrast"]["reference"] == 100
+    allowed = ContrastTracer(tracer, base, candidates=1).candidate_rows(QUERIES)  # (the sample: every row here)
+    for q, rows in zip(narrow["queries"], allowed):
+        assert {r["row"] for r in q["results"]} <= set(rows)
+
+
 def test_cli_against_base_refuses_a_second_alternative(lora_index, capsys):
     index, _ = lora_index
     q = QUERIES[1]

@@ -47,7 +47,7 @@ def add_arguments(p) -> None:
     contrast.add_argument("--candidates", type=int, default=None, metavar="N",
                           help="with a contrast: score the N rows the index ranks highest for each "
                           "query and a seeded sample of 100 rows of the whole index, the others score 0 "
-                          "(default: 100; 0: every row)")
+                          "(default: 100 with --instead/--contrast, every row with --against-base; 0: every row)")
     p.add_argument("--search", choices=("exact", "flat", "ivf", "ivfpq"), default="exact",
                    help="top-k search: exact (default: every row scored, shard by shard), or a faiss index built in "
                    "memory over the stored signatures: flat (exact), ivf or ivfpq (approximate, for large "
@@ -153,7 +153,12 @@ def _run_contrast(args, tracer, mode) -> int:
 
     base = open_base(tracer, args.base_model, dtype=args.dtype, device=args.device)
     layer = DEFAULT_LAYER if args.contrast_layer is None else args.contrast_layer
-    candidates = DEFAULT_CANDIDATES if args.candidates is None else (args.candidates or None)
+    # --against-base scores every row unless told: the topic's candidates rank its behaviour's rows lower
+    # (docs/results.md, "The topic first: --candidates with --against-base"); --instead keeps the cheap default
+    if args.candidates is None:
+        candidates = None if args.against_base else DEFAULT_CANDIDATES
+    else:
+        candidates = args.candidates or None
     ct = ContrastTracer(tracer, base, layer=layer, candidates=candidates,  # checked before any answer
                         first_tokens=args.contrast_tokens, mode=mode, progress=not args.quiet)
     queries = _queries(args, tracer)

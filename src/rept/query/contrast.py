@@ -29,8 +29,10 @@ sign can put them last.
 Which rows are scored: by default the `candidates` rows the index ranks highest for each query
 (the topic: the signature finds the error rows for right and wrong answers alike) and a seeded
 sample of `reference` rows of the whole index, the same for every query; the rest score 0;
-`candidates=None` scores every row the index stores. The sample is there because a ranking of the
-topic's rows alone has no unrelated rows in it: where no row pushed towards the answer, the rows
+`candidates=None` scores every row the index stores (what `rept trace --against-base` does
+unless given --candidates, and eval, report, the app and the bench always: on the real model the
+topic's candidates rank the behaviour's rows lower there, docs/results.md). The sample is there
+because a ranking of the topic's rows alone has no unrelated rows in it: where no row pushed towards the answer, the rows
 that pushed a little would fill the top k, where in the full ranking the small cosines of unrelated
 rows outrank them (docs/results.md measures the three). Layer: the final normed output by
 default (`layer=-1`), where g_t depends only on the prediction at t, so d is close to the difference
