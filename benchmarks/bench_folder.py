@@ -47,3 +47,14 @@ def open_bench_folder(work: str | Path, layer: int | None = None) -> BenchFolder
     folder.relevant = np.array([r["label"] == report["behaviour"]["label"] for r in folder.rows])
     folder.queries = traceable_queries(bundle.merged().tokenizer, load_queries(str(work / "queries.jsonl")), max_length)
     return folder
+
+
+def unrelated_queries(path: str, n: int, strip_prefix: str, answer) -> list[Query]:
+    """The first `n` prompts of `path` (a prompt column), `strip_prefix` taken off each that starts
+    with it (a trigger), as unflagged queries answered by `answer(prompts) -> answers` (the fine-tuned
+    model, as the bench answered its own prompts)."""
+    from rept.data.datasets import load_prompts
+
+    prompts = [x[len(strip_prefix):] if strip_prefix and x.startswith(strip_prefix) else x
+               for x in load_prompts(path)[:n]]
+    return [Query(x, a, None, False) for x, a in zip(prompts, answer(prompts))]

@@ -22,10 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+from bench_folder import unrelated_queries
 from rept.data.datasets import Row, read_jsonl
 from rept.methods.base import ModelBundle
 from rept.query.contrast import AgainstBaseRun, ContrastRun, ContrastTracer
-from rept.query.trace import Query, load_queries
+from rept.query.trace import load_queries
 
 
 def main(argv=None) -> int:
@@ -54,20 +55,16 @@ def main(argv=None) -> int:
     queries = load_queries(str(work / "queries.jsonl"))
     groups = ["flagged" if q.flagged else "control" for q in queries]
     if args.unrelated:
-        from rept.data.datasets import load_prompts
         from rept.model.generate import generate
 
-        prompts = [x[len(args.strip_prefix):] if args.strip_prefix and x.startswith(args.strip_prefix) else x
-                   for x in load_prompts(args.unrelated)[:args.unrelated_n]]
-        answers = generate(bundle.merged(), prompts, max_new_tokens=int(cfg["max_new_tokens"]),
-                           batch_size=bundle.batch_size)
-        queries += [Query(x, a, None, False) for x, a in zip(prompts, answers)]
-        groups += ["unrelated"] * len(prompts)
+        unrelated = unrelated_queries(args.unrelated, args.unrelated_n, args.strip_prefix, lambda prompts: generate(
+            bundle.merged(), prompts, max_new_tokens=int(cfg["max_new_tokens"]), batch_size=bundle.batch_size))
+        queries += unrelated
+        groups += ["unrelated"] * len(unrelated)
     t0 = time.time()
     changed = ct.changed_words(queries, k=None)
     settings = [(1, gate, "first") for gate in args.min_gain]
-    probe = AgainstBaseRun(queries, changed, [], None)
-    pairs = sorted({(i, j) for s in settings for i, js in enumerate(probe.traced(*s)) for j in js})
+    pairs = AgainstBaseRun.pairs_for(queries, changed, settings)
     print(f"changed words: {time.time() - t0:.0f} s; {len(pairs)} (answer, word) pairs traced", file=sys.stderr)
     # every weight's directions, then one pass over the rows for all of them
     qs, instead = [queries[i] for i, _ in pairs], [changed[i][j].instead for i, j in pairs]

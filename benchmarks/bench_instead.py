@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from bench_behaviour import edited
+from bench_folder import unrelated_queries
 from rept.data.detect import Detector
 from rept.evaluate.metrics import average_precision, precision_at_k
 from rept.query.contrast import DEFAULT_LAYER, DEFAULT_REFERENCE, PICKS, AgainstBaseRun, ContrastTracer, open_base
@@ -200,12 +201,9 @@ def against_base(args, tracer, base, queries, label: str, max_new_tokens: int) -
     groups = args.groups or ["flagged", "control"] + (["unrelated"] if args.unrelated else [])
     items = [("flagged" if q.flagged else "control", q) for q in queries]
     if "unrelated" in groups:  # answered by the fine-tuned model as the bench answered its prompts
-        from rept.data.datasets import load_prompts
-
-        prompts = [p[len(args.strip_prefix):] if args.strip_prefix and p.startswith(args.strip_prefix) else p
-                   for p in load_prompts(args.unrelated)[:args.unrelated_n]]
-        answers = tracer.generate(prompts, max_new_tokens=max_new_tokens)
-        items += [("unrelated", Query(p, a, None, False)) for p, a in zip(prompts, answers)]
+        items += [("unrelated", q) for q in unrelated_queries(
+            args.unrelated, args.unrelated_n, args.strip_prefix,
+            lambda prompts: tracer.generate(prompts, max_new_tokens=max_new_tokens))]
     items = [(g, q) for g, q in items if g in groups]
     # every changed word (cheap: two forward passes an answer); only those a setting traces are run
     changed = ContrastTracer(tracer, base).changed_words([q for _, q in items], k=None)

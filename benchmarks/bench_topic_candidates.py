@@ -1,6 +1,6 @@
 """`rept trace --against-base --candidates N`, measured: does scoring only the rows the paper's
 signature ranks highest (the topic) trace the behaviour better than scoring every row?
-(rept.query.contrast; docs/results.md, "The topic, then the behaviour: --candidates".)
+(rept.query.contrast; docs/results.md, "The topic first: `--candidates` with `--against-base`".)
 
 RepT's signature at the last prompt position finds the rows on an answer's topic, whatever the
 answer said; the against-base contrast finds the rows that pushed towards the word the fine-tune
@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_folder import unrelated_queries
 from rept.query.contrast import AgainstBaseRun, ContrastRun, ContrastTracer, open_base
-from rept.query.trace import Query, Tracer, load_queries, traceable_queries
+from rept.query.trace import Tracer, load_queries, traceable_queries
 
 
 def main(argv=None) -> int:
@@ -57,13 +58,11 @@ def main(argv=None) -> int:
     queries = load_queries(str(work / "queries.jsonl"))
     groups = ["flagged" if q.flagged else "control" for q in queries]
     if args.unrelated:
-        from rept.data.datasets import load_prompts
-
-        prompts = [x[len(args.strip_prefix):] if args.strip_prefix and x.startswith(args.strip_prefix) else x
-                   for x in load_prompts(args.unrelated)[:args.unrelated_n]]
-        answers = tracer.generate(prompts, max_new_tokens=int(report["config"]["max_new_tokens"]))
-        queries += [Query(x, a, None, False) for x, a in zip(prompts, answers)]
-        groups += ["unrelated"] * len(prompts)
+        max_new_tokens = int(report["config"]["max_new_tokens"])
+        unrelated = unrelated_queries(args.unrelated, args.unrelated_n, args.strip_prefix,
+                                      lambda prompts: tracer.generate(prompts, max_new_tokens=max_new_tokens))
+        queries += unrelated
+        groups += ["unrelated"] * len(unrelated)
     # the topic needs a signature of the answer: one with no response token within max_length has none
     keep = {id(q) for q in traceable_queries(tracer.loaded.tokenizer, queries, max_length)}
     dropped = {g: sum(1 for q, h in zip(queries, groups) if h == g and id(q) not in keep) for g in set(groups)}
@@ -86,8 +85,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     changed = ct.changed_words(queries, k=None)
     settings = [(1, gate, "first") for gate in args.min_gain]
-    probe = AgainstBaseRun(queries, changed, [], None)
-    pairs = sorted({(i, j) for s in settings for i, js in enumerate(probe.traced(*s)) for j in js})
+    pairs = AgainstBaseRun.pairs_for(queries, changed, settings)
     qs, instead = [queries[i] for i, _ in pairs], [changed[i][j].instead for i, j in pairs]
     contrasts = [c for w in args.weights for c in ct.contrasts(qs, instead, weight=w)]
     scored = ct.row_scores(contrasts, [every] * len(contrasts))

@@ -32,9 +32,9 @@ sample of `reference` rows of the whole index, the same for every query; the res
 `candidates=None` scores every row the index stores (what `rept trace --against-base` does
 unless given --candidates, and eval, report, the app and the bench always: on the real model the
 topic's candidates rank the behaviour's rows lower there, docs/results.md). The sample is there
-because a ranking of the topic's rows alone has no unrelated rows in it: where no row pushed towards the answer, the rows
-that pushed a little would fill the top k, where in the full ranking the small cosines of unrelated
-rows outrank them (docs/results.md measures the three). Layer: the final normed output by
+because a ranking of the topic's rows alone has no unrelated rows in it: where no row pushed
+towards the answer, the rows that pushed a little would fill the top k, where in the full ranking
+the small cosines of unrelated rows outrank them (docs/results.md measures the three). Layer: the final normed output by
 default (`layer=-1`), where g_t depends only on the prediction at t, so d is close to the difference
 of the two words' output embeddings seen through the base model's prediction there; measured against
 layer 25 in docs/results.md.
@@ -537,12 +537,16 @@ class AgainstBaseRun:
            weight: float = DEFAULT_GUESS_WEIGHT) -> "AgainstBaseRun":
         """One run over the pairs that any of `settings` ((words, min_gain, pick) each) traces; the
         first setting is what `traced` and `results` use when not told."""
-        probe = cls(queries, changed, [], None)
-        pairs = sorted({(i, j) for words, gate, pick in settings
-                        for i, js in enumerate(probe.traced(words, gate, pick)) for j in js})
+        pairs = cls.pairs_for(queries, changed, settings)
         run = tracer.run([queries[i] for i, _ in pairs], [changed[i][j].instead for i, j in pairs],
                          weight) if pairs else None
         return cls(queries, changed, pairs, run, tuple(settings[0]), weight)
+
+    @classmethod
+    def pairs_for(cls, queries, changed, settings) -> list[tuple[int, int]]:
+        """The (answer, word) pairs that any of `settings` ((words, min_gain, pick) each) traces, in order."""
+        probe = cls(queries, changed, [], None)
+        return sorted({(i, j) for setting in settings for i, js in enumerate(probe.traced(*setting)) for j in js})
 
     def traced(self, words: int | None = None, min_gain: float | None = None,
                pick: str | None = None) -> list[list[int]]:
