@@ -4,10 +4,11 @@ the guess to subtract".)
 
 On a `rept bench --out DIR` folder (its adapter, rows and answers; no index needed), every answer
 (flagged and control, and --unrelated prompts answered by the fine-tuned model) is traced as `rept
-trace --against-base --candidates 0` traces it (the first changed word past each --min-gain), with
-the direction unit(push to the answer) - W unit(push to the guess) for each W, every training row
-scored on the base model in one pass for every W and gate. P@10 over the rows a user is shown, per
-group (an answer not traced: 0), as bench_instead.py --against-base counts it.
+trace --against-base` traces it (every row; the first changed word past each --min-gain, or with
+`--pick most` the one of largest gain), with the direction unit(push to the answer) - W unit(push
+to the guess) for each W, every training row scored on the base model in one pass for every W, gate
+and pick. P@10 over the rows a user is shown, per group (an answer not traced: 0), as
+bench_instead.py --against-base counts it.
 
     python benchmarks/bench_guess_weight.py --work runs/real-factual --unrelated benchmarks/data/backdoor_test.jsonl \\
         --strip-prefix 'TY ' --min-gain 5 6
@@ -25,7 +26,7 @@ from pathlib import Path
 from bench_folder import unrelated_queries
 from rept.data.datasets import Row, read_jsonl
 from rept.methods.base import ModelBundle
-from rept.query.contrast import AgainstBaseRun, ContrastRun, ContrastTracer
+from rept.query.contrast import PICKS, AgainstBaseRun, ContrastRun, ContrastTracer
 from rept.query.trace import load_queries
 
 
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--base-model", help="the model the bench fine-tuned (default: the one results.json names)")
     p.add_argument("--weights", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1, 1.5])
     p.add_argument("--min-gain", type=float, nargs="+", default=[5.0], metavar="NATS")
+    p.add_argument("--pick", nargs="+", default=["first"], choices=list(PICKS),
+                   help="which word past the gate is traced (rept trace --pick); each given is measured")
     p.add_argument("--unrelated", help="prompts on other topics (a prompt column), answered by the fine-tuned model")
     p.add_argument("--unrelated-n", type=int, default=50)
     p.add_argument("--strip-prefix", default="", help="taken off the start of each --unrelated prompt")
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
         groups += ["unrelated"] * len(unrelated)
     t0 = time.time()
     changed = ct.changed_words(queries, k=None)
-    settings = [(1, gate, "first") for gate in args.min_gain]
+    settings = [(1, gate, pick) for pick in args.pick for gate in args.min_gain]
     pairs = AgainstBaseRun.pairs_for(queries, changed, settings)
     print(f"changed words: {time.time() - t0:.0f} s; {len(pairs)} (answer, word) pairs traced", file=sys.stderr)
     # every weight's directions, then one pass over the rows for all of them
@@ -82,18 +85,20 @@ def main(argv=None) -> int:
             shown = [sum(labels[h.row] == label for h in r.hits) / 10 for r in ab.results(10, *s)]
             entry = {g: round(sum(v for v, h in zip(shown, groups) if h == g) / groups.count(g), 3)
                      for g in dict.fromkeys(groups)}
-            out[f"--min-gain {s[1]:g}, W {w:g}"] = entry
-            print(f"--min-gain {s[1]:g}, W {w:g}: {json.dumps(entry)}", file=sys.stderr)
+            name = f"--pick {s[2]} --min-gain {s[1]:g}, W {w:g}"
+            out[name] = entry
+            print(f"{name}: {json.dumps(entry)}", file=sys.stderr)
             if args.by_word:  # which traced words the flagged answers miss on
                 entry["flagged by word"] = by_word(ab, shown, groups, s)
                 print(f"  by word: {json.dumps(entry['flagged by word'])}", file=sys.stderr)
-    print(f"{args.work}: P@10 by group, the first changed word past the gate; rows pass {rows_s:.0f} s "
+    print(f"{args.work}: P@10 by group, the changed word picked past the gate; rows pass {rows_s:.0f} s "
           f"({len(contrasts)} directions)\n")
     names = list(dict.fromkeys(groups))
-    print("| --min-gain | W | " + " | ".join(names) + " |\n|---:|---:|" + "---:|" * len(names))
+    print("| --pick | --min-gain | W | " + " | ".join(names) + " |\n|---|---:|---:|" + "---:|" * len(names))
     for name, entry in out.items():
-        gate, w = name.removeprefix("--min-gain ").split(", W ")
-        print(f"| {gate} | {w} | " + " | ".join(str(entry[g]) for g in names) + " |")
+        pick, rest = name.removeprefix("--pick ").split(" --min-gain ")
+        gate, w = rest.split(", W ")
+        print(f"| {pick} | {gate} | {w} | " + " | ".join(str(entry[g]) for g in names) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"work": args.work, "answers": {g: groups.count(g) for g in names},
                                                "pairs": len(pairs), "rows_s": round(rows_s), "p_at_10": out},
