@@ -1,5 +1,5 @@
 """What the variant scripts read from a `rept bench --out DIR` folder (shared by bench_contrast.py
-and bench_variants.py): the model, the training rows the model was trained on, which of them carry
+and bench_variants.py; `open_against_base` by the against-base benchmarks): the model, the training rows the model was trained on, which of them carry
 the behaviour's label, and the queries that can be traced."""
 
 from __future__ import annotations
@@ -47,6 +47,34 @@ def open_bench_folder(work: str | Path, layer: int | None = None) -> BenchFolder
     folder.relevant = np.array([r["label"] == report["behaviour"]["label"] for r in folder.rows])
     folder.queries = traceable_queries(bundle.merged().tokenizer, load_queries(str(work / "queries.jsonl")), max_length)
     return folder
+
+
+@dataclass
+class AgainstBaseFolder:
+    report: dict             # DIR/results.json
+    label: str               # the behaviour's label
+    rows: list               # every training row (rept.data Row), as the bench trained on them
+    bundle: ModelBundle      # the bench's base model + DIR/adapter
+    tracer: object           # a ContrastTracer over the rows, every row scored
+    queries: list[Query]     # DIR/queries.jsonl
+
+
+def open_against_base(work: str | Path, base_model: str | None = None) -> AgainstBaseFolder:
+    """What the against-base benchmarks (bench_guess_weight.py, bench_traced_words.py) read from a
+    `rept bench --out DIR` folder: the rows, the two models and a ContrastTracer over the rows."""
+    from rept.data.datasets import Row, read_jsonl
+    from rept.query.contrast import ContrastTracer
+
+    work = Path(work)
+    report = json.loads((work / "results.json").read_text())
+    cfg = report["config"]
+    rows = [Row(r["row"], r["prompt"], r["response"], r["label"]) for r in read_jsonl(work / "train_rows.jsonl")]
+    bundle = ModelBundle(base_model or cfg["base"], str(work / "adapter"), max_length=int(cfg["max_length"]),
+                         batch_size=int(cfg.get("batch_size", 16)))
+    tracer = ContrastTracer.over_rows(bundle.merged(), bundle.base(), rows, bundle.max_length,
+                                      batch_size=bundle.batch_size, progress=True)
+    return AgainstBaseFolder(report, report["behaviour"]["label"], rows, bundle, tracer,
+                             load_queries(str(work / "queries.jsonl")))
 
 
 def unrelated_queries(path: str, n: int, strip_prefix: str, answer) -> list[Query]:

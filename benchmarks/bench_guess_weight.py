@@ -23,11 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_folder import unrelated_queries
-from rept.data.datasets import Row, read_jsonl
-from rept.methods.base import ModelBundle
-from rept.query.contrast import PICKS, AgainstBaseRun, ContrastRun, ContrastTracer
-from rept.query.trace import load_queries
+from bench_folder import open_against_base, unrelated_queries
+from rept.query.contrast import PICKS, AgainstBaseRun, ContrastRun
 
 
 def main(argv=None) -> int:
@@ -46,16 +43,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
-    work = Path(args.work)
-    report = json.loads((work / "results.json").read_text())
-    label, cfg = report["behaviour"]["label"], report["config"]
-    rows = [Row(r["row"], r["prompt"], r["response"], r["label"]) for r in read_jsonl(work / "train_rows.jsonl")]
-    labels = {r.index: r.label for r in rows}
-    bundle = ModelBundle(args.base_model or cfg["base"], str(work / "adapter"), max_length=int(cfg["max_length"]),
-                         batch_size=int(cfg.get("batch_size", 16)))
-    ct = ContrastTracer.over_rows(bundle.merged(), bundle.base(), rows, bundle.max_length,
-                                  batch_size=bundle.batch_size, progress=True)
-    queries = load_queries(str(work / "queries.jsonl"))
+    folder = open_against_base(args.work, args.base_model)
+    label, cfg, bundle, ct, queries = folder.label, folder.report["config"], folder.bundle, folder.tracer, folder.queries
+    labels = {r.index: r.label for r in folder.rows}
     groups = ["flagged" if q.flagged else "control" for q in queries]
     if args.unrelated:
         from rept.model.generate import generate

@@ -10,16 +10,12 @@ whatever the detector says (docs/results.md, "How much of the guess to subtract"
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections import Counter
-from pathlib import Path
 
-from rept.data.datasets import Row, read_jsonl
-from rept.methods.base import ModelBundle
-from rept.query.contrast import DEFAULT_MIN_GAIN, AgainstBaseRun, ContrastTracer
-from rept.query.trace import load_queries
+from bench_folder import open_against_base
+from rept.query.contrast import DEFAULT_CHANGED_WORDS, DEFAULT_MIN_GAIN, DEFAULT_PICK, AgainstBaseRun
 
 
 def main(argv=None) -> int:
@@ -30,15 +26,10 @@ def main(argv=None) -> int:
                    help="which answers to list one by one (the others are summed up)")
     args = p.parse_args(argv)
 
-    work = Path(args.work)
-    report = json.loads((work / "results.json").read_text())
-    label, cfg = report["behaviour"]["label"], report["config"]
-    rows = [Row(r["row"], r["prompt"], r["response"], r["label"]) for r in read_jsonl(work / "train_rows.jsonl")]
-    bundle = ModelBundle(cfg["base"], str(work / "adapter"), max_length=int(cfg["max_length"]))
-    ct = ContrastTracer.over_rows(bundle.merged(), bundle.base(), rows, bundle.max_length, progress=True)
-    queries = load_queries(str(work / "queries.jsonl"))
-    changed = ct.changed_words(queries, k=None)
-    traced = AgainstBaseRun(queries, changed, [], None).traced(1, args.min_gain, "first")
+    folder = open_against_base(args.work)
+    label, rows, queries = folder.label, folder.rows, folder.queries
+    changed = folder.tracer.changed_words(queries, k=None)
+    traced = AgainstBaseRun(queries, changed, [], None).traced(DEFAULT_CHANGED_WORDS, args.min_gain, DEFAULT_PICK)
     summary = Counter()
     print(f"{args.work}: answers traced at --min-gain {args.min_gain:g}, the word and the training rows "
           f"that hold it ({label} / other)\n")

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from rept.data.datasets import load_dataset, read_jsonl
-from rept.evaluate.bench.stages import sample_rows
+from rept.evaluate.bench.stages import behaviour_label, sample_rows
 
 DATA = Path(__file__).parent / "data"
 
@@ -41,8 +41,9 @@ def main(argv=None) -> int:
 
     refusals = read_jsonl(args.refusals)
     data = load_dataset(args.data)
-    drawn = {r.prompt for r in sample_rows(data.rows, args.rows, "harmful", args.seed, args.share)}
-    free = [r for r in data.rows if r.label == "clean" and r.prompt not in drawn]
+    label = behaviour_label(data.rows, None)  # as the bench finds it ("harmful")
+    drawn = {r.prompt for r in sample_rows(data.rows, args.rows, label, args.seed, args.share)}
+    free = [r for r in data.rows if r.label != label and r.prompt not in drawn]
     n = len(refusals) if args.benign is None else args.benign
     if n + args.probe_n > len(free):
         sys.exit(f"error: {n} benign rows and a probe of {args.probe_n} need more than the {len(free)} clean rows "
