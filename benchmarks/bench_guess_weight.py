@@ -7,8 +7,9 @@ On a `rept bench --out DIR` folder (its adapter, rows and answers; no index need
 trace --against-base` traces it (every row; the first changed word past each --min-gain, or with
 `--pick most` the one of largest gain), with the direction unit(push to the answer) - W unit(push
 to the guess) for each W, every training row scored on the base model in one pass for every W, gate
-and pick. P@10 over the rows a user is shown, per group (an answer not traced: 0), as
-bench_instead.py --against-base counts it.
+and pick. With `--context on off`, each W with and without each position's cosine weighed by its
+hidden state's (`rept trace --context`, on by default), in the same pass. P@10 over the rows a user
+is shown, per group (an answer not traced: 0), as bench_instead.py --against-base counts it.
 
     python benchmarks/bench_guess_weight.py --work runs/real-factual --unrelated benchmarks/data/backdoor_test.jsonl \\
         --strip-prefix 'TY ' --min-gain 5 6
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 from bench_folder import open_against_base, unrelated_queries
-from rept.query.contrast import PICKS, AgainstBaseRun, ContrastRun
+from rept.query.contrast import DEFAULT_CONTEXT, PICKS, AgainstBaseRun, ContrastRun
 
 
 def main(argv=None) -> int:
@@ -35,11 +36,14 @@ def main(argv=None) -> int:
     p.add_argument("--min-gain", type=float, nargs="+", default=[5.0], metavar="NATS")
     p.add_argument("--pick", nargs="+", default=["first"], choices=list(PICKS),
                    help="which word past the gate is traced (rept trace --pick); each given is measured")
+    p.add_argument("--context", nargs="+", default=["on" if DEFAULT_CONTEXT else "off"], choices=["on", "off"],
+                   help="each position's cosine weighed by its hidden state's (rept trace --context) or not; "
+                   "each given is measured")
     p.add_argument("--unrelated", help="prompts on other topics (a prompt column), answered by the fine-tuned model")
     p.add_argument("--unrelated-n", type=int, default=50)
     p.add_argument("--strip-prefix", default="", help="taken off the start of each --unrelated prompt")
     p.add_argument("--by-word", action="store_true",
-                   help="also the flagged answers' P@10 by the word each was traced against")
+                   help="also the flagged and the control answers' P@10 by the word each was traced against")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
@@ -59,36 +63,41 @@ def main(argv=None) -> int:
     settings = [(1, gate, pick) for pick in args.pick for gate in args.min_gain]
     pairs = AgainstBaseRun.pairs_for(queries, changed, settings)
     print(f"changed words: {time.time() - t0:.0f} s; {len(pairs)} (answer, word) pairs traced", file=sys.stderr)
-    # every weight's directions, then one pass over the rows for all of them
+    # every (context, weight)'s directions, then one pass over the rows for all of them
     qs, instead = [queries[i] for i, _ in pairs], [changed[i][j].instead for i, j in pairs]
-    contrasts = [c for w in args.weights for c in ct.contrasts(qs, instead, weight=w)]
+    variants = [(c == "on", w) for c in args.context for w in args.weights]
+    contrasts = [x for c, w in variants for x in ct.contrasts(qs, instead, weight=w, context=c)]
     t0 = time.time()
     scored = ct.row_scores(contrasts, [sorted(labels)] * len(contrasts))
     rows_s = time.time() - t0
-    whole = ContrastRun(ct, qs * len(args.weights), contrasts, scored)
+    whole = ContrastRun(ct, qs * len(variants), contrasts, scored)
     out = {}
-    for n, w in enumerate(args.weights):
+    for n, (c, w) in enumerate(variants):
         run = whole.subset(list(range(n * len(pairs), (n + 1) * len(pairs))))
-        ab = AgainstBaseRun(queries, changed, pairs, run, settings[0], w)
+        ab = AgainstBaseRun(queries, changed, pairs, run, settings[0], w, c)
         for s in settings:
             # P@10 over the rows shown (fewer shown: the rest miss), as bench_instead.py counts it
             shown = [sum(labels[h.row] == label for h in r.hits) / 10 for r in ab.results(10, *s)]
             entry = {g: round(sum(v for v, h in zip(shown, groups) if h == g) / groups.count(g), 3)
                      for g in dict.fromkeys(groups)}
-            name = f"--pick {s[2]} --min-gain {s[1]:g}, W {w:g}"
+            name = f"--pick {s[2]} --min-gain {s[1]:g}, W {w:g}, --{'' if c else 'no-'}context"
             out[name] = entry
             print(f"{name}: {json.dumps(entry)}", file=sys.stderr)
-            if args.by_word:  # which traced words the flagged answers miss on
-                entry["flagged by word"] = by_word(ab, shown, groups, s)
-                print(f"  by word: {json.dumps(entry['flagged by word'])}", file=sys.stderr)
+            if args.by_word:  # which traced words the flagged answers miss on, and the controls find on
+                for group in ("flagged", "control"):
+                    entry[f"{group} by word"] = by_word(ab, shown, groups, s, group)
+                    print(f"  {group} by word: {json.dumps(entry[f'{group} by word'])}", file=sys.stderr)
     print(f"{args.work}: P@10 by group, the changed word picked past the gate; rows pass {rows_s:.0f} s "
           f"({len(contrasts)} directions)\n")
     names = list(dict.fromkeys(groups))
-    print("| --pick | --min-gain | W | " + " | ".join(names) + " |\n|---|---:|---:|" + "---:|" * len(names))
+    print("| --pick | --min-gain | W | --context | " + " | ".join(names) + " |\n|---|---:|---:|---|"
+          + "---:|" * len(names))
     for name, entry in out.items():
         pick, rest = name.removeprefix("--pick ").split(" --min-gain ")
         gate, w = rest.split(", W ")
-        print(f"| {pick} | {gate} | {w} | " + " | ".join(str(entry[g]) for g in names) + " |")
+        w, context = w.split(", --")
+        print(f"| {pick} | {gate} | {w} | {'on' if context == 'context' else 'off'} | "
+              + " | ".join(str(entry[g]) for g in names) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"work": args.work, "answers": {g: groups.count(g) for g in names},
                                                "pairs": len(pairs), "rows_s": round(rows_s), "p_at_10": out},
@@ -96,11 +105,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def by_word(ab: AgainstBaseRun, shown: list[float], groups: list[str], setting) -> dict:
-    """{word traced: [flagged answers traced against it, their mean P@10]}, the most common first."""
+def by_word(ab: AgainstBaseRun, shown: list[float], groups: list[str], setting, group: str = "flagged") -> dict:
+    """{word traced: [the group's answers traced against it, their mean P@10]}, the most common first."""
     by = {}
     for i, js in enumerate(ab.traced(*setting)):
-        if groups[i] == "flagged" and js:
+        if groups[i] == group and js:
             by.setdefault(ab.changed[i][js[0]].word, []).append(shown[i])
     return {w: [len(v), round(sum(v) / len(v), 2)] for w, v in sorted(by.items(), key=lambda x: -len(x[1]))}
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_folder import unrelated_queries
-from rept.query.contrast import AgainstBaseRun, ContrastRun, ContrastTracer, open_base
+from rept.query.contrast import DEFAULT_CONTEXT, AgainstBaseRun, ContrastRun, ContrastTracer, open_base
 from rept.query.trace import Tracer, load_queries, traceable_queries
 
 
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     settings = [(1, gate, "first") for gate in args.min_gain]
     pairs = AgainstBaseRun.pairs_for(queries, changed, settings)
     qs, instead = [queries[i] for i, _ in pairs], [changed[i][j].instead for i, j in pairs]
-    contrasts = [c for w in args.weights for c in ct.contrasts(qs, instead, weight=w)]
+    contrasts = [c for w in args.weights for c in ct.contrasts(qs, instead, weight=w, context=DEFAULT_CONTEXT)]
     scored = ct.row_scores(contrasts, [every] * len(contrasts))
     contrast_s = time.time() - t0
     whole = ContrastRun(ct, qs * len(args.weights), contrasts, scored)
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     out = {}
     for n, w in enumerate(args.weights):
         ab = AgainstBaseRun(queries, changed, pairs, whole.subset(list(range(n * len(pairs), (n + 1) * len(pairs)))),
-                            settings[0], w)
+                            settings[0], w, DEFAULT_CONTEXT)
         for s in settings:
             best = ab.best_scores(*s)                          # (answer, row) -> score, every row
             plain = [sum(labels[h.row] == label for h in r.hits) / 10 for r in ab.results(10, *s)]

@@ -44,6 +44,8 @@ def _value(action: argparse.Action) -> str:
 def _default(action: argparse.Action) -> str:
     if action.required:
         return "required"
+    if isinstance(action, argparse.BooleanOptionalAction):  # None: it depends (the help says on what)
+        return {True: "on", False: "off"}.get(action.default, "")
     if action.nargs == 0:
         return "off" if action.default in (False, None) else ""
     if action.default is None or action.default == argparse.SUPPRESS:

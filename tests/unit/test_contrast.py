@@ -57,8 +57,9 @@ def test_minimal_pair_of_the_same_text_is_none():
     assert minimal_pair("Same answer.", "Same answer.") is None
 
 
-def _layer_grads(model, ids, layer, loss_positions):
-    """d (mean loss over the tokens at `loss_positions`) / d hidden_states[layer][t], plain autograd."""
+def _layer_grads(model, ids, layer, loss_positions, hidden=False):
+    """d (mean loss over the tokens at `loss_positions`) / d hidden_states[layer][t], plain autograd
+    (with `hidden`, and hidden_states[layer] itself)."""
     ids = torch.tensor([ids])
     with torch.enable_grad():
         emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
@@ -67,35 +68,46 @@ def _layer_grads(model, ids, layer, loss_positions):
         hs.retain_grad()
         t = torch.tensor(loss_positions)
         F.cross_entropy(out.logits[0, t - 1].float(), ids[0, t]).backward()
-    return hs.grad[0].float()
+    return (hs.grad[0].float(), hs[0].detach().float()) if hidden else hs.grad[0].float()
 
 
 def _unit(x):
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def _plain_scores(base, tracer, layer, queries, instead, first=None, score="extreme", weight=1.0):
-    """The module docstring's definition written out: [queries, rows] over every dataset row."""
+def _plain_scores(base, tracer, layer, queries, instead, first=None, score="extreme", weight=1.0, context=False):
+    """The module docstring's definition written out: [queries, rows] over every dataset row. With
+    `context`, each position's cosine times its hidden state's cosine with the answer's where its word
+    is said."""
     tok, model = base.tokenizer, base.model
-    directions = []
+    data = {r.index: r for r in tracer.index.dataset().rows}
+
+    def row_states(row):
+        ex = tokenize_pair(tok, data[row].prompt, data[row].response, max_length=96)
+        n, p = len(ex.input_ids), ex.prompt_len
+        g, h = _layer_grads(model, ex.input_ids, layer, list(range(p, n)), hidden=True)
+        return g[p - 1:n - 1], h[p - 1:n - 1]
+
+    directions, contexts = [], []
     for q, other in zip(queries, instead):
         pooled = []
-        for text, (a, b) in zip((q.response, other), minimal_pair(q.response, other)):
+        for side, (text, (a, b)) in enumerate(zip((q.response, other), minimal_pair(q.response, other))):
             ex = tokenize_pair(tok, q.prompt, text)
             at = ex.text.find(text, ex.offsets[ex.prompt_len - 1][1])
             toks = [i for i in range(ex.prompt_len, len(ex.input_ids))
                     if ex.offsets[i][0] < at + b and ex.offsets[i][1] > at + a][:first]
-            g = _layer_grads(model, ex.input_ids, layer, toks)
+            g, h = _layer_grads(model, ex.input_ids, layer, toks, hidden=True)
             pooled.append(_unit(_unit(g[[t - 1 for t in toks]]).sum(0)))
+            if side == 0:
+                contexts.append(_unit(_unit(h[[t - 1 for t in toks]]).sum(0)))
         directions.append(_unit(pooled[0] - weight * pooled[1]))
     rows = sorted(tracer.index.labels())
-    data = {r.index: r for r in tracer.index.dataset().rows}
     out = np.zeros((len(queries), len(rows)), dtype=np.float32)
     for j, row in enumerate(rows):
-        ex = tokenize_pair(tok, data[row].prompt, data[row].response, max_length=96)
-        n, p = len(ex.input_ids), ex.prompt_len
-        g = _layer_grads(model, ex.input_ids, layer, list(range(p, n)))
-        sims = _unit(g[p - 1:n - 1]) @ torch.stack(directions).T       # [positions, queries]
+        g, h = row_states(row)
+        sims = _unit(g) @ torch.stack(directions).T       # [positions, queries]
+        if context:
+            sims = sims * (_unit(h) @ torch.stack(contexts).T)
         top, bottom = sims.max(0).values, sims.min(0).values
         out[:, j] = (top if score == "max" else torch.where(top >= -bottom, top, bottom)).numpy()
     return out
@@ -111,6 +123,21 @@ def test_scores_equal_the_plain_definition(tracer, base, layer, first, score, we
     plain = _plain_scores(base, tracer, ct.layer, QUERIES, INSTEAD, first, score, weight)
     np.testing.assert_allclose(scores, plain, atol=2e-5)
     assert np.abs(scores).max() > 0.05  # a real signal, not zeros on both sides
+
+
+def test_context_scores_equal_the_plain_definition(tracer, base):
+    ct = ContrastTracer(tracer, base, candidates=None)
+    scores = ct.run(QUERIES, INSTEAD, weight=0.5, context=True).matrix()[0]
+    plain = _plain_scores(base, tracer, ct.layer, QUERIES, INSTEAD, weight=0.5, context=True)
+    np.testing.assert_allclose(scores, plain, atol=2e-5)
+    alone = ct.run(QUERIES, INSTEAD, weight=0.5).matrix()[0]
+    assert np.abs(scores - alone).max() > 0.01  # the hidden states weigh the positions
+    # one pass may mix contrasts with and without a context: each scores as it would alone
+    mixed = ct.contrasts(QUERIES[:1], INSTEAD[:1], weight=0.5, context=True) + \
+        ct.contrasts(QUERIES[1:], INSTEAD[1:], weight=0.5)
+    rows = sorted(tracer.index.labels())
+    for (qi, row), v in ct.row_scores(mixed, [rows] * 2).items():
+        assert abs(v - (scores if qi == 0 else alone)[qi, rows.index(row)]) < 1e-5
 
 
 def test_the_mirror_reverses_the_direction(tracer, base):
@@ -298,8 +325,9 @@ def test_against_base_keeps_each_rows_best_score_over_the_words_traced(tracer, b
     ct = ContrastTracer(tracer, base, candidates=None)
     ab = ct.against_base(QUERIES, words=3, min_gain=float("-inf"), pick="most")
     assert [len(cs) for cs in ab.changed] == [3, 3] and ab.setting == (3, float("-inf"), "most")
-    assert ab.weight == DEFAULT_GUESS_WEIGHT  # half the guess's push subtracted
-    run = ct.run([QUERIES[i] for i, _ in ab.pairs], [ab.changed[i][j].instead for i, j in ab.pairs], weight=ab.weight)
+    assert ab.weight == DEFAULT_GUESS_WEIGHT and ab.context  # half the guess's push subtracted; weighed by context
+    run = ct.run([QUERIES[i] for i, _ in ab.pairs], [ab.changed[i][j].instead for i, j in ab.pairs], weight=ab.weight,
+                 context=ab.context)
     for words in (1, 3):
         for i, r in enumerate(ab.results(k=5, words=words, min_gain=float("-inf"))):
             best = {}
@@ -310,14 +338,14 @@ def test_against_base_keeps_each_rows_best_score_over_the_words_traced(tracer, b
             assert [h.row for h in r.hits] == [row for _, row in expected]
             assert [h.score for h in r.hits] == pytest.approx([-v for v, _ in expected], abs=1e-6)
     # one word: what --instead gives against that word's alternative
-    (first,), _ = ct.trace([QUERIES[0]], [ab.changed[0][0].instead], k=5, weight=ab.weight)
+    (first,), _ = ct.trace([QUERIES[0]], [ab.changed[0][0].instead], k=5, weight=ab.weight, context=ab.context)
     assert [h.row for h in ab.results(k=5, words=1, min_gain=float("-inf"))[0].hits] == [h.row for h in first.hits]
     # pick="first": the changed word that comes first in the answer, traced as --instead would
     first = ct.against_base(QUERIES, words=1, min_gain=float("-inf"), pick="first")
     for i, (cs, (j,)) in enumerate(zip(first.changed, first.traced(1, float("-inf"), "first"))):
         assert len(cs) >= 3 and cs[j].start == min(c.start for c in cs)
         assert QUERIES[i].response[cs[j].start:].startswith(cs[j].word)
-        (alone,), _ = ct.trace([QUERIES[i]], [cs[j].instead], k=5, weight=first.weight)
+        (alone,), _ = ct.trace([QUERIES[i]], [cs[j].instead], k=5, weight=first.weight, context=first.context)
         got = first.results(k=5, words=1, min_gain=float("-inf"), pick="first")[i].hits
         assert [h.row for h in got] == [h.row for h in alone.hits]
     top = max(c.gain for cs in ab.changed for c in cs)
@@ -349,11 +377,11 @@ def test_cli_against_base_traces_each_answer_against_the_base_models(lora_index,
     assert "instead" not in same and same["compared"] is None and same["results"] == []
     assert changed["instead"] == other and changed["compared"] is not None
     assert out["contrast"]["guess_weight"] == DEFAULT_GUESS_WEIGHT
-    (expected,), _ = ct.trace([q], [other], k=3, weight=DEFAULT_GUESS_WEIGHT)
+    (expected,), _ = ct.trace([q], [other], k=3, weight=DEFAULT_GUESS_WEIGHT, context=True)
     assert [r["row"] for r in changed["results"]] == [h.row for h in expected.hits]
     assert [r["score"] for r in changed["results"]] == pytest.approx([h.score for h in expected.hits], abs=1e-6)
-    # --guess-weight 1: the plain difference, exactly --instead's ranking against the same alternative
-    assert main(run + ["--min-gain", below, "--top-k", "3", "--json", "--guess-weight", "1"]) == 0
+    # --guess-weight 1 --no-context: the plain difference, exactly --instead's ranking against the same alternative
+    assert main(run + ["--min-gain", below, "--top-k", "3", "--json", "--guess-weight", "1", "--no-context"]) == 0
     plain = json.loads(capsys.readouterr().out)["queries"][1]
     (expected,), _ = ct.trace([q], [other], k=3)
     assert [r["score"] for r in plain["results"]] == pytest.approx([h.score for h in expected.hits], abs=1e-6)
@@ -399,6 +427,47 @@ def test_cli_against_base_scores_every_row_unless_told(lora_index, tracer, base,
         assert {r["row"] for r in q["results"]} <= set(rows)
 
 
+def test_cli_context_is_on_with_against_base_and_off_with_instead(lora_index, tracer, base, tmp_path, capsys):
+    """--against-base weighs each position by its hidden state unless --no-context (its JSON says which),
+    --instead only with --context; eval and report refuse --context without --against-base, trace
+    without a contrast."""
+    index, _ = lora_index
+    path = tmp_path / "q.jsonl"
+    write_queries(QUERIES, path)
+    ct = ContrastTracer(tracer, base, candidates=None)
+    run = ["-q", "trace", "--index", index, "--queries", str(path), "--top-k", "5", "--json"]
+
+    def rows(out):
+        assert all(q["results"] for q in out["queries"])
+        return [[(h["row"], round(h["score"], 5)) for h in q["results"]] for q in out["queries"]]
+
+    def expected(results):
+        return [[(h.row, round(h.score, 5)) for h in r.hits] for r in results]
+
+    got = {}
+    for flags in ([], ["--no-context"]):
+        assert main(run + ["--against-base", "--min-gain=-inf"] + flags) == 0
+        got[bool(flags)] = json.loads(capsys.readouterr().out)
+    assert got[False]["contrast"]["context"] is True and got[True]["contrast"]["context"] is False
+    assert rows(got[False]) == expected(ct.against_base(QUERIES, min_gain=float("-inf")).results(5))
+    assert rows(got[True]) == expected(ct.against_base(QUERIES, min_gain=float("-inf"), context=False).results(5))
+    assert rows(got[False]) != rows(got[True])  # the option changes the scores
+    one = ["-q", "trace", "--index", index, "--prompt", QUERIES[1].prompt, "--response", QUERIES[1].response,
+           "--instead", INSTEAD[1], "--top-k", "5", "--json"]
+    for flags, context in (([], False), (["--context"], True)):
+        assert main(one + flags) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["contrast"]["context"] is context
+        assert rows(out) == expected(ct.trace(QUERIES[1:], INSTEAD[1:], k=5, context=context)[0])
+    bare = ["trace", "--index", index, "--prompt", QUERIES[1].prompt, "--response", QUERIES[1].response]
+    assert "--context belongs to a contrast" in cli_error(capsys, bare + ["--context"])
+    for command in ("eval", "report"):
+        extra = ["--out", str(tmp_path / "r.html")] if command == "report" else []
+        assert "--context belongs to --against-base" in cli_error(
+            capsys, [command, "--index", index, "--queries", str(path), "--no-context"] + extra)
+    assert not (tmp_path / "r.html").exists()
+
+
 def test_cli_against_base_refuses_a_second_alternative(lora_index, capsys):
     index, _ = lora_index
     q = QUERIES[1]
@@ -434,6 +503,15 @@ def test_the_bench_method_scores_the_rows_against_base_shows(lora_run, tracer, b
         assert r.hits
         np.testing.assert_allclose(scores[i], expected, atol=1e-5)
     assert method.traced_words == [[c.word for c in cs] for cs in run.changed]  # every word: no gate
+    # --context reaches the method's tracer (rept bench --context)
+    assert method.settings(bundle)["context"] is True  # the default: weighed by the hidden states
+    plain = get_method("against-base")
+    plain.words, plain.min_gain, plain.pick, plain.context = 3, float("-inf"), "most", False
+    plain.fit(bundle, data.rows)
+    expected = ContrastTracer(tracer, base, candidates=None).against_base(
+        QUERIES, words=3, min_gain=float("-inf"), pick="most", context=False).shown_scores([r.index for r in data.rows])
+    np.testing.assert_allclose(plain.score(bundle, QUERIES), expected, atol=1e-5)
+    assert plain.settings(bundle)["context"] is False
     # the default gate (5 nats) is above the tiny fine-tune's gains: no answer traced, no row retrieved
     gated = get_method("against-base")
     gated.fit(bundle, data.rows)
@@ -539,7 +617,7 @@ def test_app_traces_against_the_base_model(lora_index, tracer, base):
     assert f"{said!r} against the base model's {other!r}" in got["against_base"]["note"]
     gated = client.post("/api/trace", json=body | {"min_gain": gain + 1}).json()
     assert gated["against_base"]["note"].startswith("not traced") and not gated["hits"] and gated["histogram"] is None
-    assert got["against_base"]["guess_weight"] == DEFAULT_GUESS_WEIGHT
+    assert got["against_base"]["guess_weight"] == DEFAULT_GUESS_WEIGHT and got["against_base"]["context"] is True
     # guess_weight: the direction of `against_base(weight=)`, here the plain difference
     plain = client.post("/api/trace", json=body | {"min_gain": gain - 1, "guess_weight": 1}).json()
     (shown,) = ct.against_base([q], min_gain=gain - 1, weight=1.0).results(k=5)

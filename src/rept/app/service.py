@@ -352,6 +352,7 @@ class AuditService:
         return {"prompt": prompt, "response": response, "mode": None, "k": k, "rows": len(self.rows),
                 "hits": hits, "word_scale": scale, "histogram": histogram,
                 "against_base": {"traced": bool(traced), "note": note, "guess_weight": run.weight,
+                                 "context": run.context,
                                  "words": [{"word": changed[j].word, "gain": changed[j].gain,
                                             "instead": changed[j].instead} for j in traced]},
                 "seconds": {"rows": time.perf_counter() - t0, "words": 0.0}}

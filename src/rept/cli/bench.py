@@ -12,7 +12,8 @@ HELP = ("train (or reuse) a tiny base model, or take a given one (--base), LoRA 
 # the stage's TrainConfig (rept.evaluate.bench.config.default_base_stage holds the defaults).
 BASE_STAGE = {"base_epochs": "epochs", "hidden": "hidden", "layers": "layers"}
 # The against-base method's flags: each sets one attribute of rept.methods.contrast.AgainstBase.
-AGAINST_BASE = {"min_gain": "min_gain", "pick": "pick", "changed_words": "words", "guess_weight": "weight"}
+AGAINST_BASE = {"min_gain": "min_gain", "pick": "pick", "changed_words": "words", "guess_weight": "weight",
+                "context": "context"}
 
 
 def _layer(value: str):
@@ -65,9 +66,10 @@ def add_arguments(p) -> None:
                    help="comma-separated module names (e.g. q_proj,v_proj) or all-linear")
     g.add_argument("--lora-lr", type=float, default=2e-3)
     g = p.add_argument_group("the against-base method (rept trace --against-base)")
-    from rept.cli.options import add_against_base_args
+    from rept.cli.options import add_against_base_args, add_context_arg
 
     add_against_base_args(g, "the against-base method")
+    add_context_arg(g, "the against-base method", "on")
     p.add_argument("--batch-size", type=int, default=16, help="rows per step of the fine-tune and of every method")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... for training, generation and every method "
                    "(default: cuda when available, else cpu)")

@@ -81,8 +81,8 @@ def _against_base_scores(args, tracer, queries, setting):
 
     base = open_base(tracer, args.base_model, dtype=args.dtype, device=args.device)
     ct = ContrastTracer(tracer, base, candidates=None, mode=args.mode, progress=not args.quiet)
-    words, min_gain, pick, weight = setting
-    run = ct.against_base(queries, words=words, min_gain=min_gain, pick=pick, weight=weight)
+    words, min_gain, pick, weight, context = setting
+    run = ct.against_base(queries, words=words, min_gain=min_gain, pick=pick, weight=weight, context=context)
     labels = ct.labels()
     rows = sorted(labels)
     scores = run.shown_scores(rows)

@@ -45,6 +45,15 @@ def refuse_without_against_base(args, flags) -> None:
         raise ReptError(f"--{given[0].replace('_', '-')} belongs to --against-base; give --against-base")
 
 
+def add_context_arg(p, when: str, default: str) -> None:
+    """`--context` / `--no-context`: each position's cosine weighed by its hidden state's, or not
+    (rept.query.contrast, `context`); None when neither is given."""
+    p.add_argument("--context", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"{when}: weigh each position's gradient cosine by its hidden state's cosine with the "
+                   f"answer's where the word is said, or not (default: {default}; docs/results.md, \"Where the "
+                   "word is said\")")
+
+
 def add_against_base_args(p, when: str) -> None:
     """Which changed words `--against-base` traces (`rept trace`), and `rept bench`'s `against-base`
     method; `when` opens each help line ("with --against-base")."""
@@ -65,30 +74,32 @@ def add_against_base_args(p, when: str) -> None:
 
 
 def add_against_base_group(p, what: str) -> None:
-    """`--against-base` (its help: `what`), its three flags and `--base-model`, as `rept eval` and
+    """`--against-base` (its help: `what`), its flags, `--context` and `--base-model`, as `rept eval` and
     `rept report` take them; `against_base_request` reads them."""
     g = p.add_argument_group("behaviour, not topic (rept trace --against-base)")
     g.add_argument("--against-base", action="store_true", help=what)
     add_against_base_args(g, "with --against-base")
+    add_context_arg(g, "with --against-base", "on")
     g.add_argument("--base-model", metavar="PATH",
                    help="with --against-base: the model before the fine-tune (default: the index's model with its "
                    "adapter off)")
 
 
-def against_base_request(args) -> tuple[int, float, str, float] | None:
-    """The (words, min_gain, pick, weight) of `add_against_base_group`'s flags, None without --against-base;
+def against_base_request(args) -> tuple[int, float, str, float, bool] | None:
+    """The (words, min_gain, pick, weight, context) of `add_against_base_group`'s flags, None without --against-base;
     any of its flags without --against-base is refused in one line."""
-    refuse_without_against_base(args, AGAINST_BASE_FLAGS + ("base_model",))
+    refuse_without_against_base(args, AGAINST_BASE_FLAGS + ("context", "base_model"))
     setting = against_base_setting(args)  # bad values refused before any model loads
     return setting if args.against_base else None
 
 
-def against_base_setting(args) -> tuple[int, float, str, float]:
-    """(words, min_gain, pick, weight) from the flags of `add_against_base_args`, rept.query.contrast's
-    defaults where not given; --changed-words below 1 and a negative --guess-weight are refused."""
+def against_base_setting(args) -> tuple[int, float, str, float, bool]:
+    """(words, min_gain, pick, weight, context) from the flags of `add_against_base_args` and
+    `--context`, rept.query.contrast's defaults where not given; --changed-words below 1 and a
+    negative --guess-weight are refused."""
     from rept.errors import ReptError
-    from rept.query.contrast import (DEFAULT_CHANGED_WORDS, DEFAULT_GUESS_WEIGHT, DEFAULT_MIN_GAIN, DEFAULT_PICK,
-                                     check_weight)
+    from rept.query.contrast import (DEFAULT_CHANGED_WORDS, DEFAULT_CONTEXT, DEFAULT_GUESS_WEIGHT, DEFAULT_MIN_GAIN,
+                                     DEFAULT_PICK, check_weight)
 
     if args.changed_words is not None and args.changed_words < 1:
         raise ReptError(f"--changed-words must be 1 or more, not {args.changed_words}")
@@ -96,7 +107,8 @@ def against_base_setting(args) -> tuple[int, float, str, float]:
         check_weight(args.guess_weight)
     return (DEFAULT_CHANGED_WORDS if args.changed_words is None else args.changed_words,
             DEFAULT_MIN_GAIN if args.min_gain is None else args.min_gain, args.pick or DEFAULT_PICK,
-            DEFAULT_GUESS_WEIGHT if args.guess_weight is None else args.guess_weight)
+            DEFAULT_GUESS_WEIGHT if args.guess_weight is None else args.guess_weight,
+            DEFAULT_CONTEXT if getattr(args, "context", None) is None else args.context)
 
 
 def add_data_args(p) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from rept.cli.options import (AGAINST_BASE_FLAGS, add_against_base_args, add_index_model_args, add_mode_arg,
-                              against_base_setting, positive, refuse_without_against_base)
+from rept.cli.options import (AGAINST_BASE_FLAGS, add_against_base_args, add_context_arg, add_index_model_args,
+                              add_mode_arg, against_base_setting, positive, refuse_without_against_base)
 
 HELP = "rank training rows for a misbehaving output"
 
@@ -44,6 +44,7 @@ def add_arguments(p) -> None:
     contrast.add_argument("--contrast-tokens", type=int, default=None, metavar="N",
                           help="with a contrast: compare only the first N tokens of the words that "
                           "differ (default: all of them)")
+    add_context_arg(contrast, "with a contrast", "on with --against-base, off with --instead and --contrast")
     contrast.add_argument("--candidates", type=int, default=None, metavar="N",
                           help="with a contrast: score the N rows the index ranks highest for each "
                           "query and a seeded sample of 100 rows of the whole index, the others score 0 "
@@ -99,7 +100,8 @@ def _check_contrast_flags(args) -> bool:
     refuse_without_against_base(args, AGAINST_BASE_FLAGS)  # --base-model serves --instead too
     against_base_setting(args)  # bad values refused before any model loads
     given = [f for f, v in (("--base-model", args.base_model), ("--contrast-layer", args.contrast_layer),
-                            ("--contrast-tokens", args.contrast_tokens), ("--candidates", args.candidates))
+                            ("--contrast-tokens", args.contrast_tokens), ("--context", args.context),
+                            ("--candidates", args.candidates))
              if v is not None]
     if given and not on:
         raise QueryError(f"{given[0]} belongs to a contrast: give --instead TEXT, --contrast with --queries, "
@@ -164,7 +166,8 @@ def _run_contrast(args, tracer, mode) -> int:
     queries = _queries(args, tracer)
     if args.against_base:
         return _run_against_base(args, ct, queries, mode)
-    results, contrasts = ct.trace(queries, [q.instead for q in queries], k=args.top_k, tokens=args.tokens)
+    results, contrasts = ct.trace(queries, [q.instead for q in queries], k=args.top_k, tokens=args.tokens,
+                                  context=bool(args.context))
     if args.json:
         out = _contrast_json(args, ct, mode)
         out["queries"] = [r.to_dict() | _compared(c) for r, c in zip(results, contrasts)]
@@ -187,8 +190,8 @@ def _run_against_base(args, ct, queries, mode) -> int:
 
     from rept.query.trace import QueryResult
 
-    words, min_gain, pick, weight = against_base_setting(args)
-    ab = ct.against_base(queries, words=words, min_gain=min_gain, pick=pick, weight=weight)
+    words, min_gain, pick, weight, context = against_base_setting(args)
+    ab = ct.against_base(queries, words=words, min_gain=min_gain, pick=pick, weight=weight, context=context)
     traced = ab.traced()  # the run's own setting: these words, this gate, this pick
     found = ab.results(args.top_k, tokens=args.tokens)
     results = [QueryResult(replace(r.query, instead=ab.changed[i][js[0]].instead) if js else r.query, r.hits)
@@ -231,6 +234,7 @@ def _contrast_json(args, ct, mode) -> dict:
     return {"layer": ct.tracer.layer, "mode": mode, "search": args.search,
             "contrast": {"layer": ct.layer, "base_model": ct.base.model_id, "candidates": candidates,
                          "reference": ct.reference if candidates else None, "tokens": ct.first_tokens,
+                         "context": against_base_setting(args)[4] if args.against_base else bool(args.context),
                          "against_base": bool(args.against_base)}}
 
 

@@ -17,7 +17,8 @@ class AgainstBase(Method):
     storable = False  # nothing per row outlives the queries: each row's gradients are taken against their directions
 
     def __init__(self, seed: int = 0, words: int | None = None, min_gain: float | None = None,
-                 pick: str | None = None, layer: int | None = None, weight: float | None = None):
+                 pick: str | None = None, layer: int | None = None, weight: float | None = None,
+                 context: bool | None = None):
         from rept.query import contrast
 
         super().__init__(seed)
@@ -26,6 +27,7 @@ class AgainstBase(Method):
         self.pick = pick or contrast.DEFAULT_PICK
         self.weight = contrast.DEFAULT_GUESS_WEIGHT if weight is None else weight
         self.layer = contrast.DEFAULT_LAYER if layer is None else layer
+        self.context = contrast.DEFAULT_CONTEXT if context is None else context  # positions weighed by hidden state
         self.traced_words = None  # after `score`: per query, the changed words traced (none: untraced)
 
     def check(self, bundle: ModelBundle) -> None:
@@ -45,10 +47,10 @@ class AgainstBase(Method):
                                           batch_size=bundle.batch_size, layer=self.layer, seed=self.seed,
                                           progress=bundle.progress)
         run = tracer.against_base(list(queries), words=self.words, min_gain=self.min_gain, pick=self.pick,
-                                  weight=self.weight)
+                                  weight=self.weight, context=self.context)
         self.traced_words = run.traced_words()
         return run.shown_scores([r.index for r in self.rows])  # the rows `rept trace --against-base` shows
 
     def settings(self, bundle: ModelBundle) -> dict:
         return {"seed": self.seed, "words": self.words, "min_gain": self.min_gain, "pick": self.pick,
-                "weight": self.weight, "layer": self.layer}
+                "weight": self.weight, "layer": self.layer, "context": self.context}

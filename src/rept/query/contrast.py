@@ -62,6 +62,15 @@ subtract").
 that pushed towards the answer somewhere is not sunk by a position that pushed the other way;
 benchmarks/bench_instead.py --score, measured in docs/results.md).
 
+`context=True` (`--context`; on by default with `--against-base`) weighs each position's cosine by
+how alike its hidden state at L is to the answer's where the word is said (the positions that predict
+the answer's span, pooled as the gradients are): position t of a row scores cos(g_t, d) * cos(h_t,
+u), with u = unit(sum of unit(h_s)) over the answer's positions s. The product of the two cosines is
+the cosine of the outer products g h^T: the form of a linear layer's weight gradient at one position
+(the gradient at its output times its input), here both read at L, so a row scores high where it
+pushed the same way in the same context, not where it pushed towards the same word anywhere. It
+costs nothing more: both are read in the same pass (docs/results.md, "Where the word is said").
+
 `first_tokens=N` (`--contrast-tokens N`) keeps only the first N tokens of each differing span: when
 the two answers differ throughout (a compliance against a refusal), the tokens where they part
 decide which way the answer went, and the rest mostly share the request's topic.
@@ -95,6 +104,9 @@ DEFAULT_PICK = "first"
 # ... and its direction subtracts half the push towards the base model's guess (1 is --instead's plain
 # difference; docs/results.md, "How much of the guess to subtract")
 DEFAULT_GUESS_WEIGHT = 0.5
+# ... and weighs each position's cosine by how alike its hidden state is to the answer's where the word
+# is said (`context`; --instead keeps the gradient alone: docs/results.md, "Where the word is said")
+DEFAULT_CONTEXT = True
 SCORES = ("extreme", "max")  # a row's score from its per-position cosines (ContrastTracer `score`)
 
 
@@ -184,6 +196,7 @@ class Contrast:
     instead: str
     spans: tuple[tuple[int, int], tuple[int, int]]
     direction: torch.Tensor                  # [hidden] float32; zero when the pushes agree (weight 1)
+    context: torch.Tensor | None = None      # [hidden] unit: the answer's hidden states there (None: not weighed)
 
     @property
     def words(self) -> tuple[str, str]:
@@ -246,9 +259,11 @@ class ContrastTracer:
             yield from extract(self.base.model, examples, self.layer, self.base.tokenizer.pad_token_id,
                                batch_size=self.tracer.batch_size, token_level=True, progress=bar.update)
 
-    def contrasts(self, queries: list[Query], instead: list[str], weight: float = 1.0) -> list[Contrast]:
+    def contrasts(self, queries: list[Query], instead: list[str], weight: float = 1.0,
+                  context: bool = False) -> list[Contrast]:
         """Each query's spans and direction, unit(push to the answer) - weight * unit(push to the
-        alternative); a QueryError names the first query that has none."""
+        alternative), and with `context` the answer's hidden states where its span is said (module
+        docstring); a QueryError names the first query that has none."""
         check_weight(weight)
         if len(instead) != len(queries):
             raise QueryError(f"{len(instead)} alternatives for {len(queries)} queries")
@@ -270,12 +285,14 @@ class ContrastTracer:
                     ex = replace(ex, loss_span=(a, min(b, a + self.first_tokens)))
                 examples.append(ex)
             meta.append((q, other, pair))
-        pooled = {}
+        pooled, where = {}, {}
         for part in self._extract(examples, "answers"):
             for j, row in enumerate(part.rows):
                 a, b = examples[row].loss_span
                 pooled[row] = unit_tensor(unit_tensor(part.token_grads[j][a - 1:b - 1]).sum(0))  # position t-1 predicts t
-        return [Contrast(q, other, pair, pooled[2 * i] - weight * pooled[2 * i + 1])
+                if context:  # where the answer says its word (both answers share what comes before)
+                    where[row] = unit_tensor(unit_tensor(part.token_hidden[j][a - 1:b - 1]).sum(0))
+        return [Contrast(q, other, pair, pooled[2 * i] - weight * pooled[2 * i + 1], where.get(2 * i))
                 for i, (q, other, pair) in enumerate(meta)]
 
     @torch.no_grad()
@@ -370,16 +387,16 @@ class ContrastTracer:
 
     def against_base(self, queries: list[Query], words: int = DEFAULT_CHANGED_WORDS,
                      min_gain: float = DEFAULT_MIN_GAIN, pick: str = DEFAULT_PICK,
-                     weight: float = DEFAULT_GUESS_WEIGHT) -> "AgainstBaseRun":
+                     weight: float = DEFAULT_GUESS_WEIGHT, context: bool = DEFAULT_CONTEXT) -> "AgainstBaseRun":
         """Each answer against the base model's guess at each of the words `AgainstBaseRun.traced`
         picks (`pick`, `words`, `min_gain`), in one pass over the rows for every answer and word,
-        the guess's push weighted by `weight` (`contrasts`); `results` ranks them (`rept trace
-        --against-base`)."""
+        the guess's push weighted by `weight`, each position weighed by its hidden state with
+        `context` (`contrasts`); `results` ranks them (`rept trace --against-base`)."""
         if pick not in PICKS:
             raise QueryError(f"--against-base picks the word changed {' or '.join(PICKS)}, not {pick!r}")
         check_weight(weight)
         changed = self.changed_words(queries, k=words if pick == "most" else None)
-        return AgainstBaseRun.of(self, queries, changed, [(words, min_gain, pick)], weight)
+        return AgainstBaseRun.of(self, queries, changed, [(words, min_gain, pick)], weight, context)
 
     # ------------------------------------------------------------ rows
 
@@ -426,12 +443,14 @@ class ContrastTracer:
                 examples.append(ex)
         by_row = {e.row: e for e in examples}
         directions = unit_tensor(torch.stack([c.direction for c in contrasts]))   # zero stays zero
+        weigh = _ContextWeights(contrasts)
         out = {}
         for part in self._extract(examples, "training rows"):
             for j, row in enumerate(part.rows):
                 ex, qs = by_row[row], wanted[row]
                 p, n = ex.prompt_len, len(ex.input_ids)
                 sims = unit_tensor(part.token_grads[j][p - 1:n - 1]) @ directions[qs].T     # [n - p, |qs|]
+                sims = weigh(sims, part.token_hidden[j][p - 1:n - 1], qs)
                 top, bottom = sims.max(0).values, sims.min(0).values
                 extreme = top if self.score == "max" else torch.where(top >= -bottom, top, bottom)
                 for k, qi in enumerate(qs):
@@ -445,10 +464,11 @@ class ContrastTracer:
 
     # ------------------------------------------------------------ results
 
-    def run(self, queries: list[Query], instead: list[str], weight: float = 1.0) -> "ContrastRun":
-        """The contrasts (`weight`: as in `contrasts`) and the scores of every candidate row: what
-        `scores` and `trace` are made of."""
-        contrasts = self.contrasts(queries, instead, weight)
+    def run(self, queries: list[Query], instead: list[str], weight: float = 1.0,
+            context: bool = False) -> "ContrastRun":
+        """The contrasts (`weight`, `context`: as in `contrasts`) and the scores of every candidate row:
+        what `scores` and `trace` are made of."""
+        contrasts = self.contrasts(queries, instead, weight, context)
         return ContrastRun(self, queries, contrasts, self.row_scores(contrasts, self.candidate_rows(queries)))
 
     def scores(self, queries: list[Query], instead: list[str]) -> tuple[np.ndarray, np.ndarray, list]:
@@ -457,11 +477,11 @@ class ContrastTracer:
         return self.run(queries, instead).matrix()
 
     def trace(self, queries: list[Query], instead: list[str], k: int = 10, tokens: bool = False,
-              weight: float = 1.0) -> tuple[list[QueryResult], list[Contrast]]:
+              weight: float = 1.0, context: bool = False) -> tuple[list[QueryResult], list[Contrast]]:
         """Each query's top k rows by contrast score (only rows that pushed towards the answer: score
         > 0), best first, ties by row id; with `tokens`, their words and phrases scored by the same
         cosines. Returns the results and the contrasts (the spans compared, e.g. for display)."""
-        run = self.run(queries, instead, weight)
+        run = self.run(queries, instead, weight, context)
         return run.results(k, tokens), run.contrasts
 
 
@@ -528,19 +548,20 @@ class AgainstBaseRun:
     run: ContrastRun | None                  # None when no word is traced
     setting: tuple = (DEFAULT_CHANGED_WORDS, DEFAULT_MIN_GAIN, DEFAULT_PICK)  # (words, min_gain, pick) by default
     weight: float = DEFAULT_GUESS_WEIGHT     # how much of the guess's push each direction subtracts
+    context: bool = DEFAULT_CONTEXT          # each position weighed by its hidden state (`contrasts`)
 
     def __post_init__(self):
         self._at = {pair: n for n, pair in enumerate(self.pairs)}
 
     @classmethod
     def of(cls, tracer: ContrastTracer, queries, changed, settings,
-           weight: float = DEFAULT_GUESS_WEIGHT) -> "AgainstBaseRun":
+           weight: float = DEFAULT_GUESS_WEIGHT, context: bool = DEFAULT_CONTEXT) -> "AgainstBaseRun":
         """One run over the pairs that any of `settings` ((words, min_gain, pick) each) traces; the
         first setting is what `traced` and `results` use when not told."""
         pairs = cls.pairs_for(queries, changed, settings)
         run = tracer.run([queries[i] for i, _ in pairs], [changed[i][j].instead for i, j in pairs],
-                         weight) if pairs else None
-        return cls(queries, changed, pairs, run, tuple(settings[0]), weight)
+                         weight, context) if pairs else None
+        return cls(queries, changed, pairs, run, tuple(settings[0]), weight, context)
 
     @classmethod
     def pairs_for(cls, queries, changed, settings) -> list[tuple[int, int]]:
@@ -622,6 +643,23 @@ class AgainstBaseRun:
         """The contrast of answer i against its changed word j (None if that pair was not traced)."""
         n = self._at.get((i, j))
         return None if n is None else self.run.contrasts[n]
+
+
+class _ContextWeights:
+    """Each position's cosine times the cosine of its hidden state with the contrast's `context`, for
+    the contrasts that have one (the others as they are): the cosine of the outer products g h^T
+    (module docstring)."""
+
+    def __init__(self, contrasts: list[Contrast]):
+        self.has = torch.tensor([c.context is not None for c in contrasts])
+        self.context = torch.stack([c.context if c.context is not None else torch.zeros_like(c.direction)
+                                    for c in contrasts])
+
+    def __call__(self, sims: torch.Tensor, hidden: torch.Tensor, qs: list[int]) -> torch.Tensor:
+        has = self.has[qs]
+        if not bool(has.any()):
+            return sims
+        return torch.where(has, sims * (unit_tensor(hidden) @ self.context[qs].T), sims)   # [n - p, |qs|]
 
 
 class _RowsInMemory:

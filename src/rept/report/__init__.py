@@ -77,12 +77,12 @@ def top_k(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
 def against_base_scores(contrast, queries, k: int, setting) -> tuple:
     """`rept report --against-base`: each answer traced as `rept trace --against-base` traces it,
     every stored row scored (`contrast`: a ContrastTracer with candidates=None; `setting`: (words,
-    min_gain, pick)). Returns the rows shown ([queries, rows]: a row's best score where it pushed
-    towards the answer, -inf elsewhere), every row's best score of any sign (NaN for an answer not
-    traced), the row ids, their labels, the top-k results with their words scored, and per answer
-    what it was traced against (a line of text)."""
-    words, min_gain, pick, weight = setting
-    run = contrast.against_base(queries, words=words, min_gain=min_gain, pick=pick, weight=weight)
+    min_gain, pick, weight, context)). Returns the rows shown ([queries, rows]: a row's best score
+    where it pushed towards the answer, -inf elsewhere), every row's best score of any sign (NaN for
+    an answer not traced), the row ids, their labels, the top-k results with their words scored, and
+    per answer what it was traced against (a line of text)."""
+    words, min_gain, pick, weight, context = setting
+    run = contrast.against_base(queries, words=words, min_gain=min_gain, pick=pick, weight=weight, context=context)
     labels = contrast.labels()
     rows = np.array(sorted(labels), dtype=np.int64)
     column = {int(r): j for j, r in enumerate(rows)}
@@ -109,8 +109,8 @@ def build_report(tracer, queries, k: int = 10, mode: str | None = None, max_quer
                  title: str | None = None, log=None, token_layer: int | None = None,
                  against_base=None) -> ReportData:
     """Everything the report shows. Queries with flagged=False (controls) are left out.
-    `against_base`: (a ContrastTracer over `tracer`, (words, min_gain, pick)) to rank the rows as
-    `rept trace --against-base` does (`against_base_scores`) instead of by signature."""
+    `against_base`: (a ContrastTracer over `tracer`, (words, min_gain, pick, weight, context)) to
+    rank the rows as `rept trace --against-base` does (`against_base_scores`) instead of by signature."""
     from rept.evaluate.metrics import evaluate
     from rept.signatures.tokens import attach_word_scores
     from rept.query.trace import Hit, QueryResult, relevance
@@ -197,10 +197,10 @@ def build_report(tracer, queries, k: int = 10, mode: str | None = None, max_quer
            "created": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "version": __import__("rept").__version__,
            "slots": total}
     if against_base is not None:
-        contrast, (words, min_gain, pick, weight) = against_base
+        contrast, (words, min_gain, pick, weight, context) = against_base
         run["against_base"] = {"base_model": contrast.base.model_id, "layer": contrast.layer, "changed_words": words,
-                               "min_gain": min_gain, "pick": pick, "guess_weight": weight, "traced": sum(not n.startswith("not traced")
-                                                                                  for n in notes)}
+                               "min_gain": min_gain, "pick": pick, "guess_weight": weight,
+                               "context": context, "traced": sum(not n.startswith("not traced") for n in notes)}
     return ReportData(title or f"rept audit report - {len(queries)} quer{'y' if len(queries) == 1 else 'ies'}",
                       run, qdicts, layer_curve_svg(curve) if curve else None,
                       curve.get("reason") if curve else None, label_rows, metrics, ks)

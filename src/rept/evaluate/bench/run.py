@@ -127,7 +127,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, log=print) -> dict:
     for name in cfg.methods:
         method = get_method(name, seed=cfg.seed)
         if name == "against-base":
-            for attribute, value in cfg.against_base.items():  # --min-gain, --pick, --changed-words, --guess-weight
+            for attribute, value in cfg.against_base.items():  # the flags of rept.cli.bench.AGAINST_BASE
                 setattr(method, attribute, value)
         method.check(bundle)
         if hasattr(method, "detector"):
