@@ -223,6 +223,32 @@ def test_killed_conversion_leaves_nothing(tmp_path, monkeypatch):
     assert list((tmp_path / "cache" / "gguf").iterdir()) == []
 
 
+@needs_gguf
+def test_a_conversion_finished_meanwhile_by_another_process_is_kept(tmp_path, monkeypatch):
+    """Two first uses at once: the one that finishes second keeps the other's folder (its files,
+    and so the base-weights fingerprint a fine-tune recorded, unchanged), and leaves no temp."""
+    import rept.model.gguf as rg
+
+    monkeypatch.setenv("REPT_CACHE", str(tmp_path / "cache"))
+    path = _write_gguf(tmp_path / "tiny.gguf", "llama", ["token_embd.weight"])
+    first = {}
+
+    def convert(gguf_path, out):
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"ours")
+        if not first:  # while this one converts, another process (the nested call) converts and renames in
+            first["busy"] = True
+            first["folder"] = rg.converted_folder(gguf_path)
+            first["stat"] = (first["folder"] / "model.safetensors").stat().st_mtime_ns
+
+    monkeypatch.setattr(rg, "_convert", convert)
+    monkeypatch.setattr(rg.os, "getpid", lambda n=iter(range(100, 200)): next(n))  # two processes, two temps,
+    monkeypatch.setattr(rg, "_alive", lambda pid: True)                              # both running
+    folder = rg.converted_folder(path)
+    assert folder == first["folder"] and (folder / "model.safetensors").stat().st_mtime_ns == first["stat"]
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == [folder.name]
+
+
 def test_unknown_model_name(capsys, tmp_path):
     err = _error(capsys, ["index", "--model", "smollm2-1.7b-instruct", "--data", str(DATA), "--out",
                           str(tmp_path / "i")])

@@ -103,7 +103,12 @@ def converted_folder(gguf_path: str | Path, log=None) -> Path:
         (tmp / IDENTITY_FILE).write_text(json.dumps(
             {"source": str(gguf_path), "gguf_file": gguf_path.name, "sha256": digest,
              "architecture": architecture, "size_bytes": gguf_path.stat().st_size}, indent=2) + "\n")
-        if final.exists():  # an unfinished or foreign folder under our name
+        # Another process may have finished the same conversion meanwhile: its folder stays, since that
+        # process may be reading it and has recorded its files (a fine-tune's recipe names the base's
+        # file times), and ours is dropped. Only a folder of another file or an unfinished one goes.
+        if final.exists() and (read_identity(final) or {}).get("sha256") == digest:
+            return final
+        if final.exists():
             shutil.rmtree(final)
         try:
             os.rename(tmp, final)
