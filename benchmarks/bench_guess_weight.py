@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     scored = ct.row_scores(contrasts, [sorted(labels)] * len(contrasts))
     rows_s = time.time() - t0
     whole = ContrastRun(ct, qs * len(variants), contrasts, scored)
-    out = {}
+    out, table = {}, []  # table: (pick, gate, W, context, that setting's entry), as measured
     for n, (c, w) in enumerate(variants):
         run = whole.subset(list(range(n * len(pairs), (n + 1) * len(pairs))))
         ab = AgainstBaseRun(queries, changed, pairs, run, settings[0], w, c)
@@ -82,6 +82,7 @@ def main(argv=None) -> int:
                      for g in dict.fromkeys(groups)}
             name = f"--pick {s[2]} --min-gain {s[1]:g}, W {w:g}, --{'' if c else 'no-'}context"
             out[name] = entry
+            table.append((s[2], f"{s[1]:g}", f"{w:g}", "on" if c else "off", entry))
             print(f"{name}: {json.dumps(entry)}", file=sys.stderr)
             if args.by_word:  # which traced words the flagged answers miss on, and the controls find on
                 for group in ("flagged", "control"):
@@ -92,12 +93,8 @@ def main(argv=None) -> int:
     names = list(dict.fromkeys(groups))
     print("| --pick | --min-gain | W | --context | " + " | ".join(names) + " |\n|---|---:|---:|---|"
           + "---:|" * len(names))
-    for name, entry in out.items():
-        pick, rest = name.removeprefix("--pick ").split(" --min-gain ")
-        gate, w = rest.split(", W ")
-        w, context = w.split(", --")
-        print(f"| {pick} | {gate} | {w} | {'on' if context == 'context' else 'off'} | "
-              + " | ".join(str(entry[g]) for g in names) + " |")
+    for *setting, entry in table:
+        print("| " + " | ".join(setting) + " | " + " | ".join(str(entry[g]) for g in names) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"work": args.work, "answers": {g: groups.count(g) for g in names},
                                                "pairs": len(pairs), "rows_s": round(rows_s), "p_at_10": out},

@@ -198,7 +198,8 @@ def _run_against_base(args, ct, queries, mode) -> int:
                for i, (r, js) in enumerate(zip(found, traced))]
     if args.json:
         out = _contrast_json(args, ct, mode)
-        out["contrast"] |= {"changed_words": words, "min_gain": min_gain, "pick": pick, "guess_weight": weight}
+        out["contrast"] |= {"changed_words": words, "min_gain": min_gain, "pick": pick, "guess_weight": weight,
+                            "context": context}
         out["queries"] = []
         for i, r in enumerate(results):
             c = ab.contrast(i, traced[i][0]) if traced[i] else None
@@ -234,7 +235,7 @@ def _contrast_json(args, ct, mode) -> dict:
     return {"layer": ct.tracer.layer, "mode": mode, "search": args.search,
             "contrast": {"layer": ct.layer, "base_model": ct.base.model_id, "candidates": candidates,
                          "reference": ct.reference if candidates else None, "tokens": ct.first_tokens,
-                         "context": against_base_setting(args)[4] if args.against_base else bool(args.context),
+                         "context": bool(args.context),  # --against-base's own default: its settings below
                          "against_base": bool(args.against_base)}}
 
 

@@ -106,9 +106,9 @@ def converted_folder(gguf_path: str | Path, log=None) -> Path:
         # Another process may have finished the same conversion meanwhile: its folder stays, since that
         # process may be reading it and has recorded its files (a fine-tune's recipe names the base's
         # file times), and ours is dropped. Only a folder of another file or an unfinished one goes.
-        if final.exists() and (read_identity(final) or {}).get("sha256") == digest:
-            return final
         if final.exists():
+            if (read_identity(final) or {}).get("sha256") == digest:
+                return final
             shutil.rmtree(final)
         try:
             os.rename(tmp, final)
