@@ -152,8 +152,10 @@ def test_the_mirror_reverses_the_direction(tracer, base):
 
 def test_batch_size_and_candidates_do_not_change_a_score(lora_index, tracer, base):
     every = ContrastTracer(tracer, base, candidates=None).scores(QUERIES, INSTEAD)[0]
+    assert (every != 0).all()  # every row scored, none left at 0
     one_by_one = Tracer(lora_index[0], batch_size=1)
-    np.testing.assert_allclose(ContrastTracer(one_by_one, open_base(one_by_one), candidates=None)
+    # batches of one, and the Python default (every row, as the CLI's --against-base)
+    np.testing.assert_allclose(ContrastTracer(one_by_one, open_base(one_by_one))
                                .scores(QUERIES, INSTEAD)[0], every, atol=1e-5)
     k = 5
     some, rows, _ = ContrastTracer(tracer, base, candidates=k, reference=0).scores(QUERIES, INSTEAD)
@@ -623,8 +625,15 @@ def test_app_traces_against_the_base_model(lora_index, tracer, base):
     (shown,) = ct.against_base([q], min_gain=gain - 1, weight=1.0).results(k=5)
     assert plain["against_base"]["guess_weight"] == 1.0
     assert [h["score"] for h in plain["hits"]] == pytest.approx([h.score for h in shown.hits], abs=1e-5)
+    # context: false is `against_base(context=False)`, the gradient alone (other scores than the default's)
+    alone = client.post("/api/trace", json=body | {"min_gain": gain - 1, "context": False}).json()
+    (shown,) = ct.against_base([q], min_gain=gain - 1, context=False).results(k=5)
+    assert alone["against_base"]["context"] is False
+    assert [h["row"] for h in alone["hits"]] == [h.row for h in shown.hits]
+    assert [h["score"] for h in alone["hits"]] == pytest.approx([h.score for h in shown.hits], abs=1e-5)
+    assert [h["score"] for h in alone["hits"]] != pytest.approx([h["score"] for h in got["hits"]], abs=1e-5)
     for extra, says in (({"mode": "official"}, "no mode"), ({"min_gain": "high"}, "min_gain"),
                         ({"guess_weight": -1}, "guess_weight"), ({"guess_weight": "half"}, "guess_weight"),
-                        ({"guess_weight": True}, "guess_weight")):
+                        ({"guess_weight": True}, "guess_weight"), ({"context": "no"}, "context")):
         bad = client.post("/api/trace", json=body | extra)
         assert bad.status_code == 400 and says in bad.json()["error"]

@@ -145,7 +145,8 @@ def create_app(service):
                                                            str_param(body, "response", ""),
                                                            k=int_param(body, "k", 10), label=str_param(body, "label"),
                                                            min_gain=body.get("min_gain"),
-                                                           guess_weight=body.get("guess_weight")))
+                                                           guess_weight=body.get("guess_weight"),
+                                                           context=bool_param(body, "context")))
         return JSONResponse(service.trace(str_param(body, "prompt", ""), str_param(body, "response", ""),
                                           k=int_param(body, "k", 10), mode=str_param(body, "mode"), words=words,
                                           label=str_param(body, "label")))

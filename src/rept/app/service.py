@@ -286,13 +286,15 @@ class AuditService:
                 "seconds": {"rows": t1 - t0, "words": t2 - t1}}
 
     def trace_against_base(self, prompt: str, response: str, k: int = 10, label: str | None = None,
-                           min_gain: float | None = None, guess_weight: float | None = None) -> dict:
+                           min_gain: float | None = None, guess_weight: float | None = None,
+                           context: bool | None = None) -> dict:
         """`trace`'s answer for `rept trace --against-base --candidates 0 --tokens`: the answer against
         the base model's guess at the word the fine-tune planted, every row scored on the base model
         (signed), the default settings (`min_gain`: another gate, in nats; `guess_weight`: as
-        `--guess-weight`). Only rows that pushed towards the answer are shown (perhaps
-        fewer than k; none when it is not traced); `against_base` says what it was traced against,
-        or why not; the histogram is of the signed score over every row (none when not traced)."""
+        `--guess-weight`; `context`: False for `--no-context`). Only rows that pushed towards the
+        answer are shown (perhaps fewer than k; none when it is not traced); `against_base` says what
+        it was traced against, or why not; the histogram is of the signed score over every row (none
+        when not traced)."""
         from rept.query.contrast import ContrastTracer, check_weight, open_base
         from rept.query.trace import Query
         from rept.report import heat_html, histogram_svg
@@ -317,9 +319,11 @@ class AuditService:
                 if self._contrast is None:
                     self._contrast = ContrastTracer(self.tracer, open_base(self.tracer, self.base_model),
                                                     candidates=None)
-                given = {"min_gain": min_gain, "weight": guess_weight}
-                run = self._contrast.against_base([Query(prompt, response, label)],
-                                                  **{key: float(v) for key, v in given.items() if v is not None})
+                given = {key: float(v) for key, v in {"min_gain": min_gain, "weight": guess_weight}.items()
+                         if v is not None}
+                if context is not None:
+                    given["context"] = bool(context)
+                run = self._contrast.against_base([Query(prompt, response, label)], **given)
                 (result,) = run.results(k, tokens=True)
             except ReptError as exc:  # no base model (an index without an adapter), an answer it cannot take
                 raise AppError(str(exc), 422) from None

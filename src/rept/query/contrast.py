@@ -26,12 +26,14 @@ its gradient is the push itself. Why a signed score: the rows that taught a wron
 the only rows on their topic, so any similarity ranks them first for the right answer too; only a
 sign can put them last.
 
-Which rows are scored: by default the `candidates` rows the index ranks highest for each query
-(the topic: the signature finds the error rows for right and wrong answers alike) and a seeded
-sample of `reference` rows of the whole index, the same for every query; the rest score 0;
-`candidates=None` scores every row the index stores (what `rept trace --against-base` does
-unless given --candidates, and eval, report, the app and the bench always: on the real model the
-topic's candidates rank the behaviour's rows lower there, docs/results.md). The sample is there
+Which rows are scored: every row the index stores (`candidates=None`, the default: what
+`rept trace --against-base` does unless given --candidates, and eval, report, the app and the bench
+always; the setting every quality figure of docs/results.md was measured at), or, with
+`candidates=N` (`rept trace --instead`'s default, DEFAULT_CANDIDATES, a cheaper approximation), the
+N rows the index ranks highest for each query (the topic: the signature finds the error rows for
+right and wrong answers alike) and a seeded sample of `reference` rows of the whole index, the same
+for every query, the rest scoring 0 (on the real model the topic's candidates rank the behaviour's
+rows lower with `--against-base`, and let the mirror question in with `--instead`). The sample is there
 because a ranking of the topic's rows alone has no unrelated rows in it: where no row pushed
 towards the answer, the rows that pushed a little would fill the top k, where in the full ranking
 the small cosines of unrelated rows outrank them (docs/results.md measures the three). Layer: the final normed output by
@@ -91,7 +93,7 @@ from rept.query.search import unit_tensor
 from rept.query.trace import Hit, Query, QueryError, QueryResult
 from rept.signatures.extract import extract
 
-DEFAULT_CANDIDATES = 100
+DEFAULT_CANDIDATES = 100  # rept trace --instead's rows per query (ContrastTracer's default: every row)
 DEFAULT_REFERENCE = 100
 DEFAULT_LAYER = -1
 # --against-base (docs/results.md, "Telling a planted word from a change of wording"): an answer is
@@ -210,7 +212,7 @@ class ContrastTracer:
     model (module docstring). `tracer` (a `Tracer` over a RepT signature index) gives the candidate
     rows, the dataset and the tokenizer; `base` is the model before the fine-tune (a LoadedModel)."""
 
-    def __init__(self, tracer, base, layer: int = DEFAULT_LAYER, candidates: int | None = DEFAULT_CANDIDATES,
+    def __init__(self, tracer, base, layer: int = DEFAULT_LAYER, candidates: int | None = None,
                  reference: int = DEFAULT_REFERENCE, seed: int = 0, first_tokens: int | None = None,
                  mode: str | None = None, score: str = "extreme", progress: bool = False):
         from rept.data.examples import template_name
