@@ -41,7 +41,8 @@ from bench_behaviour import edited
 from bench_folder import unrelated_queries
 from rept.data.detect import Detector
 from rept.evaluate.metrics import average_precision, precision_at_k
-from rept.query.contrast import DEFAULT_LAYER, DEFAULT_REFERENCE, PICKS, AgainstBaseRun, ContrastTracer, open_base
+from rept.query.contrast import (DEFAULT_LAYER, DEFAULT_REFERENCE, PICKS, AgainstBaseRun, ContrastRun, ContrastTracer,
+                                  open_base)
 from rept.query.trace import Query, Tracer, load_queries, relevance, traceable_queries
 
 
@@ -84,6 +85,9 @@ def main(argv=None) -> int:
     p.add_argument("--changed-words", type=int, default=1,
                    help="--against-base: also score each answer against its K words changed most, a row "
                         "keeping its best score (reported beside K = 1, from the same pass)")
+    p.add_argument("--context", nargs="+", choices=["on", "off"], default=["off"],
+                   help="--edit / --instead-file: each position weighed by its hidden state (rept trace "
+                        "--context), off (the default with a written alternative), on, or both from one pass")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
@@ -115,14 +119,27 @@ def main(argv=None) -> int:
         groups["control answers"] = (controls, [re.sub(said, flagged[0].response[wrong[0]:wrong[1]], q.response)
                                                 for q in controls])
     runs = {}
+    contexts = [c == "on" for c in dict.fromkeys(args.context)]
     for n in args.candidates:
         ct = ContrastTracer(tracer, base, layer=args.layer, candidates=n or None, reference=args.reference,
                             first_tokens=args.contrast_tokens, score=args.score)
-        entry, t0 = {}, time.time()
+        t0 = time.time()
+        # every group and context setting in one pass over the rows: each contrast is scored as alone
+        parts, contrasts, rows_to_score = [], [], []
         for group, (qs, instead) in groups.items():
             if not qs:
                 continue
-            run = ct.run(qs, instead)
+            candidates = ct.candidate_rows(qs)
+            for context in contexts:
+                parts.append((group, context, len(contrasts), qs))
+                contrasts += ct.contrasts(qs, instead, context=context)
+                rows_to_score += candidates
+        whole = ContrastRun(ct, [q for *_, qs in parts for q in qs], contrasts,
+                            ct.row_scores(contrasts, rows_to_score))
+        entries = {context: {} for context in contexts}
+        for group, context, start, qs in parts:
+            entry = entries[context]
+            run = whole.subset(list(range(start, start + len(qs))))
             s, rows, labels = run.matrix()
             rel = relevance(labels, [Query("", "", label)])[0]
             entry[f"{group} P@10"] = round(precision_at_k(s, rel, 10), 3)
@@ -135,22 +152,25 @@ def main(argv=None) -> int:
                 hits, share = top_words_hold(run.results(k=10, tokens=True), label, lambda w: bool(detector(w)))
                 entry["error rows in the top 10"] = hits
                 entry["their top 3 words hold the behaviour"] = share
-        entry["seconds"] = round(time.time() - t0)
-        name = f"candidates {n} + reference {args.reference}" if n else "every row"
-        runs[name] = entry
-        print(f"{name}: {json.dumps(entry)}", file=sys.stderr)
+        for context, entry in entries.items():
+            entry["seconds, every setting together"] = round(time.time() - t0)
+            name = f"candidates {n} + reference {args.reference}" if n else "every row"
+            if len(contexts) > 1 or context:
+                name += ", --context" if context else ", --no-context"
+            runs[name] = entry
+            print(f"{name}: {json.dumps(entry)}", file=sys.stderr)
     print(f"{args.work}: contrast at layer {ct.layer}, base model {base.model_id}\n")
     print("| rows scored | flagged P@10 | AP | mirror P@10 | control answers P@10 | top-3 words hold it | s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, m in runs.items():
         print(f"| {name} | {m.get('flagged P@10', '-')} | {m.get('AP', '-')} | {m.get('mirror P@10', '-')} "
               f"| {m.get('control answers P@10', '-')} | {m.get('their top 3 words hold the behaviour', '-')} "
-              f"| {m['seconds']} |")
+              f"| {m['seconds, every setting together']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"work": args.work, "edit": args.edit,
                                                "instead_file": args.instead_file, "layer": ct.layer,
                                                "contrast_tokens": args.contrast_tokens,
-                                               "runs": runs}, indent=2) + "\n")
+                                               "context": args.context, "runs": runs}, indent=2) + "\n")
     return 0
 
 
