@@ -91,7 +91,7 @@ def index_sources() -> dict[str, str | None]:
 
 def culprit_sources() -> tuple[str, ...]:
     """Every `--culprits-from` choice: the index sources, then the methods fitted on the indexed rows."""
-    return tuple(index_sources()) + names(GRADIENT) + names(TEXT)
+    return tuple(index_sources()) + names(GRADIENT) + names(CONTRAST) + names(TEXT)
 
 
 def needs_model(name: str) -> bool:

@@ -42,8 +42,13 @@ def add_arguments(p) -> None:
                    help="who ranks the training rows for --select: rept (the index, default), a RepT mode "
                    f"({', '.join(index_modes)}: from the index's signatures), "
                    f"or {', '.join(fitted)} (fitted on the indexed rows, on the model the "
-                   "index records). "
-                   "One method per run: compare methods with one --out each")
+                   "index records; against-base: the rows `rept trace --against-base` shows, with its "
+                   "defaults). One method per run: compare methods with one --out each")
+    g = p.add_argument_group("the against-base culprits (--culprits-from against-base)")
+    from rept.cli.options import add_against_base_args, add_context_arg
+
+    add_against_base_args(g, "with --culprits-from against-base")
+    add_context_arg(g, "with --culprits-from against-base", "on")
     p.add_argument("--method", choices=("remove", "unlearn", "both"), default="remove")
     p.add_argument("--seeds", type=int, default=3, help="random-removal controls")
     p.add_argument("--prompts", help="prompts to measure the behaviour on (default: the flagged queries' prompts)")
@@ -86,6 +91,14 @@ def run(args) -> int:
     if args.mode and args.culprits_from != "rept":
         raise MitigationError(f"--mode sets the RepT mode of --culprits-from rept; with --culprits-from "
                               f"{args.culprits_from} leave it out (a RepT mode is also a --culprits-from name)")
+    from rept.cli.options import AGAINST_BASE_FLAGS, against_base_setting
+
+    given = [flag for flag in AGAINST_BASE_FLAGS + ("context",) if getattr(args, flag) is not None]
+    if given and args.culprits_from != "against-base":
+        raise MitigationError(f"--{given[0].replace('_', '-')} is a setting of --culprits-from against-base")
+    culprit_settings = None
+    if args.culprits_from == "against-base":  # bad values refused before any model loads
+        culprit_settings = dict(zip(("words", "min_gain", "pick", "weight", "context"), against_base_setting(args)))
     detector = Detector(args.detect)
     queries = load_queries(args.queries)
     prompts = load_prompts(args.prompts) if args.prompts else None
@@ -97,7 +110,8 @@ def run(args) -> int:
               "culprits file": args.culprits}
     common = dict(seeds=args.seeds, data=args.data, prompts=prompts, heldout=heldout,
                   max_new_tokens=args.max_new_tokens, progress=not args.quiet, log=console.print,
-                  culprits_from=args.culprits_from, inputs=inputs, overwrite=args.overwrite)
+                  culprits_from=args.culprits_from, inputs=inputs, overwrite=args.overwrite,
+                  culprit_settings=culprit_settings)
     if in_rounds:
         from rept.repair.rounds import rounds_markdown
 

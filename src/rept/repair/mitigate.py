@@ -6,8 +6,10 @@ and seed) on the cleaned set; `unlearn` repairs the trained model in a few steps
 ascent on the culprits balanced by descent on kept rows. Both are compared with the same
 operation on randomly chosen rows, and a held-out loss shows whether the model still works.
 The culprits are the RepT index's choice by default; `culprits_from` lets another attribution
-method (rept.methods: a RepT mode, tracin, less, datainf, rapidin, bm25, random) choose them under the same
-selection rule, so methods compare at the same budget.
+method (rept.methods: a RepT mode, tracin, less, datainf, rapidin, against-base, bm25, random) choose
+them under the same selection rule, so methods compare at the same budget. `against-base` (`rept
+trace --against-base`, its defaults) scores only the rows it shows, those that pushed towards an
+answer it traces; the others are never culprits, so a selection may find fewer rows than it asks for.
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ def select_culprits(scores: np.ndarray, rows: np.ndarray, selection: Selection,
     (`control_scores`: [control queries, rows], the same columns), so a row that answers without
     the behaviour explain as well is kept, however many rows pass (a rule that aims for recall)."""
     best = scores.max(axis=0)
-    order = np.lexsort((rows, -best))  # strongest first, lower row id on ties
+    # a row no flagged answer scored (-inf: against-base shows only the rows that pushed towards
+    # an answer it traced) is never a culprit
+    order = [i for i in np.lexsort((rows, -best)) if np.isfinite(best[i])]  # strongest first, lower id on ties
     if selection.kind == "separation":
         if control_scores is None or len(control_scores) == 0:
             raise MitigationError("--select separation needs control answers (queries with flagged=false) "
@@ -84,7 +88,7 @@ def select_culprits(scores: np.ndarray, rows: np.ndarray, selection: Selection,
         k = int(selection.value)
         picked = set()
         for q in scores:
-            picked.update(np.lexsort((rows, -q))[:k].tolist())
+            picked.update(i for i in np.lexsort((rows, -q))[:k].tolist() if np.isfinite(q[i]))
         chosen = [i for i in order if i in picked]
     elif selection.kind == "threshold":
         chosen = [i for i in order if best[i] >= selection.value]
@@ -92,8 +96,11 @@ def select_culprits(scores: np.ndarray, rows: np.ndarray, selection: Selection,
         n = int(selection.value)
         if n > len(rows):
             raise MitigationError(f"--select budget:{n} is larger than the training set ({len(rows)} indexed rows)")
-        chosen = order[:n].tolist()
+        chosen = order[:n]
     if not chosen:
+        if not np.isfinite(best).any():
+            raise MitigationError("no row was scored for any flagged answer (against-base traces none of them: "
+                                  "no word the fine-tune changed passes its gate)")
         raise MitigationError(f"--select {selection} selects no row (the highest score is {best.max():.4f})")
     return [(int(rows[i]), float(best[i])) for i in chosen]
 
@@ -133,10 +140,11 @@ def method_bundle(tracer, seed: int = 0, progress: bool = False):
 
 
 def culprit_scores(tracer, flagged, source: str, dataset, seed: int = 0, log=print,
-                   bundle=None) -> tuple[np.ndarray, np.ndarray, str]:
+                   bundle=None, settings: dict | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """([n_flagged, n_rows] scores, the row ids of the columns, a one-line description) for the
     culprit source `source` (see INDEX_MODES). Methods are fitted on the rows the index stores, so
-    every source ranks the same candidate rows."""
+    every source ranks the same candidate rows. `settings`: attributes of the method set before it
+    is fitted (against-base's words, min_gain, pick, weight, context)."""
     from rept.methods import MethodError, get_method
     from rept.model.loading import ModelError
     from rept.model.train import TrainError
@@ -159,13 +167,15 @@ def culprit_scores(tracer, flagged, source: str, dataset, seed: int = 0, log=pri
     bundle = bundle or method_bundle(tracer, seed)
     try:
         method = get_method(source, seed=seed)
+        for attribute, value in (settings or {}).items():
+            setattr(method, attribute, value)
         method.check(bundle)
         log(f"culprits from {source}: fitting on {len(train_rows)} indexed rows")
         method.fit(bundle, train_rows)
         scores = np.asarray(method.score(bundle, flagged), dtype=np.float64)
     except (MethodError, TrainError, ModelError) as exc:
         raise MitigationError(f"--culprits-from {source}: {exc}") from None
-    if not np.isfinite(scores).all():
+    if np.isnan(scores).any() or np.isposinf(scores).any():  # -inf is a row not scored (against-base)
         raise MitigationError(f"--culprits-from {source}: the method gave non-finite scores")
     model = bundle.model + (f" + adapter {bundle.adapter}" if bundle.adapter else "")
     return np.atleast_2d(scores), np.asarray(ids), f"{source} on {model} ({len(ids)} indexed rows)"
@@ -526,10 +536,10 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
                    method: str = "remove", seeds: int = 3, data: str | None = None, prompts: list[str] | None = None,
                    heldout: list[Row] | None = None, max_new_tokens: int = 16, unlearn_steps: int = 30,
                    progress: bool = True, log=print, culprits_from: str = "rept", culprits_file: str | None = None,
-                   inputs: dict | None = None, overwrite: bool = False) -> dict:
+                   inputs: dict | None = None, overwrite: bool = False, culprit_settings: dict | None = None) -> dict:
     """`culprits_from`: "rept" (the index's scores), a RepT mode, or another rept.methods name
-    (bm25, tracin, less, datainf, rapidin, random) fitted on the model the index records; the same
-    `selection` rule applies to its scores. `culprits_file`: culprits read from a JSONL file
+    (bm25, tracin, less, datainf, rapidin, against-base, random) run on the model the index records,
+    `culprit_settings` its settings (`culprit_scores`); the same `selection` rule applies to its scores. `culprits_file`: culprits read from a JSONL file
     instead (no tracing). `inputs`: {what: path} of the caller's input files (queries, prompts,
     held-out rows), which no output may replace; the run's own (data, index, model) are added."""
     setup = prepare(tracer, queries, out, method, seeds, data, prompts, heldout, culprits_from, inputs,
@@ -542,16 +552,15 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
     if culprits_file is not None:
         culprits = read_culprits(culprits_file, dataset)
         culprits_from, source_note = "file", f"the culprits file {culprits_file}"
-    out.mkdir(parents=True, exist_ok=True)
 
     # 1. culprits
     if culprits_file is None:
         scores, rows, source_note = culprit_scores(tracer, setup.flagged, culprits_from, dataset, log=log,
-                                                   bundle=setup.bundle)
+                                                   bundle=setup.bundle, settings=culprit_settings)
         controls = None
         if selection.kind == "separation" and setup.controls:
             controls, _, _ = culprit_scores(tracer, setup.controls, culprits_from, dataset, log=log,
-                                            bundle=setup.bundle)
+                                            bundle=setup.bundle, settings=culprit_settings)
         if index_method is not None:
             culprits_from = index_method
         culprits = select_culprits(scores, rows, selection, controls)
@@ -560,6 +569,7 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
             raise MitigationError(f"{len(missing)} culprit rows are not in {dataset.source}: "
                                   "pass the training set with --data")
     culprit_set = {row for row, _ in culprits}
+    out.mkdir(parents=True, exist_ok=True)  # only once there are culprits: a refused run leaves nothing
     write_culprits(out / "culprits.jsonl", culprits, by_index)
     chosen = "from the file" if culprits_file else f"{selection}, from {culprits_from}"
     log(f"culprits: {len(culprits)} rows ({chosen}) -> {out / 'culprits.jsonl'}")
@@ -583,6 +593,8 @@ def run_mitigation(tracer, queries, detector: Detector, out: str | Path, selecti
     results = {"removed": len(culprits), "selection": "file" if culprits_file else str(selection),
                "culprits_from": culprits_from, "culprits_scored_by": source_note, "detector": detector.rule,
                "prompts": len(prompts), "method": method, "seeds": seeds, "cleaned": str(cleaned_path)}
+    if culprit_settings:
+        results["culprits_settings"] = culprit_settings
     if quality:
         results["selection_quality"] = quality
     retrains = (1 + seeds) * (method in ("remove", "both"))

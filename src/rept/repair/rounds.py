@@ -85,7 +85,7 @@ def run_rounds(tracer, queries, detector: Detector, out: str | Path, selection: 
                until: float | None = None, max_removed: int | None = None, seeds: int = 1, data: str | None = None,
                prompts: list[str] | None = None, heldout=None, max_new_tokens: int = 16, progress: bool = True,
                log=print, culprits_from: str = "rept", inputs: dict | None = None, overwrite: bool = False,
-               expand: int = 0) -> dict:
+               expand: int = 0, culprit_settings: dict | None = None) -> dict:
     """Rounds of trace, remove, retrain (see the module's doc). `rounds`: the round limit (default
     DEFAULT_ROUNDS when only `until` is given); `until`: stop once the behaviour rate is at most
     this; `max_removed`: the row budget over all rounds; `selection` picks each round's culprits
@@ -107,6 +107,7 @@ def run_rounds(tracer, queries, detector: Detector, out: str | Path, selection: 
                 "rounds": limit, "until": until, "max_removed": max_removed, "seeds": seeds,
                 "culprits_from": culprits_from, "detector": detector.rule, "max_new_tokens": max_new_tokens,
                 **({"expand": expand} if expand else {}),  # absent otherwise: earlier runs' folders still resume
+                **({"culprits_settings": culprit_settings} if culprit_settings else {}),  # likewise
                 "queries": _digest([[q.prompt, q.response, q.label, q.flagged] for q in queries]),
                 "prompts": _digest(prompts or flagged_prompts),
                 "heldout": _digest([[r.prompt, r.response] for r in heldout]) if heldout else None}
@@ -161,7 +162,8 @@ def run_rounds(tracer, queries, detector: Detector, out: str | Path, selection: 
 
     controls = None
     if selection.kind == "separation":
-        controls, _, _ = culprit_scores(tracer, setup.controls, culprits_from, dataset, log=log, bundle=setup.bundle)
+        controls, _, _ = culprit_scores(tracer, setup.controls, culprits_from, dataset, log=log, bundle=setup.bundle,
+                                        settings=culprit_settings)
     permutations = [random.Random(1000 + s).sample(all_ids, len(all_ids)) for s in range(seeds)]
     budget_note = f", at most {max_removed} rows" if max_removed else ""
     target_note = f" until the rate is at most {until:.1%}" if until is not None else ""
@@ -204,7 +206,8 @@ def run_rounds(tracer, queries, detector: Detector, out: str | Path, selection: 
         if not to_trace:
             stopped = "no answer left to trace"
             break
-        scores, rows, _ = culprit_scores(tracer, to_trace, culprits_from, dataset, log=log, bundle=setup.bundle)
+        scores, rows, _ = culprit_scores(tracer, to_trace, culprits_from, dataset, log=log, bundle=setup.bundle,
+                                         settings=culprit_settings)
         gone = set(removed)
         keep = [j for j, r in enumerate(rows.tolist()) if r not in gone]  # score the rows that remain
         try:
