@@ -44,6 +44,12 @@ def test_selection_rules():
         select_culprits(scores, rows, Selection.parse("budget:5"))
     with pytest.raises(MitigationError, match="bad --select"):
         Selection.parse("top:3")
+    # -inf: a row the method did not score (against-base shows only some rows): never a culprit
+    shown = np.array([[0.9, -np.inf, 0.5, -np.inf], [-np.inf, -np.inf, 0.6, 0.1]])
+    assert [r for r, _ in select_culprits(shown, rows, Selection.parse("top-k:3"))] == [10, 12, 13]
+    assert [r for r, _ in select_culprits(shown, rows, Selection.parse("budget:4"))] == [10, 12, 13]
+    with pytest.raises(MitigationError, match="selects no row: none of the rows was scored"):
+        select_culprits(np.full((2, 4), -np.inf), rows, Selection.parse("top-k:3"))
 
 
 def test_retraining_is_deterministic(tmp_path, setup):

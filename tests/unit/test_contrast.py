@@ -153,6 +153,7 @@ def test_the_mirror_reverses_the_direction(tracer, base):
 def test_batch_size_and_candidates_do_not_change_a_score(lora_index, tracer, base):
     every = ContrastTracer(tracer, base, candidates=None).scores(QUERIES, INSTEAD)[0]
     assert (every != 0).all()  # every row scored, none left at 0
+    assert ContrastTracer(tracer, base).candidates is None  # the Python default: every row, as below
     one_by_one = Tracer(lora_index[0], batch_size=1)
     # batches of one, and the Python default (every row, as the CLI's --against-base)
     np.testing.assert_allclose(ContrastTracer(one_by_one, open_base(one_by_one))
@@ -669,5 +670,5 @@ def test_mitigate_takes_the_rows_against_base_shows_as_culprits(lora_index, trac
         capsys, run[1:] + ["--min-gain", "2", "--out", str(tmp_path / "x")])
     assert main(run + ["--culprits-from", "against-base", "--min-gain", "1000", "--out", str(tmp_path / "y")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the log of what it ran
-    assert last.startswith("rept: error: no row was scored") and "Traceback" not in last
+    assert last.startswith("rept: error: --select top-k:3 selects no row: none of the rows was scored")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -41,9 +41,9 @@ def add_arguments(p) -> None:
     p.add_argument("--culprits-from", default="rept", metavar="METHOD",
                    help="who ranks the training rows for --select: rept (the index, default), a RepT mode "
                    f"({', '.join(index_modes)}: from the index's signatures), "
-                   f"or {', '.join(fitted)} (fitted on the indexed rows, on the model the "
-                   "index records; against-base: the rows `rept trace --against-base` shows, with its "
-                   "defaults). One method per run: compare methods with one --out each")
+                   f"or {', '.join(fitted)} (run on the indexed rows, on the model the "
+                   "index records; against-base: the rows `rept trace --against-base` shows, with the "
+                   "settings below). One method per run: compare methods with one --out each")
     g = p.add_argument_group("the against-base culprits (--culprits-from against-base)")
     from rept.cli.options import add_against_base_args, add_context_arg
 

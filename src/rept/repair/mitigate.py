@@ -8,8 +8,9 @@ operation on randomly chosen rows, and a held-out loss shows whether the model s
 The culprits are the RepT index's choice by default; `culprits_from` lets another attribution
 method (rept.methods: a RepT mode, tracin, less, datainf, rapidin, against-base, bm25, random) choose
 them under the same selection rule, so methods compare at the same budget. `against-base` (`rept
-trace --against-base`, its defaults) scores only the rows it shows, those that pushed towards an
-answer it traces; the others are never culprits, so a selection may find fewer rows than it asks for.
+trace --against-base`, with its defaults or the settings given) scores only the rows it shows, those
+that pushed towards an answer it traces; the others are never culprits, so a selection may find
+fewer rows than it asks for.
 """
 
 from __future__ import annotations
@@ -98,9 +99,10 @@ def select_culprits(scores: np.ndarray, rows: np.ndarray, selection: Selection,
             raise MitigationError(f"--select budget:{n} is larger than the training set ({len(rows)} indexed rows)")
         chosen = order[:n]
     if not chosen:
-        if not np.isfinite(best).any():
-            raise MitigationError("no row was scored for any flagged answer (against-base traces none of them: "
-                                  "no word the fine-tune changed passes its gate)")
+        if not np.isfinite(best).any():  # (rounds stop on "selects no row")
+            raise MitigationError(f"--select {selection} selects no row: none of the rows was scored for a flagged "
+                                  "answer (against-base scores only the rows that pushed towards an answer it "
+                                  "traces, and traces none whose changed words all gained less than its gate)")
         raise MitigationError(f"--select {selection} selects no row (the highest score is {best.max():.4f})")
     return [(int(rows[i]), float(best[i])) for i in chosen]
 
@@ -175,7 +177,9 @@ def culprit_scores(tracer, flagged, source: str, dataset, seed: int = 0, log=pri
         scores = np.asarray(method.score(bundle, flagged), dtype=np.float64)
     except (MethodError, TrainError, ModelError) as exc:
         raise MitigationError(f"--culprits-from {source}: {exc}") from None
-    if np.isnan(scores).any() or np.isposinf(scores).any():  # -inf is a row not scored (against-base)
+    # -inf is a row against-base does not show (not scored); from any other method it is a fault
+    not_shown = np.isneginf(scores).any() and source == "against-base"
+    if np.isnan(scores).any() or np.isposinf(scores).any() or (np.isneginf(scores).any() and not not_shown):
         raise MitigationError(f"--culprits-from {source}: the method gave non-finite scores")
     model = bundle.model + (f" + adapter {bundle.adapter}" if bundle.adapter else "")
     return np.atleast_2d(scores), np.asarray(ids), f"{source} on {model} ({len(ids)} indexed rows)"

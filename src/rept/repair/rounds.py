@@ -273,6 +273,7 @@ def run_rounds(tracer, queries, detector: Detector, out: str | Path, selection: 
             oracle = {"removed": len(labelled_rows), "label": label, "rate": rate, "clean_loss": loss}
             _write_json(folder / "round.json", oracle)
     results = {"kind": "rounds", "selection": str(selection), "culprits_from": culprits_from, "expand": expand,
+               **({"culprits_settings": culprit_settings} if culprit_settings else {}),
                "detector": detector.rule, "prompts": len(prompts), "seeds": seeds, "until": until,
                "max_removed": max_removed, "round_limit": limit, "stopped": stopped, "label": label,
                "before": before, "rounds": history, "oracle": oracle,
