@@ -91,14 +91,14 @@ def run(args) -> int:
     if args.mode and args.culprits_from != "rept":
         raise MitigationError(f"--mode sets the RepT mode of --culprits-from rept; with --culprits-from "
                               f"{args.culprits_from} leave it out (a RepT mode is also a --culprits-from name)")
-    from rept.cli.options import AGAINST_BASE_FLAGS, against_base_setting
+    from rept.cli.options import AGAINST_BASE_FLAGS, against_base_method_settings
 
     given = [flag for flag in AGAINST_BASE_FLAGS + ("context",) if getattr(args, flag) is not None]
     if given and args.culprits_from != "against-base":
         raise MitigationError(f"--{given[0].replace('_', '-')} is a setting of --culprits-from against-base")
     culprit_settings = None
     if args.culprits_from == "against-base":  # bad values refused before any model loads
-        culprit_settings = dict(zip(("words", "min_gain", "pick", "weight", "context"), against_base_setting(args)))
+        culprit_settings = against_base_method_settings(args)
     detector = Detector(args.detect)
     queries = load_queries(args.queries)
     prompts = load_prompts(args.prompts) if args.prompts else None

@@ -111,6 +111,15 @@ def against_base_setting(args) -> tuple[int, float, str, float, bool]:
             DEFAULT_CONTEXT if getattr(args, "context", None) is None else args.context)
 
 
+# against_base_setting's tuple, named as rept.methods.contrast.AgainstBase's attributes
+AGAINST_BASE_FIELDS = ("words", "min_gain", "pick", "weight", "context")
+
+
+def against_base_method_settings(args) -> dict:
+    """`against_base_setting` as AgainstBase's attributes ({"words": 1, "min_gain": 5.0, ...})."""
+    return dict(zip(AGAINST_BASE_FIELDS, against_base_setting(args)))
+
+
 def add_data_args(p) -> None:
     p.add_argument("--data", required=True, help="training set: HF save_to_disk folder, .jsonl, .json, .csv or .parquet")
     p.add_argument("--prompt-column", help="column holding the prompt (default: prompts/prompt/instruction)")

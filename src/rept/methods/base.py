@@ -111,6 +111,7 @@ class Method:
     needs_lora = False
     per_row_gradients = False  # takes every row's gradient: bounded by the gradient memory budget
     storable = True            # its fitted state can be kept as an index (`rept bench --save-indexes`)
+    scores_every_row = True    # False: rows it does not show score -inf (not retrieved), as against-base's
 
     def __init__(self, seed: int = 0):
         self.seed = seed

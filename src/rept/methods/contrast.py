@@ -15,6 +15,7 @@ from rept.methods.base import Method, MethodError, ModelBundle
 class AgainstBase(Method):
     name = "against-base"
     storable = False  # nothing per row outlives the queries: each row's gradients are taken against their directions
+    scores_every_row = False  # the rows it does not show score -inf
 
     def __init__(self, seed: int = 0, words: int | None = None, min_gain: float | None = None,
                  pick: str | None = None, layer: int | None = None, weight: float | None = None,

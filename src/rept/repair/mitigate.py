@@ -177,9 +177,9 @@ def culprit_scores(tracer, flagged, source: str, dataset, seed: int = 0, log=pri
         scores = np.asarray(method.score(bundle, flagged), dtype=np.float64)
     except (MethodError, TrainError, ModelError) as exc:
         raise MitigationError(f"--culprits-from {source}: {exc}") from None
-    # -inf is a row against-base does not show (not scored); from any other method it is a fault
-    not_shown = np.isneginf(scores).any() and source == "against-base"
-    if np.isnan(scores).any() or np.isposinf(scores).any() or (np.isneginf(scores).any() and not not_shown):
+    # -inf is a row the method does not show (against-base); from a method that scores every row, a fault
+    unscored_allowed = not method.scores_every_row
+    if np.isnan(scores).any() or np.isposinf(scores).any() or (np.isneginf(scores).any() and not unscored_allowed):
         raise MitigationError(f"--culprits-from {source}: the method gave non-finite scores")
     model = bundle.model + (f" + adapter {bundle.adapter}" if bundle.adapter else "")
     return np.atleast_2d(scores), np.asarray(ids), f"{source} on {model} ({len(ids)} indexed rows)"
